@@ -1,0 +1,24 @@
+"""msight_fast: fast, safe transport of camera and lidar frames over Redis, NATS and Kafka."""
+from __future__ import annotations
+
+from ._impl import EXTENSION_ERROR, HAS_EXTENSIONS
+from .codec import Frame, Reassembler, crc32c, decode, encode, encode_parts, fragment
+from .errors import (AuthError, BackendUnavailable, ConfigError, FrameError, FrameTooLarge,
+                     MsightFastError, PublishError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Frame", "encode", "encode_parts", "decode", "fragment", "Reassembler", "crc32c",
+    "MsightFastError", "FrameError", "ConfigError", "BackendUnavailable", "AuthError",
+    "FrameTooLarge", "PublishError", "HAS_EXTENSIONS", "EXTENSION_ERROR",
+    "connect", "connect_node", "NodeConfig", "Bus", "Subscription",
+]
+
+
+def __getattr__(name: str):
+    # the transport layer imports the broker clients: load it only when asked for
+    if name in ("connect", "connect_node", "NodeConfig", "Bus", "Subscription"):
+        from . import bus
+        return getattr(bus, name)
+    raise AttributeError(f"module 'msight_fast' has no attribute {name!r}")

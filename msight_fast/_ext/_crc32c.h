@@ -1,0 +1,121 @@
+/* CRC32C (Castagnoli) with the CPU's CRC32 instruction where there is one.
+ *
+ * x86-64: SSE4.2 `crc32` chosen at run time (__builtin_cpu_supports), so the wheel still runs on
+ * CPUs without it; aarch64: the ARMv8 CRC32C instructions when the compiler targets them;
+ * everywhere else a slicing-by-8 table. Also little-endian load/store helpers: the wire format is
+ * little-endian whatever the host. */
+#ifndef MSF_CRC32C_H
+#define MSF_CRC32C_H
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+static uint32_t msf_crc_table[8][256];
+static int msf_crc_ready = 0;
+static int msf_crc_hw = 0;
+
+static void msf_crc_init_table(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        msf_crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = msf_crc_table[0][i];
+        for (int t = 1; t < 8; t++) { c = msf_crc_table[0][c & 0xFF] ^ (c >> 8); msf_crc_table[t][i] = c; }
+    }
+}
+
+static uint32_t msf_crc_sw(uint32_t crc, const uint8_t *p, size_t n) {
+    uint32_t c = ~crc;
+    while (n && ((uintptr_t)p & 7)) { c = msf_crc_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8); n--; }
+    while (n >= 8) {
+        uint32_t lo, hi;
+        memcpy(&lo, p, 4); memcpy(&hi, p + 4, 4);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        lo = __builtin_bswap32(lo); hi = __builtin_bswap32(hi);
+#endif
+        lo ^= c;
+        c = msf_crc_table[7][lo & 0xFF] ^ msf_crc_table[6][(lo >> 8) & 0xFF] ^
+            msf_crc_table[5][(lo >> 16) & 0xFF] ^ msf_crc_table[4][lo >> 24] ^
+            msf_crc_table[3][hi & 0xFF] ^ msf_crc_table[2][(hi >> 8) & 0xFF] ^
+            msf_crc_table[1][(hi >> 16) & 0xFF] ^ msf_crc_table[0][hi >> 24];
+        p += 8; n -= 8;
+    }
+    while (n--) c = msf_crc_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return ~c;
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <nmmintrin.h>
+#define MSF_HAVE_HW 1
+__attribute__((target("sse4.2")))
+static uint32_t msf_crc_hw_impl(uint32_t crc, const uint8_t *p, size_t n) {
+    uint64_t c = (uint32_t)~crc;
+    while (n && ((uintptr_t)p & 7)) { c = _mm_crc32_u8((uint32_t)c, *p++); n--; }
+#if defined(__x86_64__)
+    while (n >= 8) { uint64_t v; memcpy(&v, p, 8); c = _mm_crc32_u64(c, v); p += 8; n -= 8; }
+#endif
+    while (n--) c = _mm_crc32_u8((uint32_t)c, *p++);
+    return ~(uint32_t)c;
+}
+static int msf_detect_hw(void) { __builtin_cpu_init(); return __builtin_cpu_supports("sse4.2"); }
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_CRC32)
+#include <arm_acle.h>
+#define MSF_HAVE_HW 1
+static uint32_t msf_crc_hw_impl(uint32_t crc, const uint8_t *p, size_t n) {
+    uint32_t c = ~crc;
+    while (n && ((uintptr_t)p & 7)) { c = __crc32cb(c, *p++); n--; }
+    while (n >= 8) { uint64_t v; memcpy(&v, p, 8); c = __crc32cd(c, v); p += 8; n -= 8; }
+    while (n--) c = __crc32cb(c, *p++);
+    return ~c;
+}
+static int msf_detect_hw(void) { return 1; }
+#else
+#define MSF_HAVE_HW 0
+static uint32_t msf_crc_hw_impl(uint32_t crc, const uint8_t *p, size_t n) { return msf_crc_sw(crc, p, n); }
+static int msf_detect_hw(void) { return 0; }
+#endif
+
+static void msf_crc32c_init(void) {
+    if (!msf_crc_ready) { msf_crc_init_table(); msf_crc_hw = msf_detect_hw(); msf_crc_ready = 1; }
+}
+
+static uint32_t msf_crc32c(uint32_t crc, const void *buf, size_t n) {
+    return msf_crc_hw ? msf_crc_hw_impl(crc, (const uint8_t *)buf, n) : msf_crc_sw(crc, (const uint8_t *)buf, n);
+}
+
+static uint32_t msf_crc32c_sw(uint32_t crc, const void *buf, size_t n) {
+    return msf_crc_sw(crc, (const uint8_t *)buf, n);
+}
+
+/* little-endian loads and stores */
+static inline uint16_t msf_ld16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline uint32_t msf_ld32(const uint8_t *p) {
+    uint32_t v; memcpy(&v, p, 4);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap32(v);
+#endif
+    return v;
+}
+static inline uint64_t msf_ld64(const uint8_t *p) {
+    uint64_t v; memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+static inline void msf_st16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+static inline void msf_st32(uint8_t *p, uint32_t v) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap32(v);
+#endif
+    memcpy(p, &v, 4);
+}
+static inline void msf_st64(uint8_t *p, uint64_t v) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    memcpy(p, &v, 8);
+}
+#endif

@@ -1,0 +1,598 @@
+# cython: language_level=3, embedsignature=True
+"""Compiled core of the msight_fast wire codec (see docs/wire-format.md).
+
+Frame header v1.0, little-endian; the payload starts at ``payload_offset``, a multiple of 64::
+
+    off  size  field
+    ---  ----  -----------------------------------------------------------------
+      0     4  magic  93 4D 53 46  ("\\x93MSF": first byte not ASCII)
+      4     1  major version (1): another major is rejected
+      5     1  minor version (0): a newer minor is accepted, unknown records skipped
+      6     2  flags: bit 0 payload CRC32C present, bit 1 ndarray payload
+      8     4  header_len: bytes 0 .. end of the last record (88 .. 65536)
+     12     4  header CRC32C over bytes [0, 12) then [16, header_len)
+     16     2  fixed_len: where the records start (88 in v1.0)
+     18     2  reserved, 0
+     20     4  payload CRC32C (0 unless flag bit 0)
+     24     8  payload_offset (multiple of 64, >= header_len, zero padding before it)
+     32     8  payload_len (== frame length - payload_offset)
+     40     8  frame_id          u64
+     48     8  seq               u64
+     56     8  publisher_id      u64
+     64     8  capture_ts_ns     i64
+     72     8  creation_ts_ns    i64
+     80     8  publish_ts_ns     i64
+     88     -  records: u16 tag, u16 flags (0), u32 len, len bytes
+               1 sensor_name  2 device_name  3 encoding  (UTF-8)
+               4 dtype descriptor  5 shape (u64 x ndim)  6 user map
+
+Every length is checked against the bytes really present before it is used; nothing here reads
+outside the caller's buffer, whatever the header says.
+"""
+cimport cython
+cimport numpy as cnp
+from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release, PyBUF_READ
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memset
+
+import numpy as np
+
+from .. import _schema as S
+from ..errors import FrameError
+
+cnp.import_array()
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+
+cdef extern from "numpy/arrayobject.h":
+    object PyArray_NewFromDescr(void* subtype, cnp.dtype descr, int nd, cnp.npy_intp* dims,
+                                cnp.npy_intp* strides, void* data, int flags, void* obj)
+
+cdef extern from "_crc32c.h" nogil:
+    void msf_crc32c_init()
+    uint32_t msf_crc32c(uint32_t crc, const void* buf, size_t n)
+    uint32_t msf_crc32c_sw(uint32_t crc, const void* buf, size_t n)
+    int msf_crc_hw
+    uint16_t msf_ld16(const uint8_t* p)
+    uint32_t msf_ld32(const uint8_t* p)
+    uint64_t msf_ld64(const uint8_t* p)
+    void msf_st16(uint8_t* p, uint16_t v)
+    void msf_st32(uint8_t* p, uint32_t v)
+    void msf_st64(uint8_t* p, uint64_t v)
+
+msf_crc32c_init()
+
+cdef enum:
+    FIXED_LEN = 88
+    FRAG_HEADER_LEN = 64
+    ALIGN = 64
+    MAX_HEADER_LEN = 65536
+    MAX_NDIM = 32
+    FLAG_PAYLOAD_CRC = 1
+    FLAG_NDARRAY = 2
+    NOGIL_BYTES = 65536       # below this, releasing the GIL costs more than it saves
+    DTYPE_CACHE_MAX = 1024
+
+# the twin and this core must agree on every constant
+assert (S.FIXED_LEN, S.FRAG_HEADER_LEN, S.ALIGN, S.MAX_HEADER_LEN, S.MAX_NDIM, S.FLAG_PAYLOAD_CRC,
+        S.FLAG_NDARRAY) == (FIXED_LEN, FRAG_HEADER_LEN, ALIGN, MAX_HEADER_LEN, MAX_NDIM,
+                            FLAG_PAYLOAD_CRC, FLAG_NDARRAY)
+cdef bytes MAGIC = S.MAGIC
+cdef bytes FRAG_MAGIC = S.FRAG_MAGIC
+cdef int MAX_NAME_BYTES = S.MAX_NAME_BYTES
+cdef int MAX_ENCODING_BYTES = S.MAX_ENCODING_BYTES
+cdef str EMPTY = ""
+
+HARDWARE_CRC32C = bool(msf_crc_hw)
+
+# descriptor bytes -> dtype, and dtype -> descriptor bytes: each distinct dtype is parsed once
+cdef dict _dtype_from_blob = {}
+cdef dict _blob_from_dtype = {}
+
+
+cdef object _dtype_for(bytes blob, Py_ssize_t where):
+    dt = _dtype_from_blob.get(blob)
+    if dt is None:
+        dt = S.dtype_from_wire(blob, where)
+        if len(_dtype_from_blob) >= DTYPE_CACHE_MAX:
+            _dtype_from_blob.clear()       # forged descriptors cannot grow the cache without bound
+        _dtype_from_blob[blob] = dt
+    return dt
+
+
+cdef bytes _blob_for(object dt):
+    blob = _blob_from_dtype.get(dt)
+    if blob is None:
+        blob = S.dtype_to_wire(dt)
+        if len(_blob_from_dtype) >= DTYPE_CACHE_MAX:
+            _blob_from_dtype.clear()
+        _blob_from_dtype[dt] = blob
+    return blob
+
+
+cdef inline uint32_t _crc(uint32_t crc, const uint8_t* p, size_t n) noexcept:
+    if n >= NOGIL_BYTES:
+        with nogil:
+            crc = msf_crc32c(crc, p, n)
+        return crc
+    return msf_crc32c(crc, p, n)
+
+
+@cython.final
+cdef class _View:
+    """Exports [ptr, ptr + n) read-only while holding its owner alive."""
+    cdef object owner
+    cdef const uint8_t* ptr
+    cdef Py_ssize_t n
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        view.buf = <void*>self.ptr
+        view.obj = self
+        view.len = self.n
+        view.readonly = 1
+        view.itemsize = 1
+        view.format = NULL
+        if flags & 4:                                # PyBUF_FORMAT
+            view.format = "B"
+        view.ndim = 1
+        view.shape = NULL
+        view.strides = NULL
+        if flags & 8:                                # PyBUF_ND
+            view.shape = &self.n
+        if flags & 0x18 == 0x18:                     # PyBUF_STRIDES
+            view.strides = &view.itemsize
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+
+cdef inline memoryview _view_of(object owner, const uint8_t* ptr, Py_ssize_t n):
+    cdef _View v = _View.__new__(_View)
+    v.owner = owner
+    v.ptr = ptr
+    v.n = n
+    return memoryview(v)
+
+
+cdef object _pin(object obj, const uint8_t** ptr, Py_ssize_t* n):
+    """A read-only object that keeps obj's bytes where they are; sets ptr and n."""
+    cdef Py_buffer view
+    if type(obj) is bytes:
+        ptr[0] = <const uint8_t*>PyBytes_AS_STRING(obj)
+        n[0] = PyBytes_GET_SIZE(obj)
+        return obj
+    try:
+        mv = memoryview(obj)
+    except TypeError:
+        raise TypeError(f"a bytes-like object is required, not {type(obj).__name__}") from None
+    if not mv.c_contiguous:
+        raise FrameError("the buffer is not C-contiguous")
+    mv = mv.toreadonly()
+    PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
+    ptr[0] = <const uint8_t*>view.buf
+    n[0] = view.len
+    PyBuffer_Release(&view)            # mv itself still holds obj's export
+    return mv
+
+
+def crc32c(data, uint32_t crc=0):
+    """CRC32C of ``data``, continuing from ``crc`` (0 to start); hardware-accelerated where possible."""
+    cdef const uint8_t* p
+    cdef Py_ssize_t n
+    keep = _pin(data, &p, &n)
+    return _crc(crc, p, n)
+
+
+def _crc32c_software(data, uint32_t crc=0):
+    """The table fallback, exposed so tests can check it against the hardware path."""
+    cdef const uint8_t* p
+    cdef Py_ssize_t n
+    keep = _pin(data, &p, &n)
+    return msf_crc32c_sw(crc, p, n)
+
+
+cdef bytes _str_utf8(object s, str what, Py_ssize_t limit):
+    if s is None:
+        return b""
+    if type(s) is not str and not isinstance(s, str):
+        raise FrameError(f"{what} must be a str, not {type(s).__name__}")
+    b = (<str>s).encode("utf-8")
+    if len(b) > limit:
+        raise FrameError(f"{what} is {len(b)} bytes of UTF-8 (limit {limit})")
+    return b
+
+
+@cython.freelist(32)
+@cython.final
+cdef class Frame:
+    """One sensor frame: metadata plus an ndarray or opaque bytes payload.
+
+    Build one with :meth:`from_array` or :meth:`from_bytes`; :func:`decode` returns one whose
+    ``array`` / ``data`` are read-only views into the received buffer.
+    """
+    cdef readonly object array
+    cdef object _owner
+    cdef const uint8_t* _ptr
+    cdef Py_ssize_t _len
+    cdef bytes _dtype_blob
+    cdef public object encoding
+    cdef public object sensor_name
+    cdef public object device_name
+    cdef public uint64_t frame_id
+    cdef public uint64_t seq
+    cdef public uint64_t publisher_id
+    cdef public int64_t capture_ts_ns
+    cdef public int64_t creation_ts_ns
+    cdef public int64_t publish_ts_ns
+    cdef public object meta
+
+    def __init__(self):
+        now = S.now_ns()
+        self.array = None
+        self._owner = b""
+        self._ptr = <const uint8_t*>PyBytes_AS_STRING(b"")
+        self._len = 0
+        self.encoding = self.sensor_name = self.device_name = EMPTY
+        self.capture_ts_ns = self.creation_ts_ns = now
+        self.publish_ts_ns = 0
+        self.meta = {}
+
+    cdef _init_common(self, sensor_name, encoding, device_name, frame_id, capture_ts_ns, meta):
+        _str_utf8(sensor_name, "sensor_name", MAX_NAME_BYTES)
+        _str_utf8(device_name, "device_name", MAX_NAME_BYTES)
+        _str_utf8(encoding, "encoding", MAX_ENCODING_BYTES)
+        self.sensor_name = sensor_name or EMPTY
+        self.device_name = device_name or EMPTY
+        self.encoding = encoding or EMPTY
+        self.frame_id = S.new_frame_id() if frame_id is None else frame_id
+        if capture_ts_ns is not None:
+            self.capture_ts_ns = capture_ts_ns
+        self.meta = dict(meta) if meta else {}
+        S.meta_to_wire(self.meta)          # validate now, not at publish time
+
+    @classmethod
+    def from_array(cls, arr, *, sensor_name, encoding=None, device_name=None, frame_id=None,
+                   capture_ts_ns=None, meta=None):
+        """A frame whose payload is ``arr`` (C-contiguous arrays are not copied)."""
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"from_array needs a numpy.ndarray, not {type(arr).__name__}")
+        cdef cnp.ndarray a = arr
+        blob = _blob_for(a.dtype)
+        if a.ndim > MAX_NDIM:
+            raise FrameError(f"{a.ndim} dimensions (limit {MAX_NDIM})")
+        if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+            a = np.ascontiguousarray(a).reshape(arr.shape)   # the one copy a strided array needs
+        cdef Frame f = Frame()
+        f._init_common(sensor_name, encoding if encoding is not None else S.default_encoding(a),
+                       device_name, frame_id, capture_ts_ns, meta)
+        f.array = a
+        f._dtype_blob = blob
+        f._owner = a
+        f._ptr = <const uint8_t*>cnp.PyArray_DATA(a)
+        f._len = cnp.PyArray_NBYTES(a)
+        return f
+
+    @classmethod
+    def from_bytes(cls, data, *, sensor_name, encoding, device_name=None, frame_id=None,
+                   capture_ts_ns=None, meta=None):
+        """A frame whose payload is the bytes of ``data`` (any contiguous buffer, not copied)."""
+        cdef Frame f = Frame()
+        f._owner = _pin(data, &f._ptr, &f._len)
+        f._init_common(sensor_name, encoding, device_name, frame_id, capture_ts_ns, meta)
+        return f
+
+    @property
+    def data(self):
+        """The payload bytes, read-only."""
+        return _view_of(self._owner, self._ptr, self._len)
+
+    @property
+    def nbytes(self):
+        return self._len
+
+    def __repr__(self):
+        if self.array is not None:
+            dt = self.array.dtype
+            what = f"array={dt.str if dt.names is None else 'struct'}{list(self.array.shape)}"
+        else:
+            what = f"bytes={self._len}"
+        return (f"Frame(sensor_name={self.sensor_name!r}, encoding={self.encoding!r}, {what}, "
+                f"frame_id={self.frame_id}, seq={self.seq})")
+
+
+# ---------------------------------------------------------------- encode
+cdef inline uint8_t* _record(uint8_t* p, uint16_t tag, const void* src, Py_ssize_t n) noexcept:
+    msf_st16(p, tag)
+    msf_st16(p + 2, 0)
+    msf_st32(p + 4, <uint32_t>n)
+    if n:
+        memcpy(p + 8, src, n)
+    return p + 8 + n
+
+
+cdef bytes _header(Frame f, bint checksum, Py_ssize_t* out_len):
+    cdef Py_ssize_t ls = 0, ld = 0, le = 0, lm = 0, lt = 0, ls_shape = 0, i
+    cdef const char* s_sensor = NULL
+    cdef const char* s_device = NULL
+    cdef const char* s_enc = NULL
+    cdef cnp.ndarray a = None
+    cdef bytes meta_b = None
+    cdef bytes blob = None
+    if f.sensor_name:
+        s_sensor = _utf8_of(f.sensor_name, "sensor_name", MAX_NAME_BYTES, &ls)
+    if f.device_name:
+        s_device = _utf8_of(f.device_name, "device_name", MAX_NAME_BYTES, &ld)
+    if f.encoding:
+        s_enc = _utf8_of(f.encoding, "encoding", MAX_ENCODING_BYTES, &le)
+    cdef uint16_t flags = 0
+    if f.array is not None:
+        a = f.array
+        flags |= FLAG_NDARRAY
+        blob = f._dtype_blob
+        if blob is None:
+            blob = f._dtype_blob = _blob_for(a.dtype)
+        lt = len(blob)
+        ls_shape = 8 * a.ndim
+    if f.meta:
+        meta_b = S.meta_to_wire(f.meta)
+        lm = len(meta_b)
+    cdef Py_ssize_t header_len = FIXED_LEN
+    if ls: header_len += 8 + ls
+    if ld: header_len += 8 + ld
+    if le: header_len += 8 + le
+    if a is not None: header_len += 16 + lt + ls_shape
+    if meta_b is not None: header_len += 8 + lm
+    if header_len > MAX_HEADER_LEN:
+        raise FrameError(f"header of {header_len} bytes exceeds {MAX_HEADER_LEN}")
+    cdef Py_ssize_t offset = (header_len + ALIGN - 1) & ~(ALIGN - 1)
+    cdef uint32_t pcrc = 0
+    if checksum:
+        flags |= FLAG_PAYLOAD_CRC
+        pcrc = _crc(0, f._ptr, f._len)
+    out = PyBytes_FromStringAndSize(NULL, offset)
+    cdef uint8_t* h = <uint8_t*>PyBytes_AS_STRING(out)
+    memcpy(h, <const char*>MAGIC, 4)
+    h[4] = 1
+    h[5] = 0
+    msf_st16(h + 6, flags)
+    msf_st32(h + 8, <uint32_t>header_len)
+    msf_st16(h + 16, FIXED_LEN)
+    msf_st16(h + 18, 0)
+    msf_st32(h + 20, pcrc)
+    msf_st64(h + 24, <uint64_t>offset)
+    msf_st64(h + 32, <uint64_t>f._len)
+    msf_st64(h + 40, f.frame_id)
+    msf_st64(h + 48, f.seq)
+    msf_st64(h + 56, f.publisher_id)
+    msf_st64(h + 64, <uint64_t>f.capture_ts_ns)
+    msf_st64(h + 72, <uint64_t>f.creation_ts_ns)
+    msf_st64(h + 80, <uint64_t>f.publish_ts_ns)
+    cdef uint8_t* p = h + FIXED_LEN
+    if ls: p = _record(p, 1, s_sensor, ls)
+    if ld: p = _record(p, 2, s_device, ld)
+    if le: p = _record(p, 3, s_enc, le)
+    if a is not None:
+        p = _record(p, 4, PyBytes_AS_STRING(blob), lt)
+        p = _record(p, 5, NULL, 0)
+        msf_st32(p - 4, <uint32_t>ls_shape)
+        for i in range(a.ndim):
+            msf_st64(p + 8 * i, <uint64_t>a.shape[i])
+        p += ls_shape
+    if meta_b is not None:
+        p = _record(p, 6, PyBytes_AS_STRING(meta_b), lm)
+    memset(p, 0, offset - header_len)
+    msf_st32(h + 12, msf_crc32c(msf_crc32c(0, h, 12), h + 16, header_len - 16))
+    out_len[0] = offset
+    return out
+
+
+cdef const char* _utf8_of(object s, str what, Py_ssize_t limit, Py_ssize_t* n) except NULL:
+    if not isinstance(s, str):
+        raise FrameError(f"{what} must be a str, not {type(s).__name__}")
+    cdef const char* c = PyUnicode_AsUTF8AndSize(s, n)    # cached by str itself: no copy
+    if n[0] > limit:
+        raise FrameError(f"{what} is {n[0]} bytes of UTF-8 (limit {limit})")
+    return c
+
+
+def encode_parts(Frame frame not None, *, bint checksum=False):
+    """[header, payload]: the payload is a read-only memoryview of the frame's own buffer (no copy)."""
+    cdef Py_ssize_t hl
+    return [_header(frame, checksum, &hl), _view_of(frame._owner, frame._ptr, frame._len)]
+
+
+def encode(Frame frame not None, *, bint checksum=False):
+    """One contiguous buffer: the header followed by one copy of the payload."""
+    cdef Py_ssize_t hl
+    hdr = _header(frame, checksum, &hl)
+    out = PyBytes_FromStringAndSize(NULL, hl + frame._len)
+    cdef uint8_t* o = <uint8_t*>PyBytes_AS_STRING(out)
+    memcpy(o, PyBytes_AS_STRING(hdr), hl)
+    if frame._len >= NOGIL_BYTES:
+        with nogil:
+            memcpy(o + hl, frame._ptr, frame._len)
+    else:
+        memcpy(o + hl, frame._ptr, frame._len)
+    return out
+
+
+# ---------------------------------------------------------------- decode
+cdef inline str _utf8_field(const uint8_t* p, Py_ssize_t n, str what, Py_ssize_t limit, Py_ssize_t off):
+    if n > limit:
+        raise FrameError(f"{what} of {n} bytes exceeds {limit} at offset {off}")
+    try:
+        return PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
+    except UnicodeDecodeError:
+        raise FrameError(f"{what} is not valid UTF-8 at offset {off}") from None
+
+
+def decode(buf):
+    """Decode one frame. ``frame.array`` (or ``frame.data``) is a read-only view into ``buf``."""
+    cdef const uint8_t* b
+    cdef Py_ssize_t n
+    owner = _pin(buf, &b, &n)
+    if n < FIXED_LEN:
+        raise FrameError(f"truncated frame: {n} bytes, a header needs at least {FIXED_LEN} (at offset {n})")
+    if memcmp(b, <const char*>MAGIC, 4) != 0:
+        raise FrameError(f"bad magic {(<const char*>b)[:4]!r} at offset 0 (expected {MAGIC!r})")
+    if b[4] != 1:
+        raise FrameError(f"unsupported wire format major version {b[4]} at offset 4 (this reader knows 1)")
+    cdef uint16_t flags = msf_ld16(b + 6)
+    cdef uint64_t header_len = msf_ld32(b + 8)
+    cdef uint64_t hmax = n if n < MAX_HEADER_LEN else MAX_HEADER_LEN
+    if header_len < FIXED_LEN or header_len > hmax:
+        raise FrameError(f"header length {header_len} at offset 8 out of range [{FIXED_LEN}, {hmax}]")
+    if msf_crc32c(msf_crc32c(0, b, 12), b + 16, header_len - 16) != msf_ld32(b + 12):
+        raise FrameError("header CRC32C mismatch at offset 12")
+    cdef uint64_t fixed_len = msf_ld16(b + 16)
+    if fixed_len < FIXED_LEN or fixed_len > header_len:
+        raise FrameError(f"fixed-part length {fixed_len} at offset 16 out of range [{FIXED_LEN}, {header_len}]")
+    cdef uint32_t pcrc = msf_ld32(b + 20)
+    cdef uint64_t poff = msf_ld64(b + 24)
+    cdef uint64_t plen = msf_ld64(b + 32)
+    if poff % ALIGN or poff < header_len or poff > <uint64_t>n:
+        raise FrameError(f"payload offset {poff} at offset 24 is not a multiple of {ALIGN} in [{header_len}, {n}]")
+    if plen != <uint64_t>n - poff:
+        raise FrameError(f"payload length {plen} at offset 32 does not match the {n - poff} bytes after the header")
+    cdef uint64_t i
+    for i in range(header_len, poff):
+        if b[i]:
+            raise FrameError(f"non-zero padding between offsets {header_len} and {poff}")
+    if flags & FLAG_PAYLOAD_CRC:
+        if _crc(0, b + poff, plen) != pcrc:
+            raise FrameError(f"payload CRC32C mismatch (payload at offset {poff})")
+    elif pcrc:
+        raise FrameError("payload CRC32C set at offset 20 without the checksum flag")
+
+    cdef Frame f = Frame.__new__(Frame)
+    f.sensor_name = f.device_name = f.encoding = EMPTY
+    f.meta = None
+    cdef uint64_t pos = fixed_len, start, rlen, seen = 0
+    cdef uint16_t tag
+    cdef uint64_t dt_off = 0, sh_off = 0, sh_len = 0
+    cdef bytes blob = None
+    while pos < header_len:
+        if pos + 8 > header_len:
+            raise FrameError(f"truncated header record at offset {pos}")
+        tag = msf_ld16(b + pos)
+        rlen = msf_ld32(b + pos + 4)
+        start = pos + 8
+        if rlen > header_len - start:
+            raise FrameError(f"header record of length {rlen} at offset {pos} runs past the header end {header_len}")
+        if 1 <= tag <= 6:
+            if seen & (1u << tag):
+                raise FrameError(f"duplicate header record {tag} at offset {pos}")
+            seen |= 1u << tag
+            if tag == 1:
+                f.sensor_name = _utf8_field(b + start, rlen, "sensor_name", MAX_NAME_BYTES, start)
+            elif tag == 2:
+                f.device_name = _utf8_field(b + start, rlen, "device_name", MAX_NAME_BYTES, start)
+            elif tag == 3:
+                f.encoding = _utf8_field(b + start, rlen, "encoding", MAX_ENCODING_BYTES, start)
+            elif tag == 4:
+                blob = PyBytes_FromStringAndSize(<const char*>b + start, rlen)
+                dt_off = start
+            elif tag == 5:
+                sh_off = start
+                sh_len = rlen
+            else:
+                f.meta = S.meta_from_wire(PyBytes_FromStringAndSize(<const char*>b + start, rlen), start)
+        pos = start + rlen
+    if f.meta is None:
+        f.meta = {}
+
+    cdef cnp.npy_intp dims[MAX_NDIM]
+    cdef int ndim, k
+    cdef uint64_t count = 1, d
+    cdef cnp.dtype dt
+    if flags & FLAG_NDARRAY:
+        if blob is None or not (seen & (1u << 5)):
+            raise FrameError("ndarray frame without a dtype or shape record")
+        dt = _dtype_for(blob, dt_off)
+        if sh_len % 8 or sh_len // 8 > MAX_NDIM:
+            raise FrameError(f"shape record of {sh_len} bytes at offset {sh_off} (ndim limit {MAX_NDIM})")
+        ndim = sh_len // 8
+        for k in range(ndim):
+            d = msf_ld64(b + sh_off + 8 * k)
+            dims[k] = <cnp.npy_intp>d
+            if d > <uint64_t>0x7FFFFFFFFFFFFFFF or (d and count > <uint64_t>0x7FFFFFFFFFFFFFFF // d):
+                count = 0xFFFFFFFFFFFFFFFF   # overflow: can never equal a real payload length
+                break
+            count *= d
+        if count == 0xFFFFFFFFFFFFFFFF or (dt.itemsize and count > <uint64_t>0x7FFFFFFFFFFFFFFF // <uint64_t>dt.itemsize) \
+                or count * <uint64_t>dt.itemsize != plen:
+            shape = []
+            for k in range(ndim):
+                shape.append(msf_ld64(b + sh_off + 8 * k))
+            raise FrameError(f"shape {shape} x itemsize {dt.itemsize} != payload length {plen} (shape at offset {sh_off})")
+        cnp.Py_INCREF(dt)                 # PyArray_NewFromDescr steals it
+        arr = PyArray_NewFromDescr(<void*>cnp.ndarray, dt, ndim, dims, NULL,
+                                       <void*>(b + poff), 0, NULL)   # flags 0: read-only
+        cnp.set_array_base(arr, owner)
+        f.array = arr
+    elif blob is not None or (seen & (1u << 5)):
+        raise FrameError("dtype or shape record on a bytes frame")
+    else:
+        f.array = None
+    f._dtype_blob = blob
+    f._owner = owner
+    f._ptr = b + poff
+    f._len = plen
+    f.frame_id = msf_ld64(b + 40)
+    f.seq = msf_ld64(b + 48)
+    f.publisher_id = msf_ld64(b + 56)
+    f.capture_ts_ns = <int64_t>msf_ld64(b + 64)
+    f.creation_ts_ns = <int64_t>msf_ld64(b + 72)
+    f.publish_ts_ns = <int64_t>msf_ld64(b + 80)
+    return f
+
+
+# ---------------------------------------------------------------- fragment header
+def pack_fragment_header(uint64_t frame_id, uint64_t publisher_id, uint32_t index, uint32_t count,
+                         uint64_t total, uint64_t offset, uint32_t chunk_size, chunk):
+    """The 64-byte header of one fragment; its CRC32C covers bytes 0..60 and then ``chunk``."""
+    cdef const uint8_t* p
+    cdef Py_ssize_t n
+    keep = _pin(chunk, &p, &n)
+    out = PyBytes_FromStringAndSize(NULL, FRAG_HEADER_LEN)
+    cdef uint8_t* h = <uint8_t*>PyBytes_AS_STRING(out)
+    memcpy(h, <const char*>FRAG_MAGIC, 4)
+    h[4] = 1
+    h[5] = 0
+    msf_st16(h + 6, 0)
+    msf_st64(h + 8, frame_id)
+    msf_st64(h + 16, publisher_id)
+    msf_st32(h + 24, index)
+    msf_st32(h + 28, count)
+    msf_st64(h + 32, total)
+    msf_st64(h + 40, offset)
+    msf_st32(h + 48, chunk_size)
+    msf_st32(h + 52, <uint32_t>n)
+    msf_st32(h + 56, 0)
+    msf_st32(h + 60, _crc(msf_crc32c(0, h, 60), p, n))
+    return out
+
+
+def parse_fragment_header(buf):
+    """Validate one fragment; returns (frame_id, publisher_id, index, count, total, offset, chunk_size, chunk)."""
+    cdef const uint8_t* b
+    cdef Py_ssize_t n
+    owner = _pin(buf, &b, &n)
+    if n < FRAG_HEADER_LEN:
+        raise FrameError(f"truncated fragment: {n} bytes, its header needs {FRAG_HEADER_LEN} (at offset {n})")
+    if memcmp(b, <const char*>FRAG_MAGIC, 4) != 0:
+        raise FrameError(f"bad fragment magic {(<const char*>b)[:4]!r} at offset 0")
+    if b[4] != 1:
+        raise FrameError(f"unsupported fragment major version {b[4]} at offset 4")
+    cdef uint32_t clen = msf_ld32(b + 52)
+    if <Py_ssize_t>clen != n - FRAG_HEADER_LEN:
+        raise FrameError(f"fragment chunk length {clen} at offset 52 != {n - FRAG_HEADER_LEN} bytes present")
+    if _crc(msf_crc32c(0, b, 60), b + FRAG_HEADER_LEN, clen) != msf_ld32(b + 60):
+        raise FrameError("fragment CRC32C mismatch at offset 60")
+    return (msf_ld64(b + 8), msf_ld64(b + 16), msf_ld32(b + 24), msf_ld32(b + 28), msf_ld64(b + 32),
+            msf_ld64(b + 40), msf_ld32(b + 48), _view_of(owner, b + FRAG_HEADER_LEN, clen))

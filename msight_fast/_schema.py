@@ -1,0 +1,343 @@
+"""Wire-format constants and the cold-path pieces shared by the C core and its Python twin.
+
+The dtype descriptor and the user map are encoded here, in Python, by both implementations:
+the extension caches descriptors per dtype (encode) and per descriptor bytes (decode), so this
+code runs once per distinct dtype, never per frame.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import threading
+import time
+from typing import Any, Dict, Mapping, Tuple, Union
+
+import numpy as np
+
+from .errors import FrameError
+
+MAGIC = b"\x93MSF"            # frame
+FRAG_MAGIC = b"\x93MSP"       # fragment of a frame
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+
+FIXED_LEN = 88                # size of the fixed part of a v1.0 frame header
+FRAG_HEADER_LEN = 64          # size of a v1.0 fragment header
+ALIGN = 64                    # payload offset alignment
+MAX_HEADER_LEN = 65536
+
+FLAG_PAYLOAD_CRC = 0x1
+FLAG_NDARRAY = 0x2
+
+TAG_SENSOR_NAME = 1
+TAG_DEVICE_NAME = 2
+TAG_ENCODING = 3
+TAG_DTYPE = 4
+TAG_SHAPE = 5
+TAG_META = 6
+KNOWN_TAGS = (TAG_SENSOR_NAME, TAG_DEVICE_NAME, TAG_ENCODING, TAG_DTYPE, TAG_SHAPE, TAG_META)
+
+MAX_NAME_BYTES = 255          # sensor_name, device_name
+MAX_ENCODING_BYTES = 64
+MAX_NDIM = 32
+MAX_DTYPE_BYTES = 16384
+MAX_DTYPE_DEPTH = 8
+MAX_DTYPE_FIELDS = 512
+MAX_META_BYTES = 4096
+MAX_META_ENTRIES = 64
+MAX_META_KEY_BYTES = 64
+MAX_META_STR_BYTES = 1024
+
+# struct layouts, little-endian, no padding
+FIXED = struct.Struct("<4sBBHIIHHIQQQQQqqq")
+assert FIXED.size == FIXED_LEN
+RECORD = struct.Struct("<HHI")
+# magic, major, minor, flags, frame_id, publisher_id, index, count, total, offset,
+# chunk_size, chunk_len, reserved, crc32c (of bytes 0..60 then the chunk)
+FRAG = struct.Struct("<4sBBHQQIIQQIIII")
+assert FRAG.size == FRAG_HEADER_LEN
+
+_SCALAR_KINDS = frozenset("biufcSUV")
+_D_SCALAR, _D_STRUCT, _D_SUBARRAY = 1, 2, 3
+_META_STR, _META_INT, _META_FLOAT = 1, 2, 3
+
+
+def align_up(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+# ---------------------------------------------------------------- frame ids
+_id_lock = threading.Lock()
+_id_counter = itertools.count()
+_id_base = 0
+_id_pid = -1
+
+
+def new_frame_id() -> int:
+    """A 64-bit id, unique within the process and, with overwhelming probability, across processes.
+
+    A random per-process base (re-drawn after fork) plus a counter: unlike a millisecond snowflake
+    it never repeats within one millisecond.
+    """
+    global _id_base, _id_pid, _id_counter
+    pid = os.getpid()
+    if pid != _id_pid:
+        with _id_lock:
+            if pid != _id_pid:
+                _id_base = int.from_bytes(os.urandom(8), "little")
+                _id_counter = itertools.count()
+                _id_pid = pid
+    return (_id_base + next(_id_counter)) & 0xFFFFFFFFFFFFFFFF
+
+
+def new_publisher_id() -> int:
+    return int.from_bytes(os.urandom(8), "little") or 1
+
+
+now_ns = time.time_ns
+
+
+# ---------------------------------------------------------------- dtype descriptor
+def _check_dtype(dt: np.dtype) -> None:
+    if dt.hasobject:
+        raise FrameError(f"dtype {dt!r} holds Python objects and cannot be sent; use fixed-size fields")
+    if dt.itemsize == 0:
+        raise FrameError(f"dtype {dt!r} has itemsize 0 and cannot be sent")
+
+
+def _enc_dtype(dt: np.dtype, out: list, depth: int) -> None:
+    if depth > MAX_DTYPE_DEPTH:
+        raise FrameError(f"dtype nesting deeper than {MAX_DTYPE_DEPTH}")
+    if dt.subdtype is not None:
+        base, shape = dt.subdtype
+        if not 1 <= len(shape) <= MAX_NDIM:
+            raise FrameError(f"sub-array field of {len(shape)} dimensions")
+        out.append(struct.pack(f"<BB{len(shape)}I", _D_SUBARRAY, len(shape), *shape))
+        _enc_dtype(base, out, depth + 1)
+    elif dt.names is not None:
+        if len(dt.names) > MAX_DTYPE_FIELDS:
+            raise FrameError(f"structured dtype with more than {MAX_DTYPE_FIELDS} fields")
+        out.append(struct.pack("<BIH", _D_STRUCT, dt.itemsize, len(dt.names)))
+        for name in dt.names:
+            fdt, off = dt.fields[name][:2]
+            nb = name.encode("utf-8")
+            if not nb or len(nb) > 255:
+                raise FrameError(f"field name {name!r} must be 1 to 255 bytes of UTF-8")
+            out.append(struct.pack("<H", len(nb)) + nb + struct.pack("<I", off))
+            _enc_dtype(fdt, out, depth + 1)
+    else:
+        s = dt.str
+        kind = s[1]
+        if kind not in _SCALAR_KINDS:
+            raise FrameError(f"dtype {dt!r} (kind {kind!r}) is not supported on the wire")
+        out.append(struct.pack("<BccI", _D_SCALAR, s[0].encode(), kind.encode(), dt.itemsize))
+
+
+def dtype_to_wire(dt: np.dtype) -> bytes:
+    """Serialize a numpy dtype into the binary descriptor of docs/wire-format.md."""
+    _check_dtype(dt)
+    out: list = []
+    _enc_dtype(dt, out, 0)
+    blob = b"".join(out)
+    if len(blob) > MAX_DTYPE_BYTES:
+        raise FrameError(f"dtype descriptor of {len(blob)} bytes exceeds {MAX_DTYPE_BYTES}")
+    return blob
+
+
+def _dec_dtype(b: bytes, pos: int, depth: int, base: int) -> Tuple[np.dtype, int]:
+    if depth > MAX_DTYPE_DEPTH:
+        raise FrameError(f"dtype nesting deeper than {MAX_DTYPE_DEPTH} at offset {base + pos}")
+    if pos >= len(b):
+        raise FrameError(f"dtype descriptor truncated at offset {base + pos}")
+    code = b[pos]
+    try:
+        if code == _D_SCALAR:
+            _, bo, kind, size = struct.unpack_from("<BccI", b, pos)
+            bo_s, kind_s = bo.decode("latin-1"), kind.decode("latin-1")
+            if kind_s not in _SCALAR_KINDS or bo_s not in "<>|" or size == 0:
+                raise FrameError(f"bad scalar dtype {bo!r}{kind!r}{size} at offset {base + pos}")
+            if kind_s == "U":
+                if size % 4:
+                    raise FrameError(f"unicode dtype itemsize {size} not a multiple of 4 at offset {base + pos}")
+                spec = f"{bo_s}U{size // 4}"
+            elif kind_s == "b":
+                spec = "?"
+            else:
+                spec = f"{bo_s}{kind_s}{size}"
+            try:
+                dt = np.dtype(spec)
+            except TypeError as e:
+                raise FrameError(f"bad scalar dtype {spec!r} at offset {base + pos}: {e}") from None
+            if dt.itemsize != size:
+                raise FrameError(f"dtype {spec!r} has itemsize {dt.itemsize}, header says {size}, at offset {base + pos}")
+            return dt, pos + 7
+        if code == _D_STRUCT:
+            _, itemsize, nfields = struct.unpack_from("<BIH", b, pos)
+            pos += 7
+            if nfields > MAX_DTYPE_FIELDS:
+                raise FrameError(f"{nfields} dtype fields (limit {MAX_DTYPE_FIELDS}) at offset {base + pos}")
+            names, formats, offsets = [], [], []
+            for _ in range(nfields):
+                (nlen,) = struct.unpack_from("<H", b, pos)
+                pos += 2
+                if nlen == 0 or pos + nlen > len(b):
+                    raise FrameError(f"bad dtype field name length {nlen} at offset {base + pos}")
+                try:
+                    names.append(b[pos:pos + nlen].decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise FrameError(f"dtype field name is not UTF-8 at offset {base + pos}") from None
+                pos += nlen
+                (off,) = struct.unpack_from("<I", b, pos)
+                pos += 4
+                fdt, pos = _dec_dtype(b, pos, depth + 1, base)
+                if off + fdt.itemsize > itemsize:
+                    raise FrameError(f"dtype field {names[-1]!r} ends past the itemsize {itemsize}")
+                formats.append(fdt)
+                offsets.append(off)
+            try:
+                dt = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": itemsize})
+            except (TypeError, ValueError) as e:
+                raise FrameError(f"bad structured dtype at offset {base + pos}: {e}") from None
+            if dt.itemsize == 0:
+                raise FrameError(f"structured dtype of itemsize 0 at offset {base + pos}")
+            return dt, pos
+        if code == _D_SUBARRAY:
+            _, ndim = struct.unpack_from("<BB", b, pos)
+            if not 1 <= ndim <= MAX_NDIM:
+                raise FrameError(f"sub-array of {ndim} dimensions at offset {base + pos}")
+            dims = struct.unpack_from(f"<{ndim}I", b, pos + 2)
+            pos += 2 + 4 * ndim
+            sub, pos = _dec_dtype(b, pos, depth + 1, base)
+            n = 1
+            for d in dims:
+                n *= d
+            if n == 0 or n * sub.itemsize > 0x7FFFFFFF:
+                raise FrameError(f"sub-array shape {dims} is empty or too large at offset {base + pos}")
+            try:
+                return np.dtype((sub, dims)), pos
+            except (TypeError, ValueError) as e:
+                raise FrameError(f"bad sub-array dtype at offset {base + pos}: {e}") from None
+    except struct.error:
+        raise FrameError(f"dtype descriptor truncated at offset {base + pos}") from None
+    raise FrameError(f"unknown dtype descriptor code {code} at offset {base + pos}")
+
+
+def dtype_from_wire(b: bytes, base: int = 0) -> np.dtype:
+    """Parse a binary dtype descriptor; ``base`` is its offset in the frame, for error messages."""
+    if len(b) > MAX_DTYPE_BYTES:
+        raise FrameError(f"dtype descriptor of {len(b)} bytes exceeds {MAX_DTYPE_BYTES} at offset {base}")
+    dt, end = _dec_dtype(bytes(b), 0, 0, base)
+    if end != len(b):
+        raise FrameError(f"{len(b) - end} trailing bytes after the dtype descriptor at offset {base + end}")
+    return dt
+
+
+# ---------------------------------------------------------------- user map
+MetaValue = Union[str, int, float]
+
+
+def meta_to_wire(meta: Mapping[str, Any]) -> bytes:
+    """Serialize the user map (str -> str/int/float), enforcing its bounds."""
+    if not meta:
+        return b""
+    if len(meta) > MAX_META_ENTRIES:
+        raise FrameError(f"meta has {len(meta)} entries (limit {MAX_META_ENTRIES})")
+    parts = [struct.pack("<H", len(meta))]
+    for k, v in meta.items():
+        if not isinstance(k, str):
+            raise FrameError(f"meta key {k!r} is not a str")
+        kb = k.encode("utf-8")
+        if not kb or len(kb) > MAX_META_KEY_BYTES:
+            raise FrameError(f"meta key {k!r} must be 1 to {MAX_META_KEY_BYTES} bytes of UTF-8")
+        parts.append(struct.pack("<B", len(kb)) + kb)
+        if isinstance(v, str):
+            vb = v.encode("utf-8")
+            if len(vb) > MAX_META_STR_BYTES:
+                raise FrameError(f"meta value for {k!r} exceeds {MAX_META_STR_BYTES} bytes")
+            parts.append(struct.pack("<BH", _META_STR, len(vb)) + vb)
+        elif isinstance(v, (int, np.integer)):
+            if not -(1 << 63) <= int(v) < (1 << 63):
+                raise FrameError(f"meta value for {k!r} does not fit in int64")
+            parts.append(struct.pack("<Bq", _META_INT, int(v)))
+        elif isinstance(v, (float, np.floating)):
+            parts.append(struct.pack("<Bd", _META_FLOAT, float(v)))
+        else:
+            raise FrameError(f"meta value for {k!r} is {type(v).__name__}; only str, int and float are allowed")
+    blob = b"".join(parts)
+    if len(blob) > MAX_META_BYTES:
+        raise FrameError(f"meta of {len(blob)} bytes exceeds {MAX_META_BYTES}")
+    return blob
+
+
+def meta_from_wire(b: bytes, base: int = 0) -> Dict[str, MetaValue]:
+    b = bytes(b)
+    if len(b) > MAX_META_BYTES:
+        raise FrameError(f"meta of {len(b)} bytes exceeds {MAX_META_BYTES} at offset {base}")
+    out: Dict[str, MetaValue] = {}
+    pos = 0
+    try:
+        (n,) = struct.unpack_from("<H", b, 0)
+        pos = 2
+        if n > MAX_META_ENTRIES:
+            raise FrameError(f"meta has {n} entries (limit {MAX_META_ENTRIES}) at offset {base}")
+        for _ in range(n):
+            klen = b[pos]
+            pos += 1
+            if klen == 0 or pos + klen > len(b):
+                raise FrameError(f"bad meta key length {klen} at offset {base + pos - 1}")
+            try:
+                key = b[pos:pos + klen].decode("utf-8")
+            except UnicodeDecodeError:
+                raise FrameError(f"meta key is not UTF-8 at offset {base + pos}") from None
+            if key in out:
+                raise FrameError(f"duplicate meta key {key!r} at offset {base + pos}")
+            pos += klen
+            t = b[pos]
+            pos += 1
+            if t == _META_STR:
+                (vlen,) = struct.unpack_from("<H", b, pos)
+                pos += 2
+                if vlen > MAX_META_STR_BYTES or pos + vlen > len(b):
+                    raise FrameError(f"bad meta string length {vlen} at offset {base + pos - 2}")
+                try:
+                    out[key] = b[pos:pos + vlen].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise FrameError(f"meta value is not UTF-8 at offset {base + pos}") from None
+                pos += vlen
+            elif t == _META_INT:
+                (out[key],) = struct.unpack_from("<q", b, pos)
+                pos += 8
+            elif t == _META_FLOAT:
+                (out[key],) = struct.unpack_from("<d", b, pos)
+                pos += 8
+            else:
+                raise FrameError(f"unknown meta value type {t} at offset {base + pos - 1}")
+    except (struct.error, IndexError):
+        raise FrameError(f"meta truncated at offset {base + pos}") from None
+    if pos != len(b):
+        raise FrameError(f"{len(b) - pos} trailing bytes in meta at offset {base + pos}")
+    return out
+
+
+def default_encoding(arr: np.ndarray) -> str:
+    if arr.dtype.names is not None:
+        return "pointcloud" if {"x", "y", "z"} <= set(arr.dtype.names) else "struct"
+    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
+        return "bgr8"
+    if arr.dtype == np.uint8 and arr.ndim == 2:
+        return "mono8"
+    if arr.dtype == np.uint16 and arr.ndim == 2:
+        return "mono16"
+    return "ndarray"
+
+
+def encode_str(value: Any, what: str, limit: int) -> bytes:
+    if value is None:
+        return b""
+    if not isinstance(value, str):
+        raise FrameError(f"{what} must be a str, not {type(value).__name__}")
+    b = value.encode("utf-8")
+    if len(b) > limit:
+        raise FrameError(f"{what} is {len(b)} bytes of UTF-8 (limit {limit})")
+    return b
