@@ -120,6 +120,8 @@ def _enc_dtype(dt: np.dtype, out: list, depth: int) -> None:
             raise FrameError(f"structured dtype with more than {MAX_DTYPE_FIELDS} fields")
         out.append(struct.pack("<BIH", _D_STRUCT, dt.itemsize, len(dt.names)))
         for name in dt.names:
+            if len(dt.fields[name]) > 2:
+                raise FrameError(f"field {name!r} of {dt!r} has a title; titles are not carried on the wire")
             fdt, off = dt.fields[name][:2]
             nb = name.encode("utf-8")
             if not nb or len(nb) > 255:

@@ -1,0 +1,66 @@
+"""Regenerate the golden vectors (run only when the wire format deliberately changes).
+
+    python tests/golden/make_golden.py
+
+Writes <name>.hex (the frame, hex, 64 bytes a line) and vectors.json (what each decodes to).
+Made with the pure-Python twin, the reference implementation.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from msight_fast import _pywire as W
+from msight_fast.codec import fragment
+
+HERE = Path(__file__).parent
+LIDAR = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("intensity", "<f4"), ("time", "<f4"),
+                  ("column", "<u2"), ("ring", "u1"), ("return_type", "u1")])
+
+
+def fixed(f, seq):
+    f.seq, f.publisher_id = seq, 0x0123456789ABCDEF
+    f.capture_ts_ns, f.creation_ts_ns, f.publish_ts_ns = 1_764_000_000_000_000_000, 1_764_000_000_000_000_100, 1_764_000_000_000_000_200
+    return f
+
+
+def cases():
+    img = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    yield "image_bgr8", fixed(W.Frame.from_array(img, sensor_name="mcity_cam", device_name="edge-01", frame_id=1,
+                                                 meta={"exposure_us": 1200, "gain": 1.5, "site": "mcity"}), 1), False
+    yield "jpeg_crc", fixed(W.Frame.from_bytes(b"\xff\xd8\xff\xe0fakejpeg\xff\xd9", sensor_name="mcity_cam",
+                                               encoding="jpeg", frame_id=2), 2), True
+    pts = np.zeros(3, LIDAR)
+    pts["x"], pts["ring"], pts["column"] = [1.5, -2.25, 3.0], [0, 1, 127], [7, 8, 2047]
+    yield "lidar_struct", fixed(W.Frame.from_array(pts, sensor_name="lidar", frame_id=3), 3), False
+    yield "bigendian_f8", fixed(W.Frame.from_array(np.array([[1.0, -2.5], [1e300, 0.0]], ">f8"),
+                                                   sensor_name="s", frame_id=4), 4), False
+    yield "zero_d", fixed(W.Frame.from_array(np.array(7, "<i4"), sensor_name="", frame_id=5), 5), False
+
+
+def hexlines(b: bytes) -> str:
+    return "\n".join(b[i:i + 64].hex() for i in range(0, len(b), 64)) + "\n"
+
+
+def main():
+    manifest = {}
+    for name, f, checksum in cases():
+        enc = W.encode(f, checksum=checksum)
+        (HERE / f"{name}.hex").write_text(hexlines(enc))
+        manifest[name] = {
+            "sensor_name": f.sensor_name, "device_name": f.device_name, "encoding": f.encoding,
+            "frame_id": f.frame_id, "seq": f.seq, "publisher_id": f.publisher_id,
+            "capture_ts_ns": f.capture_ts_ns, "creation_ts_ns": f.creation_ts_ns,
+            "publish_ts_ns": f.publish_ts_ns, "meta": f.meta, "checksum": checksum,
+            "dtype": None if f.array is None else str(f.array.dtype.descr),
+            "shape": None if f.array is None else list(f.array.shape),
+            "payload_hex": bytes(f.data).hex(),
+        }
+    enc = W.encode(next(cases())[1])
+    frags = fragment(enc, 200)
+    (HERE / "image_bgr8_fragments.hex").write_text("".join(hexlines(x) + "--\n" for x in frags))
+    (HERE / "vectors.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Test data: the real Mcity frames when ../shared/data exists, synthetic frames of the same shape otherwise."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from msight_fast.pcd import read_pcd, synthetic_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Optional[Path]:
+    d = Path(os.environ.get("MSIGHT_DATA_DIR", REPO.parent / "shared" / "data"))
+    return d if (d / "sample_image.jpg").is_file() else None
+
+
+def real_jpeg() -> bytes:
+    d = data_dir()
+    if d is not None:
+        return (d / "sample_image.jpg").read_bytes()
+    # a JPEG-shaped blob: SOI marker, random body, EOI marker (the transport never parses it)
+    rng = np.random.default_rng(1)
+    return b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 364_000, dtype=np.uint8).tobytes() + b"\xff\xd9"
+
+
+def real_sweep() -> np.ndarray:
+    d = data_dir()
+    if d is not None:
+        return read_pcd(d / "sample_point_cloud.pcd")
+    return synthetic_sweep(38_690, seed=2)
+
+
+def camera_sequence() -> List[bytes]:
+    d = data_dir()
+    if d is not None:
+        return [p.read_bytes() for p in sorted((d / "camera_seq").glob("*.jpg"))]
+    return [real_jpeg()[: 80_000 + i] for i in range(30)]
+
+
+def raw_frame(h: int = 1080, w: int = 1920, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)

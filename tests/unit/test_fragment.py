@@ -1,0 +1,170 @@
+"""Fragmentation and reassembly: shuffled, duplicated, missing, forged and expired fragments."""
+import random
+import struct
+
+import numpy as np
+import pytest
+
+from msight_fast import FrameError, Reassembler, decode, encode, fragment
+from msight_fast import Frame
+from msight_fast import _schema as S
+from msight_fast import codec
+
+
+def _enc(n_bytes=300_000, seed=0, **kw):
+    arr = np.random.default_rng(seed).integers(0, 256, n_bytes, dtype=np.uint8)
+    return arr, encode(Frame.from_array(arr, sensor_name="cam", **kw))
+
+
+def test_small_frame_is_sent_whole_with_no_overhead():
+    _, enc = _enc(1000)
+    parts = fragment(enc, 64 * 1024)
+    assert parts == [enc] and parts[0] is enc
+
+
+@pytest.mark.parametrize("max_size", [65, 100, 4096, 64 * 1024, 1 << 20])
+def test_fragments_fit_and_reassemble_in_any_order(max_size):
+    arr, enc = _enc(50_000 if max_size < 1000 else 3 * max_size)
+    frags = fragment(enc, max_size)
+    assert all(len(f) <= max_size for f in frags) and len(frags) > 1
+    random.Random(max_size).shuffle(frags)
+    r = Reassembler()
+    out = [r.feed(f) for f in frags]
+    assert all(o is None for o in out[:-1])
+    g = out[-1]
+    assert np.array_equal(g.array, arr)
+    assert g.array.ctypes.data % 64 == 0            # payload lands 64-byte aligned
+    assert r.stats() == {"completed": 1, "expired": 0, "duplicates": 0, "rejected": 0, "pending": 0}
+
+
+def test_fragment_headers_are_self_describing():
+    _, enc = _enc(10_000)
+    frags = fragment(enc, 4096)
+    fid = decode(enc).frame_id
+    for i, fr in enumerate(frags):
+        frame_id, pub, index, count, total, offset, chunk_size, chunk = codec.impl.parse_fragment_header(fr)
+        assert (frame_id, index, count, total) == (fid, i, len(frags), len(enc))
+        assert offset == i * chunk_size and bytes(chunk) == enc[offset:offset + len(chunk)]
+
+
+def test_duplicates_are_counted_and_ignored_including_after_completion():
+    arr, enc = _enc()
+    frags = fragment(enc, 64 * 1024)
+    r = Reassembler()
+    got = [r.feed(f) for f in frags + frags[:3]]
+    assert sum(g is not None for g in got) == 1
+    r.feed(frags[0])
+    assert r.duplicates == 4 and r.completed == 1 and r.pending == 0
+
+
+def test_interleaved_frames_from_two_publishers():
+    a1, e1 = _enc(seed=1)
+    a2, e2 = _enc(seed=2)
+    f1, f2 = fragment(e1, 30_000), fragment(e2, 30_000)
+    mixed = [x for pair in zip(f1, f2) for x in pair]
+    r = Reassembler()
+    frames = [g for g in map(r.feed, mixed) if g is not None]
+    assert sorted(bytes(f.data) for f in frames) == sorted([a1.tobytes(), a2.tobytes()])
+
+
+def test_missing_fragment_expires_and_is_counted():
+    _, enc = _enc()
+    frags = fragment(enc, 64 * 1024)
+    r = Reassembler(timeout_s=0.5)
+    for f in frags[:-1]:
+        assert r.feed(f) is None
+    assert r.pending == 1
+    import time
+    assert r.expire(now=time.monotonic() + 1.0) == 1
+    assert r.pending == 0 and r.expired == 1
+
+
+def test_pending_frames_are_bounded():
+    r = Reassembler(max_pending=3)
+    for seed in range(10):
+        _, enc = _enc(seed=seed)
+        r.feed(fragment(enc, 64 * 1024)[0])
+    assert r.pending == 3 and r.expired == 7
+
+
+def test_forged_total_cannot_allocate_past_the_limit():
+    _, enc = _enc()
+    first = bytearray(fragment(enc, 64 * 1024)[0])
+    struct.pack_into("<Q", first, 32, 1 << 62)      # claim an exabyte-sized frame
+    struct.pack_into("<I", first, 28, -(-(1 << 62) // struct.unpack_from("<I", first, 48)[0]) & 0xFFFFFFFF)
+    struct.pack_into("<I", first, 60, codec.crc32c(bytes(first[64:]), codec.crc32c(bytes(first[:60]))))
+    r = Reassembler(max_frame_bytes=1 << 20)
+    with pytest.raises(FrameError, match="max_frame_bytes|geometry"):
+        r.feed(bytes(first))
+    assert r.rejected == 1 and r.pending == 0
+
+
+def _resign(frag: bytearray) -> bytes:
+    struct.pack_into("<I", frag, 60, codec.crc32c(bytes(frag[64:]), codec.crc32c(bytes(frag[:60]))))
+    return bytes(frag)
+
+
+@pytest.mark.parametrize("field,fmt,value,match", [
+    (24, "<I", 10_000, "does not fit"),           # index past count
+    (40, "<Q", 7, "does not fit"),                # offset that is not index * chunk_size
+    (28, "<I", 99, "geometry|inconsistent"),      # count disagrees with total / chunk
+    (48, "<I", 0, "geometry"),                    # chunk size zero
+])
+def test_forged_fragment_geometry(field, fmt, value, match):
+    _, enc = _enc()
+    frags = fragment(enc, 64 * 1024)
+    r = Reassembler()
+    r.feed(frags[0])
+    bad = bytearray(frags[1])
+    struct.pack_into(fmt, bad, field, value)
+    with pytest.raises(FrameError, match=match):
+        r.feed(_resign(bad))
+    assert r.rejected == 1
+
+
+def test_corrupt_or_truncated_fragments_are_rejected():
+    _, enc = _enc()
+    frag = fragment(enc, 64 * 1024)[1]
+    r = Reassembler()
+    bad = bytearray(frag)
+    bad[1000] ^= 1
+    with pytest.raises(FrameError, match="CRC32C"):
+        r.feed(bytes(bad))
+    for n in (4, 63, 64, len(frag) - 1):
+        with pytest.raises(FrameError):
+            r.feed(frag[:n])
+    with pytest.raises(FrameError, match="version"):
+        r.feed(_resign(bytearray(frag[:4] + b"\x02" + frag[5:])))
+    assert r.rejected == 6
+
+
+def test_whole_frame_passes_through_without_copy():
+    arr, enc = _enc(10_000)
+    r = Reassembler()
+    g = r.feed(enc)
+    assert np.shares_memory(g.array, np.frombuffer(enc, np.uint8)) and r.completed == 1
+
+
+def test_whole_frame_over_the_limit_and_garbage_are_rejected():
+    _, enc = _enc(10_000)
+    r = Reassembler(max_frame_bytes=1000)
+    with pytest.raises(FrameError, match="max_frame_bytes"):
+        r.feed(enc)
+    with pytest.raises(FrameError):
+        Reassembler().feed(b"\x00" * 100)
+
+
+def test_fragment_of_garbage_bytes_still_round_trips_as_a_decode_error():
+    frags = fragment(b"\x01" * 10_000, 1000)       # not a frame: fragments fine, decode refuses
+    r = Reassembler()
+    with pytest.raises(FrameError):
+        for f in frags:
+            r.feed(f)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        fragment(b"x" * 100, 64)
+    with pytest.raises(ValueError):
+        Reassembler(max_pending=0)
+    assert S.FRAG_HEADER_LEN == 64
