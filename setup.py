@@ -19,7 +19,7 @@ sanitize = os.environ.get("MSIGHT_FAST_SANITIZE", "")
 
 cflags, ldflags = [], []
 if sys.platform != "win32":
-    cflags += ["-O0", "-g3"] if debug else ["-O3"]
+    cflags += ["-O0", "-g3"] if debug else ["-O3", "-g0"]
     cflags += ["-fno-strict-aliasing", "-Wno-unused-function"]
     if sanitize:
         cflags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]

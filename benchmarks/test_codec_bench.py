@@ -1,0 +1,131 @@
+"""Codec benchmarks (pytest-benchmark): msight_fast against the one-copy floor, pickle 5 and an
+MSight-Core-style msgpack codec, all in the same run. ``python benchmarks/table.py`` prints the table.
+
+    bash ci/bench.sh codec
+"""
+import pickle
+
+import numpy as np
+import pytest
+
+from msight_fast import _pywire
+from msight_fast._impl import HAS_EXTENSIONS, impl
+
+from . import msight_style
+from .payloads import load
+
+PAYLOADS = load()
+NAMES = list(PAYLOADS)
+
+
+def _frame(wire, name):
+    p, enc = PAYLOADS[name]
+    if isinstance(p, np.ndarray):
+        return wire.Frame.from_array(p, sensor_name="mcity_edge-gs-ne_camera", device_name="edge-01", encoding=enc)
+    return wire.Frame.from_bytes(p, sensor_name="mcity_edge-gs-ne_camera", device_name="edge-01", encoding=enc)
+
+
+def _u8(p):
+    return p.reshape(-1).view(np.uint8) if isinstance(p, np.ndarray) else np.frombuffer(p, np.uint8)
+
+
+WIRES = [("ext", impl)] if HAS_EXTENSIONS else []
+WIRES.append(("py", _pywire))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("which,wire", WIRES, ids=[w[0] for w in WIRES])
+def test_encode(benchmark, name, which, wire):
+    f = _frame(wire, name)
+    benchmark.group = name
+    benchmark.extra_info.update(contender=f"{which}.encode", payload=name)
+    out = benchmark(wire.encode, f)
+    assert len(out) >= f.nbytes
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("which,wire", WIRES, ids=[w[0] for w in WIRES])
+def test_encode_parts(benchmark, name, which, wire):
+    f = _frame(wire, name)
+    benchmark.group = name
+    benchmark.extra_info.update(contender=f"{which}.encode_parts", payload=name)
+    out = benchmark(wire.encode_parts, f)
+    benchmark.extra_info["header_bytes"] = len(out[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("which,wire", WIRES, ids=[w[0] for w in WIRES])
+def test_decode(benchmark, name, which, wire):
+    buf = wire.encode(_frame(wire, name))
+    benchmark.group = name
+    benchmark.extra_info.update(contender=f"{which}.decode", payload=name)
+    # .array / .data included: a decode that defers building the view would be flattered otherwise
+    if isinstance(PAYLOADS[name][0], np.ndarray):
+        out = benchmark(lambda: wire.decode(buf).array)
+    else:
+        out = benchmark(lambda: wire.decode(buf).data)
+    assert out is not None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_floor_memcpy(benchmark, name):
+    src = _u8(PAYLOADS[name][0])
+    benchmark.group = name
+    benchmark.extra_info.update(contender="floor.memcpy", payload=name)
+
+    def copy():
+        dst = np.empty(src.nbytes, np.uint8)
+        np.copyto(dst, src)
+        return dst
+    benchmark(copy)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("band", ["inband", "oob"])
+def test_pickle5(benchmark, name, band):
+    p = PAYLOADS[name][0]
+    benchmark.group = name
+    benchmark.extra_info.update(contender=f"pickle5_{band}.encode", payload=name)
+    if band == "inband":
+        benchmark(pickle.dumps, p, protocol=5)
+    else:
+        def dump():
+            bufs = []
+            head = pickle.dumps(p, protocol=5, buffer_callback=bufs.append)
+            return head, [b.raw() for b in bufs]
+        benchmark(dump)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("band", ["inband", "oob"])
+def test_pickle5_loads(benchmark, name, band):
+    # pickle is a speed reference only: msight_fast never unpickles anything from the wire
+    p = PAYLOADS[name][0]
+    benchmark.group = name
+    benchmark.extra_info.update(contender=f"pickle5_{band}.decode", payload=name)
+    if band == "inband":
+        blob = pickle.dumps(p, protocol=5)
+        benchmark(pickle.loads, blob)
+    else:
+        bufs = []
+        head = pickle.dumps(p, protocol=5, buffer_callback=bufs.append)
+        raws = [b.raw() for b in bufs]
+        benchmark(lambda: pickle.loads(head, buffers=raws))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_msight_style(benchmark, name):
+    p, enc = PAYLOADS[name]
+    benchmark.group = name
+    benchmark.extra_info.update(contender="msight.encode", payload=name)
+    benchmark(msight_style.encode, p, encoding=enc)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_msight_style_decode(benchmark, name):
+    p, enc = PAYLOADS[name]
+    blob = msight_style.encode(p, encoding=enc)
+    benchmark.group = name
+    benchmark.extra_info.update(contender="msight.decode", payload=name)
+    out = benchmark(msight_style.decode, blob)
+    assert out.nbytes == (p.nbytes if isinstance(p, np.ndarray) else len(p))

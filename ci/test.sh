@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The one test command: builds the wheel, installs it into a fresh virtual environment (not
+# editable), and runs every suite against the installed package from a copy of tests/ outside
+# the source tree, so nothing can import the source checkout by accident.
+#
+#   bash ci/test.sh            everything (unit x2, sanitizer, integration, sdist, bench smoke)
+#   bash ci/test.sh unit       only the unit suites
+# Environment: PYTHON (default python3), MSIGHT_TEST_* to use external brokers (see tests/README.md).
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+what="${1:-all}"
+py="${PYTHON:-python3}"
+venv="${MSIGHT_CI_VENV:-$here/.venv-ci}"
+export MSIGHT_DATA_DIR="${MSIGHT_DATA_DIR:-$here/../shared/data}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+step() { printf '\n=== %s (%(%H:%M:%S)T)\n' "$*" -1; }
+
+step "virtual environment at $venv"
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+vpy="$venv/bin/python"
+"$vpy" -m pip install -q --upgrade pip setuptools wheel build
+
+step "build the wheel from the source tree"
+dist="$(mktemp -d)"
+work="$(mktemp -d)"
+trap 'rm -rf "$dist" "$work"' EXIT
+"$vpy" -m pip wheel -q --no-deps -w "$dist" "$here"
+whl="$(ls "$dist"/msight_fast-*.whl)"
+echo "built $(basename "$whl")"
+if unzip -l "$whl" | grep -qE '_wire\.c$|\.pyx$'; then echo "wheel carries generated C or .pyx" >&2; exit 1; fi
+unzip -l "$whl" | grep -qE 'py\.typed' || { echo "wheel lacks py.typed" >&2; exit 1; }
+
+step "install the wheel with the test extra"
+"$vpy" -m pip install -q --force-reinstall --no-deps "$whl"
+"$vpy" -m pip install -q "$whl[test]"
+cp -r "$here/tests" "$here/pyproject.toml" "$work/"
+cd "$work"
+"$vpy" -c "import msight_fast, sys; assert 'site-packages' in msight_fast.__file__, msight_fast.__file__; \
+print('testing', msight_fast.__file__, 'extension:', msight_fast.HAS_EXTENSIONS)"
+
+run_pytest() { "$vpy" -m pytest -p no:cacheprovider "$@"; }
+
+step "unit tests, compiled core"
+run_pytest tests/unit -q
+step "unit tests, pure-Python twin (MSIGHT_FAST_NO_EXTENSIONS=1)"
+MSIGHT_FAST_NO_EXTENSIONS=1 run_pytest tests/unit -q
+[ "$what" = unit ] && exit 0
+
+step "hostile-input tests under AddressSanitizer + UBSan"
+PYTHON="$vpy" bash "$here/ci/sanitize.sh"
+
+if [ -d tests/integration ] && ls tests/integration/test_*.py >/dev/null 2>&1; then
+  step "integration tests against real brokers"
+  run_pytest tests/integration -q
+fi
+if [ -d tests/cli ] && ls tests/cli/test_*.py >/dev/null 2>&1; then
+  step "command-line tests (the installed console script)"
+  PATH="$venv/bin:$PATH" run_pytest tests/cli -q
+fi
+
+step "the sdist builds a working wheel"
+"$vpy" -m build -q --sdist -o "$dist" "$here" >/dev/null
+sdist="$(ls "$dist"/msight_fast-*.tar.gz)"
+if tar tzf "$sdist" | grep -qE '_wire\.c$'; then echo "sdist carries generated C" >&2; exit 1; fi
+"$vpy" -m pip wheel -q --no-deps -w "$dist/from-sdist" "$sdist"
+svenv="$work/sdist-venv"
+"$py" -m venv "$svenv"
+"$svenv/bin/python" -m pip install -q "$dist"/from-sdist/msight_fast-*.whl
+(cd / && "$svenv/bin/python" -c "import msight_fast as m, numpy as np; assert m.HAS_EXTENSIONS; \
+f = m.decode(m.encode(m.Frame.from_array(np.ones((4, 4, 3), np.uint8), sensor_name='s'))); \
+assert f.array.sum() == 48; print('wheel built from the sdist works')")
+
+step "benchmark smoke run (each benchmark once, no timing)"
+"$vpy" -m pip install -q "$whl[bench]"
+cp -r "$here/benchmarks" "$work/"
+run_pytest benchmarks -q --benchmark-disable -x
+step "all passed"
