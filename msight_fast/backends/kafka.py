@@ -1,0 +1,402 @@
+"""Kafka backend through confluent-kafka (librdkafka): persistence, at-least-once, consumer groups.
+
+Producer: idempotent (``enable.idempotence``, ``acks=all``), batched (``linger.ms``), never a
+flush per message; the bytes in flight are bounded (``max_in_flight_bytes``) so latency cannot
+grow without bound: ``publish`` waits for room instead. Delivery errors come back via ``flush``.
+Frames above ``max_message_bytes`` are fragmented; every fragment of a frame has the frame's key,
+so all of them land on one partition, in order. The key is the publisher id by default (a
+publisher's frames stay in order, as Kafka orders only within a partition) or, with
+``partition_key="frame"``, the frame id (one publisher's frames spread over the partitions, so a
+consumer group can share one camera; order then holds only per partition).
+
+Consumer: ``group.id`` from ``group_id`` (without one, a private group: every subscriber gets
+every frame). Offsets are stored only for messages whose frame has been handed to the
+application and then released (the next ``recv`` or ``ack()``), never ahead of delivery, and are
+committed every second and on ``ack()``: a member that dies loses nothing; the group re-delivers.
+A fragmented frame's offsets are stored only once the whole frame was handed over.
+
+Threads: librdkafka's own, plus one poll thread per subscription. Copies: one to encode the frame (confluent-kafka needs
+``bytes``), one inside librdkafka on produce; on receipt one (``msg.value()``).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from ..bus import Source, Transport
+from ..codec import encode, fragment
+from ..errors import AuthError, BackendUnavailable, ConfigError, FrameTooLarge, PublishError
+
+log = logging.getLogger("msight_fast")
+FRAG_SLACK = 512                 # record-batch overhead kept free under the message limit
+_AUTH_CODES = {"_AUTHENTICATION", "SASL_AUTHENTICATION_FAILED", "TOPIC_AUTHORIZATION_FAILED",
+               "GROUP_AUTHORIZATION_FAILED", "CLUSTER_AUTHORIZATION_FAILED"}
+
+
+def _client_config(cfg: Any) -> Dict[str, Any]:
+    c: Dict[str, Any] = {"bootstrap.servers": ",".join(cfg.servers), "logger": logging.getLogger("msight_fast.librdkafka"),
+                         "socket.connection.setup.timeout.ms": int(cfg.connect_timeout_s * 1000)}
+    tls = cfg.use_tls or bool(cfg.tls_ca_cert_file)
+    if cfg.sasl_mechanism:
+        c["security.protocol"] = "SASL_SSL" if tls else "SASL_PLAINTEXT"
+        c["sasl.mechanism"] = cfg.sasl_mechanism
+        if cfg.sasl_mechanism == "OAUTHBEARER":
+            token = cfg.sasl_oauth_token
+            c["oauth_cb"] = lambda _config: (token, time.time() + 3600)
+        else:
+            c["sasl.username"], c["sasl.password"] = cfg.sasl_username, cfg.sasl_password
+    elif tls:
+        c["security.protocol"] = "SSL"
+    if tls:
+        if cfg.tls_ca_cert_file:
+            c["ssl.ca.location"] = cfg.tls_ca_cert_file
+        if cfg.tls_cert_file:
+            c["ssl.certificate.location"], c["ssl.key.location"] = cfg.tls_cert_file, cfg.tls_key_file
+        c["enable.ssl.certificate.verification"] = bool(cfg.tls_verify)
+        c["ssl.endpoint.identification.algorithm"] = "https" if cfg.tls_check_hostname else "none"
+    return c
+
+
+def _raise_for(e: Exception, what: str, cfg: Any) -> None:
+    err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+    name = err.name() if err is not None else ""
+    where = ", ".join(cfg.servers)
+    if name in _AUTH_CODES or "auth" in str(e).lower():
+        raise AuthError(f"Kafka at {where} refused {what}: {err.str() if err else e}") from None
+    raise BackendUnavailable(f"Kafka at {where}: {what} failed within {cfg.connect_timeout_s} s: "
+                             f"{err.str() if err else e}") from None
+
+
+class KafkaTransport(Transport):
+    name = "kafka"
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self._base = _client_config(cfg)
+        self._errors: List[str] = []
+        self._admin = AdminClient(dict(self._base, error_cb=self._on_error))
+        try:
+            md = self._admin.list_topics(timeout=cfg.connect_timeout_s)
+        except KafkaException as e:
+            _raise_for(e, "the metadata request", cfg)
+        if self._errors and any("auth" in x.lower() for x in self._errors):
+            raise AuthError(f"Kafka at {', '.join(cfg.servers)} refused the credentials: {self._errors[-1]}")
+        self._topics: Set[str] = set(md.topics)
+        self._limit = cfg.max_message_bytes - FRAG_SLACK
+        pconf = dict(self._base)
+        pconf.update({
+            "enable.idempotence": True, "acks": "all", "linger.ms": cfg.linger_ms,
+            "message.max.bytes": cfg.max_message_bytes + 4096,
+            "queue.buffering.max.kbytes": max(1024, cfg.max_in_flight_bytes // 1024),
+            "queue.buffering.max.messages": 100_000,
+            "error_cb": self._on_error,
+        })
+        pconf.update(cfg.producer_config)
+        self.producer = Producer(pconf)
+        self._failures: List[Tuple[str, str]] = []
+
+    def _on_error(self, err: KafkaError) -> None:
+        self._errors.append(err.str())
+        if len(self._errors) > 100:
+            del self._errors[:50]
+
+    def ensure_topic(self, topic: str) -> None:
+        """Create the topic on first use where the broker allows it; else an error naming it."""
+        if topic in self._topics:
+            return
+        fut = self._admin.create_topics([NewTopic(topic, num_partitions=self.cfg.num_partitions,
+                                                  replication_factor=1)])[topic]
+        try:
+            fut.result(self.cfg.connect_timeout_s)
+        except KafkaException as e:
+            err = e.args[0]
+            if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise ConfigError(f"Kafka topic {topic!r} does not exist and could not be created: {err.str()}") from None
+        except Exception as e:  # noqa: BLE001 - a timeout of the admin future
+            raise BackendUnavailable(f"Kafka: creating topic {topic!r} failed: {e!r}") from None
+        self._topics.add(topic)
+
+    # -- publish
+    def send(self, topic: str, frame: Any, parts: list, nbytes: int) -> None:
+        self.ensure_topic(topic)
+        data = encode(frame, checksum=self.cfg.checksum)          # confluent-kafka takes bytes only
+        msgs = fragment(data, self._limit) if nbytes > self._limit else [data]
+        # all fragments of a frame share its key, hence one partition; "publisher" keeps a
+        # publisher's frames in order, "frame" spreads them for a consumer group to share
+        key = (frame.publisher_id if self.cfg.partition_key == "publisher" else frame.frame_id).to_bytes(8, "little")
+        self._produce(topic, msgs, key)
+
+    def send_raw(self, topic: str, data: bytes, key: Optional[bytes] = None) -> None:
+        """Produce the caller's bytes untouched (the compat layer)."""
+        if len(data) > self._limit:
+            raise FrameTooLarge(f"{len(data)} bytes on {topic!r} exceed max_message_bytes {self.cfg.max_message_bytes}; "
+                                "publish Frames through connect() to have them fragmented")
+        self.ensure_topic(topic)
+        self._produce(topic, [bytes(data)], key)
+
+    def _produce(self, topic: str, msgs: list, key: Optional[bytes]) -> None:
+        for m in msgs:
+            while True:
+                try:
+                    self.producer.produce(topic, value=m, key=key, on_delivery=self._delivered)
+                    break
+                except BufferError:                               # bound reached: wait for room
+                    self.producer.poll(0.05)
+                except KafkaException as e:
+                    raise PublishError(f"Kafka produce to {topic!r} failed: {e}", [(topic, str(e))]) from None
+        self.producer.poll(0)
+
+    def _delivered(self, err: Optional[KafkaError], msg: Any) -> None:
+        if err is not None:
+            self._failures.append((msg.topic() if msg is not None else "?", err.str()))
+
+    def flush(self, timeout: Optional[float]) -> None:
+        left = self.producer.flush(-1 if timeout is None else timeout)
+        if left:
+            raise PublishError(f"{left} Kafka messages undelivered after {timeout} s",
+                               [("?", "timeout")] * left)
+        if self._failures:
+            failures, self._failures = self._failures, []
+            raise PublishError(f"{len(failures)} Kafka deliveries failed: {failures[0][1]}", failures)
+
+    def open(self, topic: str, group_id: Optional[str], from_beginning: bool) -> Source:
+        self.ensure_topic(topic)
+        return KafkaSource(self, topic, group_id, from_beginning)
+
+    def close(self) -> None:
+        try:
+            self.producer.flush(5)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class KafkaSource(Source):
+    """A consumer run by a background poll thread, so the member stays live through rebalances
+    whatever the application does; offsets follow the frames handed out.
+
+    The thread hands messages over through a queue bounded in bytes; when it is full the thread
+    pauses fetching (never drops: Kafka must not lose anything) and resumes below half.
+    """
+
+    ASSIGN_TIMEOUT_S = 60.0
+
+    def __init__(self, t: KafkaTransport, topic: str, group_id: Optional[str], from_beginning: bool) -> None:
+        self.t = t
+        self.topic = topic
+        self.from_beginning = from_beginning
+        cfg = t.cfg
+        conf = dict(t._base)
+        conf.update({
+            "group.id": group_id or f"msight_fast-{uuid.uuid4().hex}",
+            "enable.auto.commit": True, "enable.auto.offset.store": False, "auto.commit.interval.ms": 1000,
+            "auto.offset.reset": "earliest" if from_beginning else "latest",
+            # tansu and small clusters: fast group joins, and no long-poll wait for latency
+            "session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "fetch.wait.max.ms": 10,
+            "fetch.max.bytes": max(52428800, cfg.max_message_bytes * 2),
+            "max.partition.fetch.bytes": max(1048576, cfg.max_message_bytes + 4096),
+            "receive.message.max.bytes": max(100_000_000, cfg.max_message_bytes * 2 + 4096),
+            "queued.max.messages.kbytes": max(1024, cfg.max_pending_bytes // 1024 // 4),
+            "error_cb": t._on_error,
+        })
+        conf.update(cfg.consumer_config)
+        self.c = Consumer(conf)
+        self._max_bytes = cfg.max_pending_bytes
+        self._lock = threading.Condition()
+        self._q: Deque[Any] = collections.deque()       # messages fetched, not yet taken
+        self._q_bytes = 0
+        self._paused = False
+        self._assigned: Optional[List[int]] = None
+        self._seen: Dict[int, Deque[int]] = {}          # partition -> offsets taken, in order
+        self._done: Dict[int, Set[int]] = {}            # partition -> offsets whose frame is released
+        self._handed: List[Tuple[int, int]] = []        # released at the next next() / ack()
+        self._to_store: List[TopicPartition] = []      # for the poll thread to store
+        self._commit_req: List[threading.Event] = []   # for the poll thread to commit
+        self.redelivered = 0
+        self._closed = False
+        self.c.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._thread = threading.Thread(target=self._run, name=f"msight_fast-kafka-{topic}", daemon=True)
+        self._thread.start()
+        with self._lock:                                # return only once partitions are ours
+            ok = self._lock.wait_for(lambda: self._assigned is not None or self._closed, self.ASSIGN_TIMEOUT_S)
+        if not ok:
+            self.close()
+            raise BackendUnavailable(f"Kafka: no partitions of {topic!r} assigned within {self.ASSIGN_TIMEOUT_S} s")
+
+    def _run(self) -> None:
+        # the only thread that touches the consumer: confluent-kafka calls made from two threads
+        # at once were seen to deadlock (store_offsets against consume)
+        c = self.c
+        try:
+            while not self._closed:
+                self._serve_requests()
+                msgs = c.consume(256, 0.1)
+                self._take(msgs)
+        finally:
+            self._serve_requests()
+            try:
+                c.close()                    # commits the stored offsets, leaves the group
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _serve_requests(self) -> None:
+        with self._lock:
+            store, self._to_store = self._to_store, []
+            commits, self._commit_req = self._commit_req, []
+        self._store(store)
+        for ev in commits:
+            try:
+                self.c.commit(asynchronous=False)
+            except KafkaException as e:
+                if e.args[0].code() != KafkaError._NO_OFFSET:
+                    ev.error = e
+            ev.set()
+
+    def _take(self, msgs: list) -> None:
+        if not msgs and not self._paused:
+            return
+        with self._lock:
+            for m in msgs:
+                self._q.append(m)
+                self._q_bytes += len(m) if m.error() is None else 0
+            if msgs:
+                self._lock.notify_all()
+            over = self._q_bytes > self._max_bytes
+            under = self._q_bytes < self._max_bytes // 2
+            assignment = [TopicPartition(self.topic, p) for p in (self._assigned or [])]
+        try:
+            if over and not self._paused and assignment:
+                self.c.pause(assignment)
+                self._paused = True
+            elif under and self._paused:
+                if assignment:
+                    self.c.resume(assignment)
+                self._paused = False
+        except KafkaException as e:
+            log.debug("msight_fast: pause/resume: %s", e)
+
+    def _on_assign(self, consumer: Any, parts: List[TopicPartition]) -> None:
+        # resolve positions now, so that frames published right after subscribe() are not missed
+        committed = consumer.committed(parts, timeout=10)
+        fixed = []
+        for tp in committed:
+            if tp.offset < 0:
+                if self.from_beginning:
+                    tp.offset = OFFSET_BEGINNING
+                else:
+                    lo, hi = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+                    tp.offset = hi
+            fixed.append(tp)
+        consumer.assign(fixed)
+        self._paused = False
+        with self._lock:
+            self._assigned = [tp.partition for tp in fixed]
+            self._lock.notify_all()
+
+    def _on_revoke(self, consumer: Any, parts: List[TopicPartition]) -> None:
+        gone = {tp.partition for tp in parts}        # runs in the poll thread, inside consume()
+        with self._lock:
+            store = self._to_store + self._releasable()
+            self._to_store = []
+        self._store(store)
+        with self._lock:
+            # what was fetched but not handed out belongs to the partitions' next owner now
+            keep = collections.deque(m for m in self._q if m.partition() not in gone)
+            self._q_bytes = sum(len(m) for m in keep if m.error() is None)
+            self._q = keep
+            for p in gone:
+                self._seen.pop(p, None)
+                self._done.pop(p, None)
+            self._assigned = [p for p in (self._assigned or []) if p not in gone]
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException:
+            pass
+
+    def next(self, timeout: Optional[float]) -> Optional[Tuple[Any, Any]]:
+        with self._lock:
+            self._to_store.extend(self._releasable())   # the poll thread stores them
+            while True:
+                while self._q:
+                    m = self._q.popleft()
+                    err = m.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("msight_fast: Kafka consumer error on %r: %s", self.topic, err.str())
+                        continue
+                    value = m.value()
+                    self._q_bytes -= len(value)
+                    p, o = m.partition(), m.offset()
+                    seen = self._seen.setdefault(p, collections.deque())
+                    if seen and o <= seen[-1]:
+                        self.redelivered += 1
+                    seen.append(o)
+                    return value, (p, o)
+                if self._closed or not self._lock.wait(timeout):
+                    return None
+                timeout = 0 if timeout is not None else None
+
+    def handed(self, frame: Any, tokens: list) -> None:
+        with self._lock:
+            self._handed.extend(tokens)
+
+    def _releasable(self) -> List[TopicPartition]:
+        """Offsets to store: up to the first message whose frame has not been released yet.
+
+        Called with the lock held; the caller stores them after letting go of it, because
+        librdkafka may be running a rebalance callback that waits for this lock.
+        """
+        if not self._handed:
+            return []
+        for p, o in self._handed:
+            self._done.setdefault(p, set()).add(o)
+        self._handed.clear()
+        store = []
+        for p, done in self._done.items():
+            seen = self._seen.get(p)
+            last = None
+            while seen and seen[0] in done:
+                last = seen.popleft()
+                done.discard(last)
+            if last is not None:
+                store.append(TopicPartition(self.topic, p, last + 1))
+        return store
+
+    def _store(self, store: List[TopicPartition]) -> None:
+        if store:
+            try:
+                self.c.store_offsets(offsets=store)
+            except KafkaException as e:      # partition revoked meanwhile: the next owner re-reads
+                log.debug("msight_fast: store_offsets: %s", e)
+
+    def ack(self) -> None:
+        ev = threading.Event()
+        ev.error = None  # type: ignore[attr-defined]
+        with self._lock:
+            self._to_store.extend(self._releasable())
+            self._commit_req.append(ev)
+        if not ev.wait(30):
+            raise BackendUnavailable(f"Kafka: committing offsets of {self.topic!r} did not finish within 30 s")
+        if ev.error is not None:  # type: ignore[attr-defined]
+            raise ev.error  # type: ignore[attr-defined]
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"redelivered": self.redelivered, "assigned_partitions": list(self._assigned or []),
+                    "pending_bytes": self._q_bytes, "paused": self._paused, "dropped": 0}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._lock:
+            self._closed = True
+            self._to_store.extend(self._releasable())
+            self._lock.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(30)            # the thread stores, commits and closes the consumer

@@ -1,0 +1,101 @@
+"""Real brokers for the integration suite.
+
+Each backend's broker is started once per session on a free loopback port and stopped after,
+unless an environment variable names an external one, so the same suite runs against a real
+deployment:
+  MSIGHT_TEST_REDIS_URL=redis://host:6379/0
+  MSIGHT_TEST_NATS_SERVERS="['nats://host:4222']"
+  MSIGHT_TEST_KAFKA_SERVERS="['host:9092']"
+"""
+import ast
+import os
+import uuid
+from urllib.parse import urlparse
+
+import pytest
+
+import msight_fast
+from msight_fast import brokers
+
+BACKENDS = ["redis", "nats", "kafka"]
+
+
+class BrokerInfo:
+    def __init__(self, kind, options, local=None):
+        self.kind, self.options, self.local = kind, options, local
+
+
+def _external(kind):
+    if kind == "redis" and os.environ.get("MSIGHT_TEST_REDIS_URL"):
+        u = urlparse(os.environ["MSIGHT_TEST_REDIS_URL"])
+        opts = {"host": u.hostname or "localhost", "port": u.port or 6379}
+        if u.path.strip("/"):
+            opts["db"] = int(u.path.strip("/"))
+        if u.password:
+            opts["password"] = u.password
+        if u.username:
+            opts["username"] = u.username
+        return opts
+    var = {"nats": "MSIGHT_TEST_NATS_SERVERS", "kafka": "MSIGHT_TEST_KAFKA_SERVERS"}.get(kind)
+    if var and os.environ.get(var):
+        return {"servers": ast.literal_eval(os.environ[var])}
+    return None
+
+
+@pytest.fixture(scope="session")
+def broker_pool():
+    started = {}
+
+    def get(kind):
+        if kind not in started:
+            ext = _external(kind)
+            if ext is not None:
+                started[kind] = BrokerInfo(kind, ext)
+            else:
+                b = brokers.start(kind)
+                started[kind] = BrokerInfo(kind, b.options(), b)
+        return started[kind]
+
+    yield get
+    for info in started.values():
+        if info.local is not None:
+            info.local.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, broker_pool):
+    return broker_pool(request.param)
+
+
+@pytest.fixture
+def make_bus(backend):
+    """connect() to the backend's broker; every Bus made is closed after the test."""
+    made = []
+
+    def make(**opts):
+        o = dict(backend.options)
+        o.update(opts)
+        bus = msight_fast.connect(backend.kind, **o)
+        made.append(bus)
+        return bus
+
+    yield make
+    for b in made:
+        b.close()
+
+
+@pytest.fixture
+def topic():
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+def collect(sub, n, timeout=60.0):
+    """Receive n frames, each within a deadline; fewer if the deadline passes."""
+    import time
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        f = sub.recv(timeout=max(0.05, deadline - time.monotonic()))
+        if f is not None:
+            out.append(f)
+    return out

@@ -1,0 +1,114 @@
+"""Configuration from MSight Core's environment names: parsed, validated, never leaked."""
+import logging
+
+import pytest
+
+import msight_fast
+from msight_fast import ConfigError, config
+from msight_fast.bus import BoundedQueue, SeqTracker
+
+
+@pytest.mark.parametrize("backend,env,var", [
+    ("redis", {"MSIGHT_REDIS_MESSAGE_BROKER_PORT": "sixty"}, "MSIGHT_REDIS_MESSAGE_BROKER_PORT"),
+    ("redis", {"MSIGHT_REDIS_MESSAGE_BROKER_PORT": "70000"}, "MSIGHT_REDIS_MESSAGE_BROKER_PORT"),
+    ("redis", {"MSIGHT_REDIS_MESSAGE_BROKER_DB": "-1"}, "MSIGHT_REDIS_MESSAGE_BROKER_DB"),
+    ("redis", {"MSIGHT_REDIS_MESSAGE_BROKER_USE_TLS": "maybe"}, "MSIGHT_REDIS_MESSAGE_BROKER_USE_TLS"),
+    ("redis", {"MSIGHT_REDIS_MESSAGE_BROKER_TLS_CA_CERT_FILE": "/no/such/ca.pem"}, "MSIGHT_REDIS_MESSAGE_BROKER_TLS_CA_CERT_FILE"),
+    ("nats", {"MSIGHT_NATS_SERVERS": "['nats://a:4222'"}, "MSIGHT_NATS_SERVERS"),
+    ("nats", {"MSIGHT_NATS_SERVERS": "[1, 2]"}, "MSIGHT_NATS_SERVERS"),
+    ("nats", {"MSIGHT_NATS_SERVERS": "[__import__('os').system('true')]"}, "MSIGHT_NATS_SERVERS"),
+    ("nats", {"MSIGHT_NATS_USE_TLS": "2"}, "MSIGHT_NATS_USE_TLS"),
+    ("kafka", {"MSIGHT_KAFKA_SERVERS": "{'a': 1}"}, "MSIGHT_KAFKA_SERVERS"),
+    ("kafka", {"MSIGHT_KAFKA_SASL_MECHANISM": "GSSAPI"}, "MSIGHT_KAFKA_SASL_MECHANISM"),
+    ("kafka", {"MSIGHT_KAFKA_SASL_MECHANISM": "PLAIN"}, "MSIGHT_KAFKA_SASL_USERNAME"),
+    ("kafka", {"MSIGHT_KAFKA_SASL_MECHANISM": "OAUTHBEARER"}, "MSIGHT_KAFKA_SASL_OAUTH_TOKEN"),
+    ("kafka", {"MSIGHT_KAFKA_TLS_VERIFY": "sometimes"}, "MSIGHT_KAFKA_TLS_VERIFY"),
+])
+def test_bad_environment_values_name_the_variable(backend, env, var):
+    with pytest.raises(ConfigError, match=var):
+        config.load(backend, {}, env)
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv("MSIGHT_PUBSUB_BACKEND", raising=False)
+    assert config.backend_name(None) == "redis"
+    monkeypatch.setenv("MSIGHT_PUBSUB_BACKEND", "NATS")
+    assert config.backend_name(None) == "nats"
+    assert config.backend_name("Kafka") == "kafka"
+    monkeypatch.setenv("MSIGHT_PUBSUB_BACKEND", "zeromq")
+    with pytest.raises(ConfigError, match="MSIGHT_PUBSUB_BACKEND"):
+        msight_fast.connect()
+
+
+def test_environment_is_read_and_options_override_it():
+    env = {"MSIGHT_NATS_SERVERS": "['nats://10.0.0.1:4222', 'nats://10.0.0.2:4222']",
+           "MSIGHT_NATS_USERNAME": "alice", "MSIGHT_NATS_PASSWORD": "s3cr3t", "MSIGHT_NATS_USE_TLS": "yes"}
+    c = config.load("nats", {}, env)
+    assert c.servers == ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"] and c.username == "alice"
+    assert c.password == "s3cr3t" and c.use_tls is True
+    c = config.load("nats", {"servers": ["nats://x:1"], "use_tls": False}, env)
+    assert c.servers == ["nats://x:1"] and c.use_tls is False
+    r = config.load("redis", {}, {"MSIGHT_REDIS_MESSAGE_BROKER_PORT": "6380", "MSIGHT_REDIS_MESSAGE_BROKER_DB": "2"})
+    assert (r.host, r.port, r.db) == ("localhost", 6380, 2)
+    k = config.load("kafka", {}, {"MSIGHT_KAFKA_SERVERS": "['b1:9092']", "MSIGHT_KAFKA_SASL_MECHANISM": "scram-sha-512",
+                                  "MSIGHT_KAFKA_SASL_USERNAME": "u", "MSIGHT_KAFKA_SASL_PASSWORD": "p"})
+    assert k.servers == ["b1:9092"] and k.sasl_mechanism == "SCRAM-SHA-512"
+
+
+def test_kafka_settings_reach_librdkafka():
+    from msight_fast.backends.kafka import _client_config
+    k = config.load("kafka", {}, {"MSIGHT_KAFKA_SERVERS": "['b1:9093','b2:9093']", "MSIGHT_KAFKA_SASL_MECHANISM": "PLAIN",
+                                  "MSIGHT_KAFKA_SASL_USERNAME": "u", "MSIGHT_KAFKA_SASL_PASSWORD": "p",
+                                  "MSIGHT_KAFKA_USE_TLS": "true", "MSIGHT_KAFKA_TLS_VERIFY": "false",
+                                  "MSIGHT_KAFKA_TLS_CHECK_HOSTNAME": "false"})
+    c = _client_config(k)
+    assert c["bootstrap.servers"] == "b1:9093,b2:9093" and c["security.protocol"] == "SASL_SSL"
+    assert (c["sasl.mechanism"], c["sasl.username"], c["sasl.password"]) == ("PLAIN", "u", "p")
+    assert c["enable.ssl.certificate.verification"] is False and c["ssl.endpoint.identification.algorithm"] == "none"
+
+
+def test_secrets_are_never_shown(caplog):
+    c = config.load("kafka", {"sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "hunter2"})
+    assert "hunter2" not in repr(c) and "***" in repr(c)
+    n = config.load("nats", {"token": "tok-123", "password": "pw-456"})
+    assert "tok-123" not in repr(n) and "pw-456" not in repr(n)
+
+
+def test_unknown_option_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown option"):
+        config.load("redis", {"hots": "x"})
+
+
+def test_compat_config_dicts_match_msight_core(monkeypatch):
+    from msight_fast import compat
+    monkeypatch.setenv("MSIGHT_NATS_SERVERS", "['nats://s1:4222']")
+    monkeypatch.setenv("MSIGHT_NATS_USERNAME", "u")
+    monkeypatch.setenv("MSIGHT_NATS_PASSWORD", "p")
+    assert compat.get_nats_config("workers") == {"servers": ["nats://s1:4222"], "group_id": "workers",
+                                                 "user": "u", "password": "p"}
+    assert compat._nats_options(compat.get_nats_config("w")) == {"servers": ["nats://s1:4222"],
+                                                                 "username": "u", "password": "p"}
+    monkeypatch.setenv("MSIGHT_KAFKA_SERVERS", "['b:9092']")
+    k = compat.get_kafka_config("g")
+    assert k == {"servers": ["b:9092"], "group_id": "g", "security_protocol": "PLAINTEXT"}
+
+
+def test_seq_tracker_gaps_duplicates_and_reordering():
+    t = SeqTracker()
+    for s in [5, 1, 6, 8, 7, 7, 10, 3]:
+        t.see(1, s)
+    assert (t.gaps, t.duplicates) == (1, 1)       # 9 missing; 7 twice; 1 and 3 predate the first seen
+    t.see(2, 100)
+    t.see(2, 104)
+    assert t.gaps == 4
+
+
+def test_bounded_queue_policies():
+    q = BoundedQueue(100, "drop_oldest")
+    for i in range(10):
+        q.put(i, 30)
+    assert q.dropped == 7 and [q.get(0)[0] for _ in range(3)] == [7, 8, 9] and q.get(0) is None
+    k = BoundedQueue(100, "keep_latest")
+    for i in range(10):
+        k.put(i, 30)
+    assert k.nbytes <= 100 and k.get(0)[0] in (9, 6, 7, 8) and k.dropped >= 6
