@@ -55,7 +55,7 @@ if [ -d tests/integration ] && ls tests/integration/test_*.py >/dev/null 2>&1; t
 fi
 if [ -d tests/cli ] && ls tests/cli/test_*.py >/dev/null 2>&1; then
   step "command-line tests (the installed console script)"
-  PATH="$venv/bin:$PATH" run_pytest tests/cli -q
+  PATH="$venv/bin:$PATH" MSIGHT_CLI_REQUIRED=1 run_pytest tests/cli -q
 fi
 
 step "the sdist builds a working wheel"

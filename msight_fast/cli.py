@@ -1,0 +1,492 @@
+"""The ``msight-fast`` command: demo, local brokers, and hz/bw/lat/echo/pub/bench tools.
+
+Exit codes: 0 success, 1 failure (one line on stderr, no traceback), 2 usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from .errors import BackendUnavailable, MsightFastError
+
+DEMO_TOPICS = ("demo/camera/raw", "demo/camera/jpeg", "demo/lidar")
+
+
+def _err(msg: str) -> int:
+    print(f"msight-fast: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def _connect(args: argparse.Namespace, **extra: Any):
+    from . import connect
+    opts = dict(extra)
+    if getattr(args, "timeout", None):
+        opts["connect_timeout_s"] = args.timeout
+    return connect(args.backend, **opts)
+
+
+# ---------------------------------------------------------------- sources of frames
+def _load_images(data: Optional[Path]):
+    """(raw frames, jpeg bytes) for the demo: the Mcity sequence, or synthetic moving frames."""
+    jpegs: List[bytes] = []
+    raws: List[np.ndarray] = []
+    try:
+        from PIL import Image
+    except ImportError:
+        Image = None
+    if data is not None:
+        files = sorted((data / "camera_seq").glob("*.jpg")) or sorted(data.glob("*.jpg"))
+        jpegs = [f.read_bytes() for f in files]
+        if Image is not None:
+            import io
+            for j in jpegs:
+                rgb = np.asarray(Image.open(io.BytesIO(j)).convert("RGB"))
+                raws.append(np.ascontiguousarray(rgb[..., ::-1]))    # bgr8, as a camera node sends
+    if not raws:
+        h, w = 960, 1280
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 255 // (w + h))], -1).astype(np.uint8)
+        raws = [np.ascontiguousarray(np.roll(base, 40 * i, axis=1)) for i in range(10)]
+    if not jpegs and Image is not None:
+        import io
+        for r in raws[:10]:
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(r[..., ::-1])).save(buf, format="JPEG", quality=85)
+            jpegs.append(buf.getvalue())
+    return raws, jpegs
+
+
+def _load_sweep(data: Optional[Path]) -> np.ndarray:
+    from .pcd import read_pcd, synthetic_sweep
+    if data is not None:
+        pcds = sorted(data.glob("*.pcd"))
+        if pcds:
+            return read_pcd(pcds[0])
+    return synthetic_sweep(38_690, seed=3)
+
+
+def _publisher(role: str, backend: str, env: Dict[str, str], data: Optional[str], rate: float,
+               stop: Any, sent: Any) -> None:
+    """Runs in its own process: the camera or the lidar node."""
+    os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from . import connect
+    bus = connect(backend)
+    d = Path(data) if data else None
+    period = 1.0 / rate
+    try:
+        if role == "camera":
+            raws, jpegs = _load_images(d)
+            i = 0
+            nxt = time.monotonic()
+            while not stop.is_set():
+                bus.publish(DEMO_TOPICS[0], raws[i % len(raws)], sensor_name="mcity_camera", encoding="bgr8")
+                sent[0] += 1
+                if jpegs:
+                    bus.publish(DEMO_TOPICS[1], jpegs[i % len(jpegs)], sensor_name="mcity_camera", encoding="jpeg")
+                    sent[1] += 1
+                i += 1
+                nxt += period
+                stop.wait(max(0.0, nxt - time.monotonic()))
+        else:
+            sweep = _load_sweep(d)
+            nxt = time.monotonic()
+            while not stop.is_set():
+                bus.publish(DEMO_TOPICS[2], sweep, sensor_name="mcity_lidar", encoding="pointcloud")
+                sent[2] += 1
+                nxt += period
+                stop.wait(max(0.0, nxt - time.monotonic()))
+        bus.flush(30)
+    finally:
+        bus.close()
+
+
+class _Tap:
+    """Receives one topic in a thread and keeps its numbers."""
+
+    def __init__(self, bus: Any, topic: str, group_id: Optional[str] = None) -> None:
+        self.topic = topic
+        self.sub = bus.subscribe(topic, group_id=group_id)
+        self.times: List[float] = []
+        self.sizes: List[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            f = self.sub.recv(timeout=0.2)
+            if f is not None:
+                self.times.append(time.monotonic())
+                self.sizes.append(f.nbytes)
+
+    def window(self, seconds: float):
+        now = time.monotonic()
+        n = 0
+        b = 0
+        for t, s in zip(reversed(self.times), reversed(self.sizes)):
+            if now - t > seconds:
+                break
+            n += 1
+            b += s
+        return n / seconds, b / seconds / 1e6
+
+
+def _fmt_ms(ns: Optional[int]) -> str:
+    return "-" if ns is None else f"{ns / 1e6:.1f}"
+
+
+def _table(rows: List[List[str]], header: List[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import brokers, config
+    backend = config.backend_name(args.backend)
+    env: Dict[str, str] = {}
+    local = None
+    try:
+        probe = _connect(argparse.Namespace(backend=backend, timeout=2.0))
+        probe.close()
+        where = "the configured broker"
+    except BackendUnavailable:
+        local = brokers.start(backend)
+        env = local.env()
+        where = f"an embedded {backend} broker at {local.address} (stopped at the end)"
+    os.environ.update(env)
+    data = args.data
+    if data and not (Path(data) / "camera_seq").is_dir() and not list(Path(data).glob("*.jpg")):
+        return _err(f"--data {data}: no camera_seq/ folder or .jpg files there")
+    print(f"msight-fast demo: {backend} via {where}; {args.seconds:g} s; "
+          f"{'Mcity data from ' + data if data else 'synthetic frames'}", flush=True)
+    from . import connect
+    bus = connect(backend)
+    taps: List[_Tap] = []
+    threads = [threading.Thread(target=lambda t=t: taps.append(_Tap(bus, t))) for t in DEMO_TOPICS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    taps.sort(key=lambda t: DEMO_TOPICS.index(t.topic))
+    for t in taps:
+        t.thread.start()
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    sent = ctx.Array("q", 3)
+    procs = [ctx.Process(target=_publisher, args=(role, backend, env, data, args.rate, stop, sent), daemon=True)
+             for role in ("camera", "lidar")]
+    for p in procs:
+        p.start()
+    tty = sys.stdout.isatty()
+    t_end = time.monotonic() + args.seconds
+    shown = 0
+    try:
+        while time.monotonic() < t_end:
+            time.sleep(min(1.0, max(0.0, t_end - time.monotonic())))   # display refresh period
+            rows = []
+            for t in taps:
+                st = t.sub.stats()
+                fps, mbs = t.window(2.0)
+                rows.append([t.topic, st["received"], f"{fps:.1f}", f"{mbs:.1f}", _fmt_ms(st["latency_p50_ns"]),
+                             _fmt_ms(st["latency_p99_ns"]), st["gaps"]])
+            text = _table(rows, ["topic", "frames", "fps", "MB/s", "p50 ms", "p99 ms", "gaps"])
+            if tty and shown:
+                sys.stdout.write(f"\x1b[{shown}A\x1b[J")
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            shown = text.count("\n") + 1
+    except KeyboardInterrupt:
+        pass
+    stop.set()
+    for p in procs:
+        p.join(30)
+    # let what is in flight arrive before the summary
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(t.sub.stats()["received"] < sent[i] for i, t in enumerate(taps)):
+        time.sleep(0.05)
+    for t in taps:
+        t.stop.set()
+        t.thread.join(2)
+    rows = []
+    total_gaps = lost = received = 0
+    for i, t in enumerate(taps):
+        st = t.sub.stats()
+        dur = (t.times[-1] - t.times[0]) if len(t.times) > 1 else 0.0
+        fps = (len(t.times) - 1) / dur if dur else 0.0
+        mbs = sum(t.sizes[1:]) / dur / 1e6 if dur else 0.0
+        rows.append([t.topic, sent[i], st["received"], sent[i] - st["received"], st["gaps"], f"{fps:.1f}",
+                     f"{mbs:.1f}", _fmt_ms(st["latency_p50_ns"]), _fmt_ms(st["latency_p99_ns"])])
+        total_gaps += st["gaps"]
+        lost += max(0, sent[i] - st["received"])
+        received += st["received"]
+    print("\nsummary")
+    print(_table(rows, ["topic", "sent", "received", "lost", "gaps", "fps", "MB/s", "p50 ms", "p99 ms"]))
+    bus.close()
+    if local is not None:
+        local.stop()
+    bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+    if bad:
+        return _err(f"a publisher process failed (exit code {bad[0]})")
+    if not received:
+        return _err("no frames were received")
+    return 0
+
+
+# ---------------------------------------------------------------- topic tools
+def _frames(args: argparse.Namespace):
+    bus = _connect(args)
+    sub = bus.subscribe(args.topic, group_id=args.group_id)
+    end = None if not args.seconds else time.monotonic() + args.seconds
+    try:
+        while end is None or time.monotonic() < end:
+            f = sub.recv(timeout=0.2 if end is None else max(0.01, min(0.2, end - time.monotonic())))
+            if f is not None:
+                yield time.monotonic(), f, sub
+    finally:
+        bus.close()
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    n = 0
+    for _, f, _ in _frames(args):
+        shape = f"shape={list(f.array.shape)} dtype={f.array.dtype.str if f.array.dtype.names is None else 'struct' + str(list(f.array.dtype.names))}" \
+            if f.array is not None else "bytes"
+        print(f"sensor={f.sensor_name} device={f.device_name or '-'} encoding={f.encoding} {shape} size={f.nbytes} "
+              f"seq={f.seq} frame_id={f.frame_id} capture_ts_ns={f.capture_ts_ns} publish_ts_ns={f.publish_ts_ns}"
+              + (f" meta={json.dumps(f.meta)}" if f.meta else ""), flush=True)
+        n += 1
+        if args.count and n >= args.count:
+            break
+    return 0
+
+
+def _periodic(args: argparse.Namespace, report) -> int:
+    times: List[float] = []
+    sizes: List[int] = []
+    last = time.monotonic()
+    got = False
+    for t, f, sub in _frames(args):
+        times.append(t)
+        sizes.append(f.nbytes)
+        del times[:-args.window], sizes[:-args.window]
+        got = True
+        if t - last >= 1.0:
+            last = t
+            print(report(times, sizes, sub), flush=True)
+    if got:
+        print(report(times, sizes, sub), flush=True)
+        return 0
+    return _err(f"no frames on {args.topic!r}")
+
+
+def cmd_hz(args: argparse.Namespace) -> int:
+    def report(times, sizes, sub):
+        if len(times) < 2:
+            return f"average rate: - (1 frame)"
+        d = np.diff(times)
+        return (f"average rate: {1 / d.mean():.3f} Hz  min: {d.min():.4f}s max: {d.max():.4f}s "
+                f"std dev: {d.std():.5f}s window: {len(times)}")
+    return _periodic(args, report)
+
+
+def cmd_bw(args: argparse.Namespace) -> int:
+    def report(times, sizes, sub):
+        if len(times) < 2:
+            return f"bandwidth: - (1 frame of {sizes[-1]} B)"
+        span = times[-1] - times[0]
+        return (f"bandwidth: {sum(sizes[1:]) / span / 1e6:.2f} MB/s  mean size: {np.mean(sizes) / 1e6:.3f} MB "
+                f"min: {min(sizes)} B max: {max(sizes)} B window: {len(times)}")
+    return _periodic(args, report)
+
+
+def cmd_lat(args: argparse.Namespace) -> int:
+    def report(times, sizes, sub):
+        st = sub.stats()
+        return (f"latency p50: {_fmt_ms(st['latency_p50_ns'])} ms  p99: {_fmt_ms(st['latency_p99_ns'])} ms  "
+                f"max: {_fmt_ms(st['latency_max_ns'])} ms  received: {st['received']} gaps: {st['gaps']} "
+                f"duplicates: {st['duplicates']} dropped: {st['dropped']}")
+    return _periodic(args, report)
+
+
+def cmd_pub(args: argparse.Namespace) -> int:
+    from .pcd import read_pcd
+    items = []
+    for name in args.files:
+        p = Path(name)
+        if not p.is_file():
+            return _err(f"{name}: no such file")
+        ext = p.suffix.lower()
+        if ext in (".jpg", ".jpeg", ".png"):
+            items.append((p.read_bytes(), {"encoding": "jpeg" if ext != ".png" else "png"}))
+        elif ext == ".npy":
+            items.append((np.load(p, allow_pickle=False), {}))
+        elif ext == ".pcd":
+            items.append((read_pcd(p), {"encoding": "pointcloud"}))
+        else:
+            return _err(f"{name}: unsupported file type (images, .npy, .pcd)")
+    bus = _connect(args)
+    n = 0
+    period = 1.0 / args.rate
+    nxt = time.monotonic()
+    try:
+        while True:
+            for obj, kw in items:
+                bus.publish(args.topic, obj, sensor_name=args.sensor_name or args.topic, **kw)
+                n += 1
+                if args.count and n >= args.count:
+                    bus.flush(30)
+                    print(f"published {n} frames on {args.topic!r}")
+                    return 0
+                nxt += period
+                time.sleep(max(0.0, nxt - time.monotonic()))    # pacing to --rate
+            if not args.loop and not args.count:
+                bus.flush(30)
+                print(f"published {n} frames on {args.topic!r}")
+                return 0
+    finally:
+        bus.close()
+
+
+# ---------------------------------------------------------------- brokers
+def _state_dir() -> Path:
+    d = Path(os.environ.get("MSIGHT_FAST_STATE_DIR", Path.home() / ".cache" / "msight_fast" / "brokers"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from . import brokers
+    kinds = [args.kind] if args.kind else list(brokers.KINDS)
+    if args.action == "start":
+        if not args.kind:
+            kinds = ["redis"]
+        for k in kinds:
+            state = _state_dir() / f"{k}.json"
+            if state.exists():
+                s = json.loads(state.read_text())
+                if _alive(s["pid"]):
+                    print(f"# {k} already running (pid {s['pid']})")
+                    for var, val in s["env"].items():
+                        print(f"export {var}=\"{val}\"")
+                    continue
+            b = brokers.start(k, args.port, detach=True)
+            state.write_text(json.dumps({"pid": b.proc.pid, "port": b.port, "env": b.env(), "log": b.log_path}))
+            print(f"# {k} broker started at {b.address} (pid {b.proc.pid}); stop it with: msight-fast broker stop {k}")
+            for var, val in b.env().items():
+                print(f"export {var}=\"{val}\"")
+        return 0
+    rc = 0
+    for k in kinds:
+        state = _state_dir() / f"{k}.json"
+        if not state.exists():
+            if args.kind:
+                print(f"{k}: not running")
+                rc = 1 if args.action == "stop" else rc
+            continue
+        s = json.loads(state.read_text())
+        alive = _alive(s["pid"])
+        if args.action == "status":
+            print(f"{k}: {'running' if alive else 'dead'} pid {s['pid']} port {s['port']}")
+        else:
+            if alive:
+                os.kill(s["pid"], signal.SIGTERM)
+            state.unlink()
+            print(f"{k}: stopped")
+    return rc
+
+
+# ---------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_quick
+    print(run_quick(args.backend, args.payload, args.seconds))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="msight-fast", description="Fast camera and lidar transport over Redis, NATS and Kafka.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__import__('msight_fast').__version__}")
+    sp = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def common(q: argparse.ArgumentParser, topic: bool = True) -> None:
+        q.add_argument("--backend", choices=["redis", "nats", "kafka"], default=None,
+                       help="default: $MSIGHT_PUBSUB_BACKEND or redis")
+        q.add_argument("--timeout", type=float, default=None, help="broker connect timeout in seconds (default 5)")
+        if topic:
+            q.add_argument("topic")
+            q.add_argument("--group-id", default=None, help="NATS queue group / Kafka consumer group")
+
+    q = sp.add_parser("demo", help="camera and lidar frames flowing, with rates and latency on screen")
+    common(q, topic=False)
+    q.add_argument("--seconds", type=float, default=15.0)
+    q.add_argument("--rate", type=float, default=10.0, help="frames per second per sensor (default 10)")
+    q.add_argument("--data", default=None, help="a folder like shared/data/ (camera_seq/*.jpg, *.pcd)")
+    q.set_defaults(fn=cmd_demo)
+
+    q = sp.add_parser("broker", help="start, stop or show a local broker from the bundled binaries")
+    q.add_argument("action", choices=["start", "stop", "status"])
+    q.add_argument("kind", nargs="?", choices=["redis", "nats", "kafka"])
+    q.add_argument("--port", type=int, default=None)
+    q.set_defaults(fn=cmd_broker)
+
+    q = sp.add_parser("pub", help="publish images, .npy arrays or .pcd sweeps at a rate")
+    common(q)
+    q.add_argument("files", nargs="+")
+    q.add_argument("--rate", type=float, default=10.0)
+    q.add_argument("--count", type=int, default=0, help="stop after N frames (cycling through the files)")
+    q.add_argument("--loop", action="store_true", help="cycle through the files until interrupted")
+    q.add_argument("--sensor-name", default=None)
+    q.set_defaults(fn=cmd_pub)
+
+    for name, fn, text in (("echo", cmd_echo, "print frame headers (never the payload)"),
+                           ("hz", cmd_hz, "receive rate with min/max/std over a window"),
+                           ("bw", cmd_bw, "bandwidth over a window"),
+                           ("lat", cmd_lat, "latency percentiles, gaps and drops from the headers")):
+        q = sp.add_parser(name, help=text)
+        common(q)
+        q.add_argument("--seconds", type=float, default=0, help="stop after this long (default: until Ctrl-C)")
+        if name == "echo":
+            q.add_argument("--count", type=int, default=0, help="stop after N frames")
+        else:
+            q.add_argument("--window", type=int, default=100, help="frames in the window (default 100)")
+        q.set_defaults(fn=fn)
+
+    q = sp.add_parser("bench", help="a quick transport measurement with the raw-client baseline in the same run")
+    q.add_argument("--backend", choices=["redis", "nats", "kafka"], default=None)
+    q.add_argument("--payload", choices=["1080p", "4k", "jpeg", "lidar", "1k"], default="1080p")
+    q.add_argument("--seconds", type=float, default=4.0)
+    q.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except (MsightFastError, OSError) as e:
+        return _err(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
