@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ..bus import Source, Transport
@@ -282,18 +282,25 @@ class KafkaSource(Source):
             log.debug("msight_fast: pause/resume: %s", e)
 
     def _on_assign(self, consumer: Any, parts: List[TopicPartition]) -> None:
-        # resolve positions now, so that frames published right after subscribe() are not missed
+        # Resolve where each partition starts now (frames published right after subscribe()
+        # must not be missed) and commit that position for a partition the group has never
+        # committed: otherwise a member that dies before its first auto-commit leaves the
+        # group with no position, and its successor would start at "latest" and skip
+        # everything the dead member had not finished.
         committed = consumer.committed(parts, timeout=10)
-        fixed = []
+        fixed, anchor = [], []
         for tp in committed:
             if tp.offset < 0:
-                if self.from_beginning:
-                    tp.offset = OFFSET_BEGINNING
-                else:
-                    lo, hi = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
-                    tp.offset = hi
+                lo, hi = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+                tp.offset = lo if self.from_beginning else hi
+                anchor.append(TopicPartition(tp.topic, tp.partition, tp.offset))
             fixed.append(tp)
         consumer.assign(fixed)
+        if anchor:
+            try:
+                consumer.commit(offsets=anchor, asynchronous=False)
+            except KafkaException as e:
+                log.warning("msight_fast: could not commit the starting offsets of %r: %s", self.topic, e)
         self._paused = False
         with self._lock:
             self._assigned = [tp.partition for tp in fixed]

@@ -36,7 +36,8 @@ from ..errors import AuthError, BackendUnavailable, FrameTooLarge, PublishError
 
 log = logging.getLogger("msight_fast")
 
-HANDOFF_MAX_BYTES = 64 << 20          # publisher hand-off bound: publish() blocks beyond it
+HANDOFF_MAX_BYTES = 8 << 20           # publisher hand-off bound: publish() blocks beyond it, so
+                                      # queueing latency stays ~tens of ms at a few hundred MB/s
 PULL_PREFIX = "_MSF.pull."            # + publisher id: where queue members ask for the rest
 GROUP_PREFIX = "_MSF.q."              # + topic: first fragments of frames for queue groups
 REST_CACHE = 16                       # fragmented frames a publisher keeps for pulls

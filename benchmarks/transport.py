@@ -1,0 +1,97 @@
+"""Transport benchmark: every backend x payload, msight_fast against the raw client, plus the
+loopback TCP ceiling, all in one run. Writes benchmarks/results/transport.{json,md,png}.
+
+    python benchmarks/transport.py [--seconds 4] [--backends redis,nats,kafka] [--payloads 1080p,4k,jpeg,lidar,lidar262k,1k]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from msight_fast.bench import PAYLOAD_NAMES, run_transport, tcp_ceiling
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def table(results, ceiling) -> str:
+    lines = [f"Loopback TCP ceiling (6 MB messages, sendall/recv_into): {ceiling['GBps']:.2f} GB/s "
+             f"({ceiling['msgs_per_s']:.0f} msgs/s)", "",
+             "| backend | payload | path | published | received | lost % | delivered fps | MB/s | p50 ms | p99 ms | vs raw (fps) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    raw = {(r["backend"], r["payload"]): r for r in results if r["path"] == "raw"}
+    for r in results:
+        base = raw.get((r["backend"], r["payload"]))
+        ratio = f"{r['fps'] / base['fps']:.2f}x" if r["path"] == "msight" and base and base["fps"] else ""
+        lines.append(f"| {r['backend']} | {r['payload']} | {r['path']} | {r['published']:,} | {r['received']:,} | "
+                     f"{r['loss_pct']:.1f} | {r['fps']:,.1f} | {r['MBps']:,.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(results, ceiling, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    payloads = [p for p in PAYLOAD_NAMES if any(r["payload"] == p for r in results)]
+    backends = [b for b in ("redis", "nats", "kafka") if any(r["backend"] == b for r in results)]
+    fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), sharey=True, squeeze=False)
+    for ax, b in zip(axes[0], backends):
+        xs = range(len(payloads))
+        for k, (pth, color) in enumerate((("msight", "tab:blue"), ("raw", "tab:gray"))):
+            vals = [next((r["MBps"] for r in results if r["backend"] == b and r["payload"] == p and r["path"] == pth), 0)
+                    for p in payloads]
+            ax.bar([x + 0.4 * k for x in xs], vals, 0.4, label="msight_fast" if pth == "msight" else "raw client",
+                   color=color)
+        ax.axhline(ceiling["GBps"] * 1000, color="tab:red", ls="--", lw=1, label="loopback TCP ceiling")
+        ax.set_title(b)
+        ax.set_xticks([x + 0.2 for x in xs])
+        ax.set_xticklabels(payloads, rotation=30)
+        ax.set_yscale("log")
+        ax.set_ylabel("delivered MB/s (log)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Delivered throughput, 1 publisher process -> broker -> 1 subscriber, 2-core box")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--backends", default="redis,nats,kafka")
+    ap.add_argument("--payloads", default=",".join(PAYLOAD_NAMES))
+    a = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    ceiling = tcp_ceiling(a.seconds)
+    print(f"tcp ceiling {ceiling['GBps']:.2f} GB/s", flush=True)
+    results = []
+    for b in a.backends.split(","):
+        for p in a.payloads.split(","):
+            for path in ("msight", "raw"):
+                t0 = time.monotonic()
+                try:
+                    r = run_transport(b, p, a.seconds, path)
+                except Exception as e:  # noqa: BLE001 - a failed reference is reported, not fatal
+                    r = {"backend": b, "payload": p, "path": path, "published": 0, "received": 0, "lost": 0,
+                         "loss_pct": float("nan"), "fps": 0.0, "MBps": 0.0, "p50_ms": float("nan"),
+                         "p99_ms": float("nan"), "error": repr(e)}
+                results.append(r)
+                print(f"{b:6s} {p:9s} {path:6s} fps={r['fps']:9.1f} MB/s={r['MBps']:8.1f} lost={r['lost']:6d} "
+                      f"p50={r['p50_ms']:8.2f} p99={r['p99_ms']:8.2f} dropped={r.get('sub_dropped')} gaps={r.get('sub_gaps')} "
+                      f"({time.monotonic() - t0:.0f}s) {r.get('error', '')}",
+                      flush=True)
+    (OUT / "transport.json").write_text(json.dumps({"ceiling": ceiling, "results": results,
+                                                    "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
+    md = table(results, ceiling)
+    (OUT / "transport.md").write_text(md + "\n")
+    print(md)
+    try:
+        plot(results, ceiling, OUT / "transport.png")
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

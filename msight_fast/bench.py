@@ -1,0 +1,304 @@
+"""Transport measurement: one publisher process -> broker -> one subscriber (this process).
+
+Used by ``msight-fast bench`` and by ``benchmarks/transport.py``. Every run starts its own broker
+on a free loopback port (the raw NATS reference gets ``max_payload`` raised, for that reference
+only) and measures, at the subscriber: delivered frames/s and MB/s between the first and the last
+frame, frames lost, and publish-to-receipt latency percentiles.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from . import brokers
+
+PAYLOAD_NAMES = ("1080p", "4k", "jpeg", "lidar", "lidar262k", "1k")
+
+
+def make_payload(name: str):
+    """(object to publish, encoding, size in bytes)."""
+    from .pcd import read_pcd, synthetic_sweep
+    data = Path(os.environ.get("MSIGHT_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    rng = np.random.default_rng(0)
+    if name == "1080p":
+        obj, enc = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8), "bgr8"
+    elif name == "4k":
+        obj, enc = rng.integers(0, 256, (2160, 3840, 3), dtype=np.uint8), "bgr8"
+    elif name == "jpeg":
+        p = data / "sample_image.jpg"
+        obj = p.read_bytes() if p.is_file() else rng.integers(0, 256, 364_261, dtype=np.uint8).tobytes()
+        enc = "jpeg"
+    elif name == "lidar":
+        p = data / "sample_point_cloud.pcd"
+        obj, enc = (read_pcd(p) if p.is_file() else synthetic_sweep(38_690)), "pointcloud"
+    elif name == "lidar262k":
+        obj, enc = synthetic_sweep(262_144), "pointcloud"
+    elif name == "1k":
+        obj, enc = rng.integers(0, 256, 1024, dtype=np.uint8).tobytes(), "bytes"
+    else:
+        raise ValueError(f"unknown payload {name!r}; one of {', '.join(PAYLOAD_NAMES)}")
+    size = obj.nbytes if isinstance(obj, np.ndarray) else len(obj)
+    return obj, enc, size
+
+
+def start_broker(backend: str, raw: bool = False) -> brokers.Broker:
+    extra = []
+    if backend == "nats" and raw:
+        conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
+        conf.write("max_payload: 67108864\nmax_pending: 268435456\n")
+        conf.close()
+        extra = ["-c", conf.name]
+    return brokers.start(backend, extra_args=extra)
+
+
+# ---------------------------------------------------------------- publishers (child processes)
+def _pub_msight(backend: str, opts: dict, topic: str, payload: str, seconds: float, go: Any, out: Any) -> None:
+    from . import connect
+    obj, enc, _ = make_payload(payload)
+    bus = connect(backend, **opts)
+    go.wait()
+    n, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        bus.publish(topic, obj, encoding=enc)
+        n += 1
+    bus.flush(120)
+    out[0], out[1] = n, time.monotonic() - t0
+    bus.close()
+
+
+def _stamped(body: bytes) -> bytes:
+    return struct.pack("<q", time.time_ns()) + body
+
+
+def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float, go: Any, out: Any) -> None:
+    obj, _, size = make_payload(payload)
+    body = (obj.tobytes() if isinstance(obj, np.ndarray) else obj)[8:]
+    n = 0
+    if backend == "redis":
+        import redis
+        r = redis.Redis(host="127.0.0.1", port=opts["port"])
+        go.wait()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            r.publish(topic, _stamped(body))
+            n += 1
+    elif backend == "nats":
+        import asyncio
+        import nats
+
+        async def run() -> int:
+            nc = await nats.connect(opts["servers"])
+            go.wait()
+            k, start = 0, time.monotonic()
+            while time.monotonic() - start < seconds:
+                await nc.publish(topic, _stamped(body))
+                k += 1
+            await nc.flush(120)
+            await nc.close()
+            return k
+        t0 = time.monotonic()
+        n = asyncio.run(run())
+    else:
+        from confluent_kafka import Producer
+        p = Producer({"bootstrap.servers": ",".join(opts["servers"]), "linger.ms": 5,
+                      "message.max.bytes": 67108864, "queue.buffering.max.kbytes": 1048576})
+        go.wait()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            while True:
+                try:
+                    p.produce(topic, _stamped(body))
+                    break
+                except BufferError:
+                    p.poll(0.01)
+            p.poll(0)
+            n += 1
+        p.flush(120)
+    out[0], out[1] = n, time.monotonic() - t0
+
+
+# ---------------------------------------------------------------- subscribers (this process)
+class _Recorder:
+    def __init__(self) -> None:
+        self.t: list = []
+        self.lat: list = []
+        self.size = 0
+
+    def add(self, lat_ns: int, size: int) -> None:
+        self.t.append(time.monotonic())
+        self.lat.append(lat_ns)
+        self.size = size
+
+
+def _sub_msight(backend: str, opts: dict, topic: str, rec: _Recorder, stop: threading.Event, ready: threading.Event) -> None:
+    from . import connect
+    bus = connect(backend, **opts)
+    sub = bus.subscribe(topic)
+    ready.set()
+    while not stop.is_set():
+        f = sub.recv(0.2)
+        if f is not None:
+            rec.add(time.time_ns() - f.publish_ts_ns, f.nbytes)
+    rec.stats = sub.stats()
+    bus.close()
+
+
+def _sub_raw(backend: str, opts: dict, topic: str, rec: _Recorder, stop: threading.Event, ready: threading.Event) -> None:
+    ts = lambda b: struct.unpack_from("<q", b)[0]
+    if backend == "redis":
+        import redis
+        r = redis.Redis(host="127.0.0.1", port=opts["port"])
+        ps = r.pubsub()
+        ps.subscribe(topic)
+        ps.get_message(timeout=5)
+        ready.set()
+        while not stop.is_set():
+            m = ps.get_message(timeout=0.2)
+            if m and m["type"] == "message":
+                rec.add(time.time_ns() - ts(m["data"]), len(m["data"]))
+        ps.close()
+    elif backend == "nats":
+        import asyncio
+        import nats
+
+        async def run() -> None:
+            nc = await nats.connect(opts["servers"])
+            sub = await nc.subscribe(topic, pending_bytes_limit=1 << 30, pending_msgs_limit=1_000_000)
+            await nc.flush()
+            ready.set()
+            while not stop.is_set():
+                try:
+                    m = await sub.next_msg(timeout=0.2)
+                except Exception:  # noqa: BLE001 - a timeout
+                    continue
+                rec.add(time.time_ns() - ts(m.data), len(m.data))
+            await nc.close()
+        asyncio.run(run())
+    else:
+        from confluent_kafka import Consumer
+        c = Consumer({"bootstrap.servers": ",".join(opts["servers"]), "group.id": f"raw-{os.getpid()}-{time.time_ns()}",
+                      "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 500,
+                      "fetch.wait.max.ms": 10, "fetch.max.bytes": 67108864, "max.partition.fetch.bytes": 67108864,
+                      "receive.message.max.bytes": 68157440})
+        c.subscribe([topic], on_assign=lambda *_: ready.set())
+        while not stop.is_set():
+            m = c.poll(0.2)
+            if m is not None and m.error() is None:
+                v = m.value()
+                rec.add(time.time_ns() - ts(v), len(v))
+        c.close()
+
+
+def run_transport(backend: str, payload: str, seconds: float = 4.0, path: str = "msight",
+                  broker: Optional[brokers.Broker] = None) -> Dict[str, Any]:
+    """One measurement; ``path`` is ``msight`` (this library) or ``raw`` (the bare client)."""
+    own = broker is None
+    b = broker or start_broker(backend, raw=(path == "raw"))
+    opts = b.options()
+    topic = f"bench_{payload}_{path}_{time.time_ns()}"
+    if backend == "kafka":
+        from confluent_kafka.admin import AdminClient, NewTopic
+        admin = AdminClient({"bootstrap.servers": b.address})      # kept alive until the call ends
+        admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    rec = _Recorder()
+    stop, ready = threading.Event(), threading.Event()
+    target = _sub_msight if path == "msight" else _sub_raw
+    th = threading.Thread(target=target, args=(backend, opts, topic, rec, stop, ready), daemon=True)
+    th.start()
+    if not ready.wait(90):
+        raise RuntimeError(f"{backend} subscriber not ready")
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    out = ctx.Array("d", 2)
+    p = ctx.Process(target=_pub_msight if path == "msight" else _pub_raw,
+                    args=(backend, opts, topic, payload, seconds, go, out), daemon=True)
+    p.start()
+    time.sleep(1.0)          # the child imports and connects; nothing to wait on across processes cheaply
+    go.set()
+    p.join(seconds + 180)
+    published = int(out[0])
+    deadline = time.monotonic() + 15
+    last = -1
+    while time.monotonic() < deadline and len(rec.t) < published:
+        if len(rec.t) == last and rec.t and time.monotonic() - rec.t[-1] > 3:
+            break            # nothing more is coming
+        last = len(rec.t)
+        time.sleep(0.1)
+    stop.set()
+    th.join(30)
+    if own:
+        b.stop()
+    n = len(rec.t)
+    span = rec.t[-1] - rec.t[0] if n > 1 else 0.0
+    lat = np.array(rec.lat, dtype=np.float64) / 1e6 if n else np.array([np.nan])
+    return {"backend": backend, "payload": payload, "path": path, "published": published,
+            "pub_fps": published / out[1] if out[1] else 0.0, "received": n,
+            "lost": published - n, "loss_pct": 100.0 * (published - n) / published if published else float("nan"),
+            "fps": (n - 1) / span if span else 0.0, "MBps": (n - 1) * rec.size / span / 1e6 if span else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "msg_bytes": rec.size, "sub_dropped": getattr(rec, "stats", {}).get("dropped"),
+            "sub_gaps": getattr(rec, "stats", {}).get("gaps")}
+
+
+def _tcp_rx(port_q: Any, seconds: float, size: int, out: Any) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port_q.put(srv.getsockname()[1])
+    c, _ = srv.accept()
+    buf = bytearray(size)
+    mv = memoryview(buf)
+    total = 0
+    t0 = None
+    while True:
+        k = c.recv_into(mv[total % size:])
+        if not k:
+            break
+        if t0 is None:
+            t0 = time.monotonic()
+        total += k
+    out[0], out[1] = total, time.monotonic() - (t0 or time.monotonic())
+
+
+def tcp_ceiling(seconds: float = 3.0, size: int = 6_220_800) -> Dict[str, float]:
+    """Loopback TCP between two processes: sendall of ``size``-byte messages, recv_into a buffer."""
+    ctx = mp.get_context("spawn")
+    q, out = ctx.Queue(), ctx.Array("d", 2)
+    p = ctx.Process(target=_tcp_rx, args=(q, seconds, size, out), daemon=True)
+    p.start()
+    s = socket.create_connection(("127.0.0.1", q.get(timeout=30)))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg = bytes(size)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        s.sendall(msg)
+    s.close()
+    p.join(30)
+    gbps = out[0] / out[1] / 1e9 if out[1] else 0.0
+    return {"GBps": gbps, "msgs_per_s": out[0] / size / out[1] if out[1] else 0.0}
+
+
+def run_quick(backend: Optional[str], payload: str, seconds: float) -> str:
+    from .config import backend_name
+    name = backend_name(backend)
+    payload = {"4k": "4k", "1080p": "1080p"}.get(payload, payload)
+    rows = []
+    for path in ("msight", "raw"):
+        try:
+            r = run_transport(name, payload, seconds, path)
+        except ImportError as e:
+            rows.append(f"{path:>7}: n/a ({e})")
+            continue
+        rows.append(f"{path:>7}: {r['fps']:9.1f} frames/s {r['MBps']:8.1f} MB/s  lost {r['lost']:6d} of "
+                    f"{r['published']:6d}  p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms")
+    head = f"{name} / {payload} / {seconds:g} s (msight = msight_fast; raw = the bare client, same broker binary)"
+    return "\n".join([head] + rows)
