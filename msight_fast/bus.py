@@ -186,15 +186,20 @@ class Subscription:
                     return None
                 continue
             buf, token = got
+            expired = self._reasm.expired
             try:
                 frame = self._reasm.feed(buf)
             except FrameError as e:
                 self.rejected += 1
                 if self.rejected == 1 or self.rejected % 1000 == 0:
                     log.warning("msight_fast: dropped a malformed message on %r (%d so far): %s", self.topic, self.rejected, e)
+                if token is not None:          # done with it: it must not hold back the offsets
+                    self._src.handed(None, [token])
                 continue
             if token is not None:
                 self._tokens.setdefault(_key_of(buf), []).append(token)
+            if self._reasm.expired != expired and self._tokens:
+                self._release_abandoned()
             if frame is None:
                 continue
             now = time.time_ns()
@@ -208,6 +213,12 @@ class Subscription:
             self._src.handed(frame, tokens)
             return frame
         return None
+
+    def _release_abandoned(self) -> None:
+        """Fragments of frames the reassembler gave up on: release their tokens (the frame is lost)."""
+        live = set(self._reasm._pending)
+        for key in [k for k in self._tokens if k not in live]:
+            self._src.handed(None, self._tokens.pop(key))
 
     def __iter__(self) -> Iterator[Frame]:
         while not self._closed:
