@@ -61,8 +61,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--backends", default="redis,nats,kafka")
     ap.add_argument("--payloads", default=",".join(PAYLOAD_NAMES))
+    ap.add_argument("--out", default=str(OUT), help="where the json, md and png go")
     a = ap.parse_args()
-    OUT.mkdir(exist_ok=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     ceiling = tcp_ceiling(a.seconds)
     print(f"tcp ceiling {ceiling['GBps']:.2f} GB/s", flush=True)
     results = []
@@ -81,13 +83,13 @@ def main() -> int:
                       f"p50={r['p50_ms']:8.2f} p99={r['p99_ms']:8.2f} dropped={r.get('sub_dropped')} gaps={r.get('sub_gaps')} "
                       f"({time.monotonic() - t0:.0f}s) {r.get('error', '')}",
                       flush=True)
-    (OUT / "transport.json").write_text(json.dumps({"ceiling": ceiling, "results": results,
+    (out / "transport.json").write_text(json.dumps({"ceiling": ceiling, "results": results,
                                                     "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
     md = table(results, ceiling)
-    (OUT / "transport.md").write_text(md + "\n")
+    (out / "transport.md").write_text(md + "\n")
     print(md)
     try:
-        plot(results, ceiling, OUT / "transport.png")
+        plot(results, ceiling, out / "transport.png")
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
     return 0

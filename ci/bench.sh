@@ -19,12 +19,16 @@ cp -r "$here/benchmarks" "$work/"
 cd "$work"
 case "$what" in
   codec)
+    mkdir -p "$here/benchmarks/results"
     "$vpy" -m pytest -q -p no:cacheprovider benchmarks/test_codec_bench.py --benchmark-max-time=1.0 \
       --benchmark-min-rounds=20 --benchmark-json="$here/benchmarks/results/codec.json" >/dev/null
+    # keep the statistics, drop the raw timings (tens of MB)
+    "$vpy" -c "import json,sys; p=sys.argv[1]; d=json.load(open(p)); [b['stats'].pop('data', None) for b in d['benchmarks']]; json.dump(d, open(p, 'w'), indent=1)" \
+      "$here/benchmarks/results/codec.json"
     "$vpy" "$here/benchmarks/table.py" "$here/benchmarks/results/codec.json" | tee "$here/benchmarks/results/codec.md"
     ;;
   transport)
-    "$vpy" "$here/benchmarks/transport.py" "${@:2}"
+    "$vpy" benchmarks/transport.py --out "$here/benchmarks/results" "${@:2}"
     ;;
   *) echo "usage: bash ci/bench.sh codec|transport" >&2; exit 2 ;;
 esac

@@ -32,6 +32,11 @@ class _Compat:
     def __init__(self) -> None:
         self._source: Any = None
         self.subscribed = False
+        self._send_kw: Dict[str, Any] = {}
+
+    def publish(self, topic: Any, serialized_data: bytes) -> None:
+        """Publish the caller's bytes, untouched, to ``topic``."""
+        self._transport.send_raw(_name(topic), serialized_data, **self._send_kw)
 
     def subscribe(self, topic: Any) -> None:
         """Subscribe to ``topic`` (an object with ``.name``, or a str)."""
@@ -80,9 +85,6 @@ class RedisPubSub(_Compat):
         self._group = None
         self._transport = RedisTransport(_config.load("redis", opts))
 
-    def publish(self, topic: Any, serialized_data: bytes) -> None:
-        self._transport.send_raw(_name(topic), serialized_data)
-
 
 def _nats_options(cfg: Dict[str, Any]) -> Dict[str, Any]:
     opts: Dict[str, Any] = {"servers": cfg.get("servers", ["nats://localhost:4222"])}
@@ -109,9 +111,6 @@ class NATSPubSub(_Compat):
         from .backends.nats import NatsTransport
         self._group = config.get("group_id")
         self._transport = NatsTransport(_config.load("nats", _nats_options(config)))
-
-    def publish(self, topic: Any, serialized_data: bytes) -> None:
-        self._transport.send_raw(_name(topic), serialized_data)
 
 
 def _kafka_options(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -142,10 +141,7 @@ class KafkaPubSub(_Compat):
         self._transport = KafkaTransport(_config.load("kafka", _kafka_options(config)))
         # one key per publisher: its messages share a partition and stay in order, as they do
         # on the single-partition topics Kafka auto-creates for MSight Core
-        self._key = os.urandom(8)
-
-    def publish(self, topic: Any, serialized_data: bytes) -> None:
-        self._transport.send_raw(_name(topic), serialized_data, key=self._key)
+        self._send_kw = {"key": os.urandom(8)}
 
     def flush(self, timeout: Optional[float] = None) -> None:
         self._transport.flush(timeout)
