@@ -27,8 +27,11 @@ trap 'rm -rf "$dist" "$work"' EXIT
 "$vpy" -m pip wheel -q --no-deps -w "$dist" "$here"
 whl="$(ls "$dist"/msight_fast-*.whl)"
 echo "built $(basename "$whl")"
-if unzip -l "$whl" | grep -qE '_wire\.c$|\.pyx$'; then echo "wheel carries generated C or .pyx" >&2; exit 1; fi
-unzip -l "$whl" | grep -qE 'py\.typed' || { echo "wheel lacks py.typed" >&2; exit 1; }
+# list once into a variable: with pipefail, 'unzip | grep -q' fails when grep exits early (SIGPIPE)
+listing="$(unzip -l "$whl")"
+if grep -qE '_wire\.c$|\.pyx$' <<<"$listing"; then echo "wheel carries generated C or .pyx" >&2; exit 1; fi
+grep -qE 'py\.typed' <<<"$listing" || { echo "wheel lacks py.typed" >&2; exit 1; }
+grep -qE '_wire\.pyi' <<<"$listing" || { echo "wheel lacks the _wire.pyi stub" >&2; exit 1; }
 
 step "install the wheel with the test extra"
 "$vpy" -m pip install -q --force-reinstall --no-deps "$whl"
@@ -61,7 +64,9 @@ fi
 step "the sdist builds a working wheel"
 "$vpy" -m build -q --sdist -o "$dist" "$here" >/dev/null
 sdist="$(ls "$dist"/msight_fast-*.tar.gz)"
-if tar tzf "$sdist" | grep -qE '_wire\.c$'; then echo "sdist carries generated C" >&2; exit 1; fi
+sdist_listing="$(tar tzf "$sdist")"
+if grep -qE '_wire\.c$' <<<"$sdist_listing"; then echo "sdist carries generated C" >&2; exit 1; fi
+grep -qE '_wire\.pyx$' <<<"$sdist_listing" || { echo "sdist lacks the .pyx source" >&2; exit 1; }
 "$vpy" -m pip wheel -q --no-deps -w "$dist/from-sdist" "$sdist"
 svenv="$work/sdist-venv"
 "$py" -m venv "$svenv"
