@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from msight_fast.bench import PAYLOAD_NAMES, run_transport, tcp_ceiling
+from msight_fast.bench import PAYLOAD_NAMES, run_sustained, run_transport, tcp_ceiling
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -62,9 +62,22 @@ def main() -> int:
     ap.add_argument("--backends", default="redis,nats,kafka")
     ap.add_argument("--payloads", default=",".join(PAYLOAD_NAMES))
     ap.add_argument("--out", default=str(OUT), help="where the json, md and png go")
+    ap.add_argument("--sustained", type=float, default=0,
+                    help="instead: the sensor load (1080p@30, JPEG@30, lidar@10 Hz) for this many seconds")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.sustained:
+        rows = [r for b in a.backends.split(",") for r in run_sustained(b, a.sustained)]
+        lines = [f"Sustained sensor load on one bus for {a.sustained:g} s", "",
+                 "| backend | topic | rate Hz | sent | received | lost | gaps | p50 ms | p99 ms |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['backend']} | {r['topic']} ({r['payload']}) | {r['hz']:g} | {r['sent']} | {r['received']} | "
+                  f"{r['lost']} | {r['gaps']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |" for r in rows]
+        (out / "sustained.md").write_text("\n".join(lines) + "\n")
+        (out / "sustained.json").write_text(json.dumps(rows, indent=1))
+        print("\n".join(lines))
+        return 0
     ceiling = tcp_ceiling(a.seconds)
     print(f"tcp ceiling {ceiling['GBps']:.2f} GB/s", flush=True)
     results = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-import threading
 import time
 from typing import Any, Dict, Mapping, Tuple, Union
 
@@ -68,26 +67,26 @@ def align_up(n: int) -> int:
 
 
 # ---------------------------------------------------------------- frame ids
-_id_lock = threading.Lock()
 _id_counter = itertools.count()
-_id_base = 0
-_id_pid = -1
+_id_base = int.from_bytes(os.urandom(8), "little")
+
+
+def _reseed_ids() -> None:
+    global _id_base, _id_counter
+    _id_base = int.from_bytes(os.urandom(8), "little")
+    _id_counter = itertools.count()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_ids)    # a forked child must not repeat the parent's ids
 
 
 def new_frame_id() -> int:
     """A 64-bit id, unique within the process and, with overwhelming probability, across processes.
 
-    A random per-process base (re-drawn after fork) plus a counter: unlike a millisecond snowflake
-    it never repeats within one millisecond.
+    A random per-process base (re-drawn in a forked child) plus a counter: unlike a millisecond
+    snowflake it never repeats within one millisecond.
     """
-    global _id_base, _id_pid, _id_counter
-    pid = os.getpid()
-    if pid != _id_pid:
-        with _id_lock:
-            if pid != _id_pid:
-                _id_base = int.from_bytes(os.urandom(8), "little")
-                _id_counter = itertools.count()
-                _id_pid = pid
     return (_id_base + next(_id_counter)) & 0xFFFFFFFFFFFFFFFF
 
 

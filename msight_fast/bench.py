@@ -302,3 +302,89 @@ def run_quick(backend: Optional[str], payload: str, seconds: float) -> str:
                     f"{r['published']:6d}  p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms")
     head = f"{name} / {payload} / {seconds:g} s (msight = msight_fast; raw = the bare client, same broker binary)"
     return "\n".join([head] + rows)
+
+
+# ---------------------------------------------------------------- sustained sensor load
+SENSOR_LOAD = (("cam/raw", "1080p", 30.0), ("cam/jpeg", "jpeg", 30.0), ("lidar", "lidar", 10.0))
+
+
+def _pub_sensors(backend: str, opts: dict, seconds: float, go: Any, out: Any) -> None:
+    """One bus, three paced streams, as a roadside node would publish them."""
+    from . import connect
+    bus = connect(backend, **opts)
+    streams = []
+    for topic, payload, hz in SENSOR_LOAD:
+        obj, enc, _ = make_payload(payload)
+        streams.append([topic, obj, enc, 1.0 / hz, 0.0])
+    go.wait()
+    t0 = time.monotonic()
+    for s in streams:
+        s[4] = t0
+    counts = [0] * len(streams)
+    while True:
+        now = time.monotonic()
+        if now - t0 >= seconds:
+            break
+        i = min(range(len(streams)), key=lambda k: streams[k][4])   # the stream due first
+        topic, obj, enc, period, due = streams[i]
+        if due > now:
+            time.sleep(due - now)                                      # pacing to the sensor rates
+        bus.publish(topic, obj, encoding=enc)
+        counts[i] += 1
+        streams[i][4] = due + period
+    bus.flush(60)
+    for i, c in enumerate(counts):
+        out[i] = c
+    bus.close()
+
+
+def run_sustained(backend: str, seconds: float = 20.0) -> list:
+    """Publish the sensor load for ``seconds``; per topic: sent, received, lost, gaps, p50/p99 ms."""
+    from . import connect
+    b = start_broker(backend)
+    try:
+        opts = b.options()
+        bus = connect(backend, **opts)
+        subs = {}
+        threads = [threading.Thread(target=lambda t=t: subs.__setitem__(t, bus.subscribe(t)))
+                   for t, _, _ in SENSOR_LOAD]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        recs = {t: _Recorder() for t in subs}
+        stop = threading.Event()
+
+        def take(topic: str) -> None:
+            while not stop.is_set():
+                f = subs[topic].recv(0.2)
+                if f is not None:
+                    recs[topic].add(time.time_ns() - f.publish_ts_ns, f.nbytes)
+        takers = [threading.Thread(target=take, args=(t,), daemon=True) for t in subs]
+        for th in takers:
+            th.start()
+        ctx = mp.get_context("spawn")
+        go, out = ctx.Event(), ctx.Array("q", len(SENSOR_LOAD))
+        p = ctx.Process(target=_pub_sensors, args=(backend, opts, seconds, go, out), daemon=True)
+        p.start()
+        time.sleep(1.0)        # the child imports and connects
+        go.set()
+        p.join(seconds + 120)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(len(recs[t].t) < out[i] for i, (t, _, _) in enumerate(SENSOR_LOAD)):
+            time.sleep(0.1)
+        stop.set()
+        for th in takers:
+            th.join(5)
+        rows = []
+        for i, (topic, payload, hz) in enumerate(SENSOR_LOAD):
+            r = recs[topic]
+            lat = np.array(r.lat, dtype=np.float64) / 1e6 if r.lat else np.array([np.nan])
+            st = subs[topic].stats()
+            rows.append({"backend": backend, "topic": topic, "payload": payload, "hz": hz, "sent": int(out[i]),
+                         "received": len(r.t), "lost": int(out[i]) - len(r.t), "gaps": st["gaps"],
+                         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))})
+        bus.close()
+        return rows
+    finally:
+        b.stop()

@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ..bus import Source, Transport
-from ..codec import encode, fragment
+from ..codec import fragment
 from ..errors import AuthError, BackendUnavailable, ConfigError, FrameTooLarge, PublishError
 
 log = logging.getLogger("msight_fast")
@@ -97,10 +97,14 @@ class KafkaTransport(Transport):
             "queue.buffering.max.kbytes": max(1024, cfg.max_in_flight_bytes // 1024),
             "queue.buffering.max.messages": 100_000,
             "error_cb": self._on_error,
+            # one callback registered once, called for failures only: a callback per produce()
+            # and a report per message cost more than the produce itself for small frames
+            "on_delivery": self._delivered, "delivery.report.only.error": True,
         })
         pconf.update(cfg.producer_config)
         self.producer = Producer(pconf)
         self._failures: List[Tuple[str, str]] = []
+        self._produced = 0
 
     def _on_error(self, err: KafkaError) -> None:
         self._errors.append(err.str())
@@ -126,7 +130,7 @@ class KafkaTransport(Transport):
     # -- publish
     def send(self, topic: str, frame: Any, parts: list, nbytes: int) -> None:
         self.ensure_topic(topic)
-        data = encode(frame, checksum=self.cfg.checksum)          # confluent-kafka takes bytes only
+        data = b"".join(parts)                                    # confluent-kafka takes bytes only
         msgs = fragment(data, self._limit) if nbytes > self._limit else [data]
         # all fragments of a frame share its key, hence one partition; "publisher" keeps a
         # publisher's frames in order, "frame" spreads them for a consumer group to share
@@ -145,13 +149,15 @@ class KafkaTransport(Transport):
         for m in msgs:
             while True:
                 try:
-                    self.producer.produce(topic, value=m, key=key, on_delivery=self._delivered)
+                    self.producer.produce(topic, value=m, key=key)
                     break
                 except BufferError:                               # bound reached: wait for room
                     self.producer.poll(0.05)
                 except KafkaException as e:
                     raise PublishError(f"Kafka produce to {topic!r} failed: {e}", [(topic, str(e))]) from None
-        self.producer.poll(0)
+        self._produced += 1
+        if self._produced % 64 == 0:
+            self.producer.poll(0)                                 # serve error reports and callbacks
 
     def _delivered(self, err: Optional[KafkaError], msg: Any) -> None:
         if err is not None:

@@ -31,6 +31,7 @@ log = logging.getLogger("msight_fast")
 STAGE = 256 * 1024          # staging buffer for RESP prefixes and small messages
 SMALL = 64 * 1024           # payloads up to this size are copied out of the staging buffer
 OUTSTANDING_HIGH = 4096     # unread PUBLISH replies before the publisher stops to read them
+DRAIN_EVERY = 64            # replies are read (without blocking) every this many publishes
 
 
 def _cmd(*args: bytes) -> bytes:
@@ -141,24 +142,34 @@ class RedisTransport(Transport):
             prefix = self._prefixes[topic] = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(t), t)
         if nbytes is None:
             nbytes = memoryview(head).nbytes + memoryview(body).nbytes
-        bufs = [prefix + b"$%d\r\n" % nbytes, head, body, b"\r\n"]
+        first = prefix + b"$%d\r\n" % nbytes
         try:
-            self._sendmsg(bufs)
+            self._sendmsg([first, head, body, b"\r\n"], len(first) + nbytes + 2)
         except OSError as e:
             raise BackendUnavailable(f"Redis at {_where(self.cfg)}: publish failed: {e}") from None
         self._outstanding += 1
         if self._outstanding >= OUTSTANDING_HIGH:
             self._drain(block_until=OUTSTANDING_HIGH // 2)
-        else:
-            self._drain(block_until=None)
+        elif self._outstanding % DRAIN_EVERY == 0:
+            self._drain(block_until=None)        # a recv syscall per publish would halve small-frame rates
 
-    def _sendmsg(self, bufs: list) -> None:
+    def _sendmsg(self, bufs: list, total: int) -> None:
         sock = self._pub.sock
         if self._pub.tls:                         # SSLSocket has no sendmsg
             for b in bufs:
                 sock.sendall(b)
             return
+        sent = sock.sendmsg(bufs)                 # releases the GIL for the syscall
+        if sent == total:                         # the usual case: everything went out at once
+            return
         views = [memoryview(b).cast("B") for b in bufs]
+        while sent and views:                     # partial write: skip what went out, send the rest
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
         while views:
             sent = sock.sendmsg(views)            # releases the GIL for the syscall
             while views and sent >= len(views[0]):

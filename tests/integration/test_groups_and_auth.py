@@ -88,3 +88,22 @@ def test_nats_wrong_password_is_auth_error():
             ok.flush(5)
     finally:
         b.stop()
+
+
+def test_kafka_delivery_failures_come_back_through_flush(topic):
+    from msight_fast import PublishError
+    b = brokers.start("kafka")
+    bus = msight_fast.connect("kafka", servers=[b.address],
+                              producer_config={"message.timeout.ms": 2000})
+    try:
+        bus.publish(topic, b"before")                 # the topic exists and works...
+        bus.flush(30)
+        b.stop()                                      # ...then the broker goes away
+        for i in range(5):
+            bus.publish(topic, b"lost %d" % i)        # returns at once: librdkafka has the frame
+        with pytest.raises(PublishError) as e:
+            bus.flush(30)
+        assert len(e.value.failures) == 5 and all(t == topic for t, _ in e.value.failures)
+    finally:
+        b.stop()
+        bus.close()
