@@ -91,7 +91,7 @@ class Broker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self) -> None:
+    def stop(self, keep_log: bool = False) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -99,6 +99,11 @@ class Broker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if not keep_log and not os.environ.get("MSIGHT_FAST_KEEP_BROKER_LOGS"):
+            try:
+                os.unlink(self.log_path)
+            except OSError:
+                pass
 
     def pause(self) -> None:
         self.proc.send_signal(19)        # SIGSTOP

@@ -99,6 +99,9 @@ class NatsTransport(Transport):
         self._L = _Loop()
         self._errors: List[str] = []
         self._auth_failed = False
+        self._closing = False
+        self.disconnects = 0
+        self.reconnects = 0
 
         async def error_cb(e: Exception) -> None:
             if _auth_error(e):
@@ -108,10 +111,17 @@ class NatsTransport(Transport):
                 del self._errors[:50]
 
         async def disconnected_cb() -> None:
-            log.info("msight_fast: NATS disconnected")
+            self.disconnects += 1
+            if self.disconnects == 1 and not self._closing:
+                # nats-py reconnects silently; what was in flight meanwhile is lost, so say why
+                log.warning("msight_fast: NATS connection lost; reconnecting. The server drops a client that "
+                            "falls behind as a slow consumer once its pending data passes the server's "
+                            "'max_pending' (64 MB by default): frames lost meanwhile are counted as gaps. "
+                            "Raise max_pending on the server for raw-frame topics, or subscribe with fewer "
+                            "topics per Bus.")
 
         async def reconnected_cb() -> None:
-            log.info("msight_fast: NATS reconnected")
+            self.reconnects += 1
 
         self._cbs = dict(error_cb=error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb)
         try:
@@ -228,6 +238,7 @@ class NatsTransport(Transport):
         return NatsSource(self, topic, group_id)
 
     def close(self) -> None:
+        self._closing = True
         try:
             self.flush(5)
         except Exception:  # noqa: BLE001 - closing anyway
@@ -285,7 +296,8 @@ class NatsSource(Source):
         return None if got is None else (got[0], None)
 
     def stats(self) -> dict:
-        return {"dropped": self.q.dropped, "pending_bytes": self.q.nbytes}
+        return {"dropped": self.q.dropped, "pending_bytes": self.q.nbytes,
+                "reconnects": self.t.reconnects, "disconnects": self.t.disconnects}
 
     def close(self) -> None:
         self.q.close()

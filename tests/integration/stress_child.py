@@ -1,7 +1,9 @@
 """Child processes for the stress tests (run as ``python -m tests.integration.stress_child``)."""
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import msight_fast
@@ -15,9 +17,11 @@ def consume(backend, opts, topic, group, out_path, sleep_s, max_pending, seconds
     with open(out_path + ".ready", "w"):
         pass
     end = time.monotonic() + seconds
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())     # stop cleanly and report
     peak = 0
     with open(out_path, "a") as fh:
-        while time.monotonic() < end:
+        while time.monotonic() < end and not stop.is_set():
             f = sub.recv(timeout=0.2)
             if f is None:
                 continue

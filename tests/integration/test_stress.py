@@ -169,3 +169,40 @@ def test_slow_subscriber_memory_stays_bounded(broker_pool, topic, tmp_path, kind
     else:
         assert st["received"] < sent and st["dropped"] == 0      # Kafka keeps the rest in the log
         assert st["gaps"] == 0                                   # and what it delivered has no holes
+
+
+def test_nats_slow_consumer_dropped_by_server_reconnects_and_reports(tmp_path, topic):
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_pending: 4MB\n")       # small, so a paused client overflows it quickly
+    b = brokers.start("nats", extra_args=["-c", str(conf)])
+    try:
+        opts = b.options()
+        out = tmp_path / "seqs.txt"
+        child = _child("nats", opts, topic, out, seconds=40)
+        pub = msight_fast.connect("nats", **opts)
+        frame = raw_frame(480, 640)                              # 0.9 MB: whole, under max_payload
+        pub.publish(topic, frame)
+        pub.flush(10)
+        deadline = time.monotonic() + 30
+        while _seqs(out) != [1] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child.send_signal(signal.SIGSTOP)
+        for _ in range(20):                                      # 18 MB while it sleeps
+            pub.publish(topic, frame)
+        pub.flush(10)
+        time.sleep(1.0)                                          # let the server act on the limit
+        child.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(s > 21 for s in _seqs(out)):
+            pub.publish(topic, frame)
+            time.sleep(0.1)                                      # paced: the resumed subscriber must keep up
+        pub.close()
+        child.send_signal(signal.SIGTERM)
+        stdout, err = child.communicate(timeout=30)
+        assert stdout.strip(), err[-3000:]
+        st = json.loads(stdout.strip().splitlines()[-1])
+        assert any(s > 21 for s in _seqs(out)), err[-2000:]     # it came back and got new frames
+        assert st["gaps"] > 0 and st["reconnects"] >= 1          # and says what it lost, and why
+        assert err.count("NATS connection lost") == 1 and "'max_pending'" in err   # one warning, naming the setting
+    finally:
+        b.stop()
