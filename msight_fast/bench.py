@@ -61,10 +61,12 @@ def start_broker(backend: str, raw: bool = False) -> brokers.Broker:
 
 
 # ---------------------------------------------------------------- publishers (child processes)
-def _pub_msight(backend: str, opts: dict, topic: str, payload: str, seconds: float, go: Any, out: Any) -> None:
+def _pub_msight(backend: str, opts: dict, topic: str, payload: str, seconds: float, ready: Any, go: Any,
+                out: Any) -> None:
     from . import connect
     obj, enc, _ = make_payload(payload)
     bus = connect(backend, **opts)
+    ready.set()
     go.wait()
     n, t0 = 0, time.monotonic()
     while time.monotonic() - t0 < seconds:
@@ -79,13 +81,16 @@ def _stamped(body: bytes) -> bytes:
     return struct.pack("<q", time.time_ns()) + body
 
 
-def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float, go: Any, out: Any) -> None:
+def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float, ready: Any, go: Any,
+             out: Any) -> None:
     obj, _, size = make_payload(payload)
     body = (obj.tobytes() if isinstance(obj, np.ndarray) else obj)[8:]
     n = 0
     if backend == "redis":
         import redis
         r = redis.Redis(host="127.0.0.1", port=opts["port"])
+        r.ping()
+        ready.set()
         go.wait()
         t0 = time.monotonic()
         while time.monotonic() - t0 < seconds:
@@ -97,6 +102,7 @@ def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float,
 
         async def run() -> int:
             nc = await nats.connect(opts["servers"])
+            ready.set()
             go.wait()
             k, start = 0, time.monotonic()
             while time.monotonic() - start < seconds:
@@ -111,6 +117,8 @@ def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float,
         from confluent_kafka import Producer
         p = Producer({"bootstrap.servers": ",".join(opts["servers"]), "linger.ms": 5,
                       "message.max.bytes": 67108864, "queue.buffering.max.kbytes": 1048576})
+        p.list_topics(timeout=30)
+        ready.set()
         go.wait()
         t0 = time.monotonic()
         while time.monotonic() - t0 < seconds:
@@ -217,12 +225,13 @@ def run_transport(backend: str, payload: str, seconds: float = 4.0, path: str = 
     if not ready.wait(90):
         raise RuntimeError(f"{backend} subscriber not ready")
     ctx = mp.get_context("spawn")
-    go = ctx.Event()
+    child_ready, go = ctx.Event(), ctx.Event()
     out = ctx.Array("d", 2)
     p = ctx.Process(target=_pub_msight if path == "msight" else _pub_raw,
-                    args=(backend, opts, topic, payload, seconds, go, out), daemon=True)
+                    args=(backend, opts, topic, payload, seconds, child_ready, go, out), daemon=True)
     p.start()
-    time.sleep(1.0)          # the child imports and connects; nothing to wait on across processes cheaply
+    if not child_ready.wait(120):                 # the child has imported and connected
+        raise RuntimeError(f"{backend} publisher did not start")
     go.set()
     p.join(seconds + 180)
     published = int(out[0])
@@ -308,7 +317,7 @@ def run_quick(backend: Optional[str], payload: str, seconds: float) -> str:
 SENSOR_LOAD = (("cam/raw", "1080p", 30.0), ("cam/jpeg", "jpeg", 30.0), ("lidar", "lidar", 10.0))
 
 
-def _pub_sensors(backend: str, opts: dict, seconds: float, go: Any, out: Any) -> None:
+def _pub_sensors(backend: str, opts: dict, seconds: float, ready: Any, go: Any, out: Any) -> None:
     """One bus, three paced streams, as a roadside node would publish them."""
     from . import connect
     bus = connect(backend, **opts)
@@ -316,6 +325,7 @@ def _pub_sensors(backend: str, opts: dict, seconds: float, go: Any, out: Any) ->
     for topic, payload, hz in SENSOR_LOAD:
         obj, enc, _ = make_payload(payload)
         streams.append([topic, obj, enc, 1.0 / hz, 0.0])
+    ready.set()
     go.wait()
     t0 = time.monotonic()
     for s in streams:
@@ -364,10 +374,11 @@ def run_sustained(backend: str, seconds: float = 20.0) -> list:
         for th in takers:
             th.start()
         ctx = mp.get_context("spawn")
-        go, out = ctx.Event(), ctx.Array("q", len(SENSOR_LOAD))
-        p = ctx.Process(target=_pub_sensors, args=(backend, opts, seconds, go, out), daemon=True)
+        child_ready, go, out = ctx.Event(), ctx.Event(), ctx.Array("q", len(SENSOR_LOAD))
+        p = ctx.Process(target=_pub_sensors, args=(backend, opts, seconds, child_ready, go, out), daemon=True)
         p.start()
-        time.sleep(1.0)        # the child imports and connects
+        if not child_ready.wait(120):
+            raise RuntimeError(f"{backend} sensor publisher did not start")
         go.set()
         p.join(seconds + 120)
         deadline = time.monotonic() + 15
