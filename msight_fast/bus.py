@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _schema as S
 from . import config as _config
-from .codec import Frame, Reassembler, encode, encode_parts
+from .codec import Frame, Reassembler, encode_parts
 from .errors import FrameError, FrameTooLarge
 
 log = logging.getLogger("msight_fast")

@@ -293,7 +293,7 @@ def _periodic(args: argparse.Namespace, report) -> int:
 def cmd_hz(args: argparse.Namespace) -> int:
     def report(times, sizes, sub):
         if len(times) < 2:
-            return f"average rate: - (1 frame)"
+            return "average rate: - (1 frame)"
         d = np.diff(times)
         return (f"average rate: {1 / d.mean():.3f} Hz  min: {d.min():.4f}s max: {d.max():.4f}s "
                 f"std dev: {d.std():.5f}s window: {len(times)}")

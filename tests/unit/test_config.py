@@ -1,5 +1,4 @@
 """Configuration from MSight Core's environment names: parsed, validated, never leaked."""
-import logging
 
 import pytest
 

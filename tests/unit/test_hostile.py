@@ -97,7 +97,6 @@ def test_forged_fixed_fields(wire, field, value, match):
 
 def _replace_record(enc, tag, value=None, rlen=None):
     """Rebuild a frame with one record's value (and/or declared length) replaced, all else intact."""
-    hl = header_len(enc)
     poff = struct.unpack_from("<Q", enc, 24)[0]
     body = b""
     for t, pos, start, n in records(enc):
