@@ -29,7 +29,10 @@ def encode(payload, sensor_name="cam", encoding="bgr8") -> bytes:
 
 
 def decode(buf):
-    d = msgpack.unpackb(buf, raw=False)
+    return from_dict(msgpack.unpackb(buf, raw=False))
+
+
+def from_dict(d: dict):
     if "points" in d:
         raw = zstandard.ZstdDecompressor().decompress(d["points"])
         dt = np.dtype([tuple(f) if len(f) == 2 else (f[0], f[1], tuple(f[2])) for f in json.loads(d["dtype"])])
@@ -37,3 +40,120 @@ def decode(buf):
     if "shape" in d:
         return np.frombuffer(d["image"], dtype=np.dtype(d["dtype"])).reshape(d["shape"])
     return np.frombuffer(d["image"], dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- the MSight-Core-style transport
+# Publisher and subscriber for bench.run_transport(path="core"), written from baselines.md's
+# description of MSight Core's transport: msgpack frames (the codec above); Redis through redis-py
+# (a synchronous publish, its pub/sub reader); NATS through nats-py on an event-loop thread that
+# each publish hands its coroutine to and waits on (run_coroutine_threadsafe(...).result()), a
+# callback doing queue.put to the consuming thread; Kafka produce() then flush() per message and a
+# consumer with default fetch settings polled one message at a time. The broker limits it needs
+# are raised for it (NATS max_payload, producer message.max.bytes), as MSight Core cannot fragment;
+# the consumer's session/heartbeat times are shortened only so that tansu assigns partitions fast.
+
+def _latency_ns(d: dict) -> int:
+    return time.time_ns() - int(d["creation_timestamp"] * 1e9)
+
+
+def core_publisher(backend, opts, topic, payload, seconds, ready, go, out) -> None:
+    from msight_fast.bench import make_payload
+    obj, enc, _ = make_payload(payload)
+    n = 0
+    if backend == "redis":
+        import redis
+        r = redis.Redis(host="127.0.0.1", port=opts["port"])
+        r.ping()
+        send, done = (lambda data: r.publish(topic, data)), (lambda: None)
+    elif backend == "nats":
+        import asyncio
+        import threading
+
+        import nats
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+        nc = asyncio.run_coroutine_threadsafe(nats.connect(opts["servers"]), loop).result(30)
+
+        def send(data: bytes) -> None:                    # a cross-thread round trip per publish
+            asyncio.run_coroutine_threadsafe(nc.publish(topic, data), loop).result()
+
+        def done() -> None:
+            asyncio.run_coroutine_threadsafe(nc.flush(120), loop).result()
+            asyncio.run_coroutine_threadsafe(nc.close(), loop).result()
+    else:
+        from confluent_kafka import Producer
+        p = Producer({"bootstrap.servers": ",".join(opts["servers"]), "message.max.bytes": 67108864})
+        p.list_topics(timeout=30)
+
+        def send(data: bytes) -> None:
+            p.produce(topic, data)
+            p.flush()
+        done = lambda: p.flush(120)  # noqa: E731
+    ready.set()
+    go.wait()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        send(encode(obj, encoding=enc))
+        n += 1
+    done()
+    out[0], out[1] = n, time.monotonic() - t0
+
+
+def core_subscriber(backend, opts, topic, rec, stop, ready) -> None:
+    if backend == "redis":
+        import redis
+        ps = redis.Redis(host="127.0.0.1", port=opts["port"]).pubsub()
+        ps.subscribe(topic)
+        ps.get_message(timeout=5)
+        ready.set()
+        while not stop.is_set():
+            m = ps.get_message(timeout=0.2)
+            if m and m["type"] == "message":
+                d = msgpack.unpackb(m["data"], raw=False)
+                from_dict(d)
+                rec.add(_latency_ns(d), len(m["data"]))
+        ps.close()
+    elif backend == "nats":
+        import asyncio
+        import queue
+        import threading
+
+        import nats
+        q: "queue.Queue" = queue.Queue()
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+
+        async def cb(msg) -> None:
+            q.put(msg.data)
+
+        async def setup():
+            nc = await nats.connect(opts["servers"])
+            await nc.subscribe(topic, cb=cb)
+            await nc.flush()
+            return nc
+        nc = asyncio.run_coroutine_threadsafe(setup(), loop).result(30)
+        ready.set()
+        while not stop.is_set():
+            try:
+                data = q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            d = msgpack.unpackb(data, raw=False)
+            from_dict(d)
+            rec.add(_latency_ns(d), len(data))
+        asyncio.run_coroutine_threadsafe(nc.close(), loop).result(30)
+    else:
+        import os
+
+        from confluent_kafka import Consumer
+        c = Consumer({"bootstrap.servers": ",".join(opts["servers"]), "group.id": f"core-{os.getpid()}-{time.time_ns()}",
+                      "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
+        c.subscribe([topic], on_assign=lambda *_: ready.set())
+        while not stop.is_set():
+            m = c.poll(0.2)
+            if m is not None and m.error() is None:
+                v = m.value()
+                d = msgpack.unpackb(v, raw=False)
+                from_dict(d)
+                rec.add(_latency_ns(d), len(v))
+        c.close()

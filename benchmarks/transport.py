@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 from msight_fast.bench import PAYLOAD_NAMES, run_sustained, run_transport, tcp_ceiling
+from msight_style import core_publisher, core_subscriber
+
+PATHS = ("msight", "raw", "core")   # this library, the bare client, the MSight-Core-style pipeline
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -19,14 +22,19 @@ OUT = Path(__file__).resolve().parent / "results"
 def table(results, ceiling) -> str:
     lines = [f"Loopback TCP ceiling (6 MB messages, sendall/recv_into): {ceiling['GBps']:.2f} GB/s "
              f"({ceiling['msgs_per_s']:.0f} msgs/s)", "",
-             "| backend | payload | path | published | received | lost % | delivered fps | MB/s | p50 ms | p99 ms | vs raw (fps) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    raw = {(r["backend"], r["payload"]): r for r in results if r["path"] == "raw"}
+             "| backend | payload | path | published | received | lost % | delivered fps | MB/s | p50 ms | p99 ms | vs raw (fps) | vs core (fps) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    by = {(r["backend"], r["payload"], r["path"]): r for r in results}
+
+    def ratio(r, other):
+        base = by.get((r["backend"], r["payload"], other))
+        if r["path"] != "msight" or not base:
+            return ""
+        return f"{r['fps'] / base['fps']:.2f}x" if base["fps"] else "inf"
     for r in results:
-        base = raw.get((r["backend"], r["payload"]))
-        ratio = f"{r['fps'] / base['fps']:.2f}x" if r["path"] == "msight" and base and base["fps"] else ""
         lines.append(f"| {r['backend']} | {r['payload']} | {r['path']} | {r['published']:,} | {r['received']:,} | "
-                     f"{r['loss_pct']:.1f} | {r['fps']:,.1f} | {r['MBps']:,.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio} |")
+                     f"{r['loss_pct']:.1f} | {r['fps']:,.1f} | {r['MBps']:,.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{ratio(r, 'raw')} | {ratio(r, 'core')} |")
     return "\n".join(lines)
 
 
@@ -39,14 +47,15 @@ def plot(results, ceiling, path: Path) -> None:
     fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), sharey=True, squeeze=False)
     for ax, b in zip(axes[0], backends):
         xs = range(len(payloads))
-        for k, (pth, color) in enumerate((("msight", "tab:blue"), ("raw", "tab:gray"))):
+        styles = (("msight", "tab:blue", "msight_fast"), ("raw", "tab:gray", "raw client"),
+                  ("core", "tab:orange", "MSight-Core-style"))
+        for k, (pth, color, label) in enumerate(styles):
             vals = [next((r["MBps"] for r in results if r["backend"] == b and r["payload"] == p and r["path"] == pth), 0)
                     for p in payloads]
-            ax.bar([x + 0.4 * k for x in xs], vals, 0.4, label="msight_fast" if pth == "msight" else "raw client",
-                   color=color)
+            ax.bar([x + 0.27 * k for x in xs], vals, 0.27, label=label, color=color)
         ax.axhline(ceiling["GBps"] * 1000, color="tab:red", ls="--", lw=1, label="loopback TCP ceiling")
         ax.set_title(b)
-        ax.set_xticks([x + 0.2 for x in xs])
+        ax.set_xticks([x + 0.27 for x in xs])
         ax.set_xticklabels(payloads, rotation=30)
         ax.set_yscale("log")
         ax.set_ylabel("delivered MB/s (log)")
@@ -61,6 +70,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--backends", default="redis,nats,kafka")
     ap.add_argument("--payloads", default=",".join(PAYLOAD_NAMES))
+    ap.add_argument("--paths", default=",".join(PATHS), help="msight = this library, raw = the bare client, "
+                    "core = an MSight-Core-style pipeline (msgpack, thread per publish, Kafka flush per message)")
     ap.add_argument("--out", default=str(OUT), help="where the json, md and png go")
     ap.add_argument("--sustained", type=float, default=0,
                     help="instead: the sensor load (1080p@30, JPEG@30, lidar@10 Hz) for this many seconds")
@@ -83,10 +94,11 @@ def main() -> int:
     results = []
     for b in a.backends.split(","):
         for p in a.payloads.split(","):
-            for path in ("msight", "raw"):
+            for path in a.paths.split(","):
                 t0 = time.monotonic()
+                core = {"publisher": core_publisher, "subscriber": core_subscriber} if path == "core" else {}
                 try:
-                    r = run_transport(b, p, a.seconds, path)
+                    r = run_transport(b, p, a.seconds, path, **core)
                 except Exception as e:  # noqa: BLE001 - a failed reference is reported, not fatal
                     r = {"backend": b, "payload": p, "path": path, "published": 0, "received": 0, "lost": 0,
                          "loss_pct": float("nan"), "fps": 0.0, "MBps": 0.0, "p50_ms": float("nan"),
