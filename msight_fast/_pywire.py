@@ -282,11 +282,15 @@ def decode(buf: Any) -> Frame:
 # ---------------------------------------------------------------- fragment header
 def pack_fragment_header(frame_id: int, publisher_id: int, index: int, count: int, total: int,
                          offset: int, chunk_size: int, chunk: Any) -> bytes:
-    """The 64-byte header of one fragment; its CRC32C covers bytes 0..60 and then ``chunk``."""
-    clen = memoryview(chunk).nbytes
+    """The 64-byte header of one fragment; its CRC32C covers bytes 0..60 and then ``chunk``
+    (bytes-like, or a list or tuple of bytes-like pieces that together make the chunk)."""
+    pieces = chunk if isinstance(chunk, (list, tuple)) else [chunk]
+    clen = sum(memoryview(x).nbytes for x in pieces)
     h = S.FRAG.pack(S.FRAG_MAGIC, S.VERSION_MAJOR, S.VERSION_MINOR, 0, frame_id, publisher_id, index,
                     count, total, offset, chunk_size, clen, 0, 0)
-    c = crc32c(chunk, crc32c(h[:60]))
+    c = crc32c(h[:60])
+    for x in pieces:
+        c = crc32c(x, c)
     return h[:60] + struct.pack("<I", c)
 
 

@@ -36,14 +36,18 @@ def _frame_ids(frame_bytes: memoryview) -> tuple:
 def fragment(frame_bytes: Any, max_size: int) -> List[Any]:
     """Split an encoded frame into self-describing fragments of at most ``max_size`` bytes.
 
+    ``frame_bytes`` is the encoded frame, or the list its ``encode_parts`` returned: fragments are
+    then gathered from the parts directly, one copy of the frame in all instead of two.
     A frame that already fits is returned whole, as the only element: no fragment overhead.
     Each fragment is a 64-byte header (frame id, publisher id, index, count, total size,
     offset, chunk size, CRC32C) followed by its chunk; see docs/wire-format.md.
     """
-    mv = memoryview(frame_bytes).cast("B")
-    total = len(mv)
+    parts = [memoryview(p).cast("B") for p in frame_bytes] if isinstance(frame_bytes, (list, tuple)) \
+        else [memoryview(frame_bytes).cast("B")]
+    total = sum(len(p) for p in parts)
     if total <= max_size:
-        return [frame_bytes]
+        return [frame_bytes if len(parts) == 1 and not isinstance(frame_bytes, (list, tuple))
+                else b"".join(parts)]
     chunk = max_size - S.FRAG_HEADER_LEN
     if chunk < 1:
         raise ValueError(f"max_size {max_size} leaves no room after the {S.FRAG_HEADER_LEN}-byte fragment header")
@@ -51,11 +55,23 @@ def fragment(frame_bytes: Any, max_size: int) -> List[Any]:
     count = -(-total // chunk)
     if count > 0xFFFFFFFF:
         raise FrameError(f"{count} fragments exceed the 32-bit fragment count")
-    frame_id, pub_id = _frame_ids(mv)
+    frame_id, pub_id = _frame_ids(parts[0] if len(parts[0]) >= S.FIXED_LEN else memoryview(b"".join(parts)))
     out = []
+    k, pos = 0, 0                       # current part, position in it
     for i in range(count):
-        piece = mv[i * chunk:(i + 1) * chunk]
-        out.append(impl.pack_fragment_header(frame_id, pub_id, i, count, total, i * chunk, chunk, piece) + piece)
+        want = min(chunk, total - i * chunk)
+        pieces = []
+        while want:
+            p = parts[k]
+            take = min(want, len(p) - pos)
+            if take:
+                pieces.append(p[pos:pos + take])
+            pos += take
+            want -= take
+            if pos == len(p):
+                k, pos = k + 1, 0
+        out.append(b"".join([impl.pack_fragment_header(frame_id, pub_id, i, count, total, i * chunk, chunk,
+                                                       pieces)] + pieces))
     return out
 
 

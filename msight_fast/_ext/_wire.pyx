@@ -587,10 +587,20 @@ def decode(buf):
 # ---------------------------------------------------------------- fragment header
 def pack_fragment_header(uint64_t frame_id, uint64_t publisher_id, uint32_t index, uint32_t count,
                          uint64_t total, uint64_t offset, uint32_t chunk_size, chunk):
-    """The 64-byte header of one fragment; its CRC32C covers bytes 0..60 and then ``chunk``."""
+    """The 64-byte header of one fragment; its CRC32C covers bytes 0..60 and then ``chunk``.
+
+    ``chunk`` may be a list or tuple of bytes-like pieces that together make the chunk, so a
+    fragment can be gathered from a frame's parts without joining them first."""
     cdef const uint8_t* p
-    cdef Py_ssize_t n
-    keep = _pin(chunk, &p, &n)
+    cdef Py_ssize_t n, k
+    cdef list pins = []
+    if type(chunk) is list or type(chunk) is tuple:
+        n = 0
+        for piece in chunk:
+            pins.append(_pin(piece, &p, &k))
+            n += k
+    else:
+        pins.append(_pin(chunk, &p, &n))
     out = PyBytes_FromStringAndSize(NULL, FRAG_HEADER_LEN)
     cdef uint8_t* h = <uint8_t*>PyBytes_AS_STRING(out)
     memcpy(h, <const char*>FRAG_MAGIC, 4)
@@ -606,7 +616,11 @@ def pack_fragment_header(uint64_t frame_id, uint64_t publisher_id, uint32_t inde
     msf_st32(h + 48, chunk_size)
     msf_st32(h + 52, <uint32_t>n)
     msf_st32(h + 56, 0)
-    msf_st32(h + 60, _crc(msf_crc32c(0, h, 60), p, n))
+    cdef uint32_t crc = msf_crc32c(0, h, 60)
+    for piece in pins:
+        _pin(piece, &p, &k)
+        crc = _crc(crc, p, k)
+    msf_st32(h + 60, crc)
     return out
 
 

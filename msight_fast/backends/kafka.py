@@ -130,8 +130,7 @@ class KafkaTransport(Transport):
     # -- publish
     def send(self, topic: str, frame: Any, parts: list, nbytes: int) -> None:
         self.ensure_topic(topic)
-        data = b"".join(parts)                                    # confluent-kafka takes bytes only
-        msgs = fragment(data, self._limit) if nbytes > self._limit else [data]
+        msgs = fragment(parts, self._limit)     # bytes (confluent-kafka takes no views), one copy
         # all fragments of a frame share its key, hence one partition; "publisher" keeps a
         # publisher's frames in order, "frame" spreads them for a consumer group to share
         key = (frame.publisher_id if self.cfg.partition_key == "publisher" else frame.frame_id).to_bytes(8, "little")

@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from msight_fast import FrameError, Reassembler, decode, encode, fragment
+from msight_fast import FrameError, Reassembler, decode, encode, encode_parts, fragment
 from msight_fast import Frame
 from msight_fast import _schema as S
 from msight_fast import codec
@@ -35,6 +35,28 @@ def test_fragments_fit_and_reassemble_in_any_order(max_size):
     assert np.array_equal(g.array, arr)
     assert g.array.ctypes.data % 64 == 0            # payload lands 64-byte aligned
     assert r.stats() == {"completed": 1, "expired": 0, "duplicates": 0, "rejected": 0, "pending": 0}
+
+
+@pytest.mark.parametrize("max_size", [65, 97, 300, 4096, 64 * 1024])
+@pytest.mark.parametrize("n_bytes", [0, 1, 63, 5000, 200_001])
+def test_fragments_gathered_from_parts_equal_those_of_the_joined_frame(max_size, n_bytes):
+    # publishers fragment straight from encode_parts (one copy); the bytes must be identical
+    arr = np.random.default_rng(n_bytes).integers(0, 256, n_bytes, dtype=np.uint8)
+    frame = Frame.from_array(arr, sensor_name="cam")
+    parts = encode_parts(frame)
+    whole = encode(frame)
+    assert [bytes(f) for f in fragment(parts, max_size)] == [bytes(f) for f in fragment(whole, max_size)]
+    # the parts split at arbitrary points (a header in pieces, empty pieces) give the same too
+    cut = [whole[:7], b"", whole[7:200], memoryview(whole)[200:]]
+    assert [bytes(f) for f in fragment(cut, max_size)] == [bytes(f) for f in fragment(whole, max_size)]
+
+
+def test_fragment_header_crc_over_pieces_equals_crc_over_the_joined_chunk():
+    chunk = bytes(range(256)) * 9
+    one = codec.impl.pack_fragment_header(7, 9, 1, 3, 10_000, 2304, 2304, chunk)
+    pieces = [chunk[:1], memoryview(chunk)[1:1000], b"", bytearray(chunk[1000:])]
+    assert codec.impl.pack_fragment_header(7, 9, 1, 3, 10_000, 2304, 2304, pieces) == one
+    assert codec.impl.pack_fragment_header(7, 9, 1, 3, 10_000, 2304, 2304, tuple(pieces)) == one
 
 
 def test_fragment_headers_are_self_describing():
