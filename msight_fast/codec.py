@@ -23,6 +23,8 @@ __all__ = ["Frame", "encode", "encode_parts", "decode", "crc32c", "fragment", "R
 
 def is_fragment(buf: Any) -> bool:
     """True when ``buf`` starts with the fragment magic (else it should be a whole frame)."""
+    if type(buf) is bytes:                    # what every backend hands over: no view needed
+        return buf[:4] == S.FRAG_MAGIC
     return bytes(memoryview(buf)[:4]) == S.FRAG_MAGIC
 
 
@@ -128,11 +130,13 @@ class Reassembler:
 
         Raises FrameError for a malformed whole frame or fragment (counted in ``rejected``).
         """
-        self.expire()
+        if self._pending:
+            self.expire()
         if not is_fragment(buf):
-            if memoryview(buf).nbytes > self.max_frame_bytes:
+            n = len(buf) if type(buf) is bytes else memoryview(buf).nbytes
+            if n > self.max_frame_bytes:
                 self.rejected += 1
-                raise FrameError(f"frame of {memoryview(buf).nbytes} bytes exceeds max_frame_bytes {self.max_frame_bytes}")
+                raise FrameError(f"frame of {n} bytes exceeds max_frame_bytes {self.max_frame_bytes}")
             try:
                 f = decode(buf)
             except FrameError:

@@ -130,7 +130,8 @@ class KafkaTransport(Transport):
     # -- publish
     def send(self, topic: str, frame: Any, parts: list, nbytes: int) -> None:
         self.ensure_topic(topic)
-        msgs = fragment(parts, self._limit)     # bytes (confluent-kafka takes no views), one copy
+        # bytes (confluent-kafka takes no views): one copy, whole or in fragments
+        msgs = [b"".join(parts)] if nbytes <= self._limit else fragment(parts, self._limit)
         # all fragments of a frame share its key, hence one partition; "publisher" keeps a
         # publisher's frames in order, "frame" spreads them for a consumer group to share
         key = (frame.publisher_id if self.cfg.partition_key == "publisher" else frame.frame_id).to_bytes(8, "little")
