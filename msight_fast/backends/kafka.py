@@ -214,9 +214,17 @@ class KafkaSource(Source):
         conf.update(cfg.consumer_config)
         self.c = Consumer(conf)
         self._max_bytes = cfg.max_pending_bytes
-        self._lock = threading.Condition()
-        self._q: Deque[Any] = collections.deque()       # messages fetched, not yet taken
+        self._mutex = threading.Lock()                  # taken directly on per-message paths
+        self._lock = threading.Condition(self._mutex)
+        self._q: Deque[Tuple[list, int]] = collections.deque()   # fetched batches, bytes
         self._q_bytes = 0
+        # the batch the application's thread is taking messages from, without the lock; a
+        # rebalance bumps _gen and the taker drops what it holds of the revoked partitions
+        self._local: list = []
+        self._li = 0
+        self._gen = self._local_gen = 0
+        self._gone: Set[int] = set()
+        self._since_store = 0
         self._paused = False
         self._assigned: Optional[List[int]] = None
         self._seen: Dict[int, Deque[int]] = {}          # partition -> offsets taken, in order
@@ -267,11 +275,12 @@ class KafkaSource(Source):
     def _take(self, msgs: list) -> None:
         if not msgs and not self._paused:
             return
+        # handed over a batch at a time: one lock round per consume() call, not per message
+        nbytes = sum([len(m) for m in msgs if m.error() is None]) if msgs else 0
         with self._lock:
-            for m in msgs:
-                self._q.append(m)
-                self._q_bytes += len(m) if m.error() is None else 0
             if msgs:
+                self._q.append((msgs, nbytes))
+                self._q_bytes += nbytes
                 self._lock.notify_all()
             over = self._q_bytes > self._max_bytes
             under = self._q_bytes < self._max_bytes // 2
@@ -320,9 +329,15 @@ class KafkaSource(Source):
         self._store(store)
         with self._lock:
             # what was fetched but not handed out belongs to the partitions' next owner now
-            keep = collections.deque(m for m in self._q if m.partition() not in gone)
-            self._q_bytes = sum(len(m) for m in keep if m.error() is None)
+            keep: Deque[Tuple[list, int]] = collections.deque()
+            for batch, _ in self._q:
+                rest = [m for m in batch if m.partition() not in gone]
+                if rest:
+                    keep.append((rest, sum([len(m) for m in rest if m.error() is None])))
             self._q = keep
+            self._q_bytes = sum(n for _, n in keep)
+            self._gone |= gone
+            self._gen += 1
             for p in gone:
                 self._seen.pop(p, None)
                 self._done.pop(p, None)
@@ -333,30 +348,45 @@ class KafkaSource(Source):
             pass
 
     def next(self, timeout: Optional[float]) -> Optional[Tuple[Any, Any]]:
-        with self._lock:
-            self._to_store.extend(self._releasable())   # the poll thread stores them
-            while True:
-                while self._q:
-                    m = self._q.popleft()
-                    err = m.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("msight_fast: Kafka consumer error on %r: %s", self.topic, err.str())
-                        continue
-                    value = m.value()
-                    self._q_bytes -= len(value)
-                    p, o = m.partition(), m.offset()
+        while True:
+            if self._local_gen != self._gen:
+                with self._mutex:                       # a rebalance: drop what was revoked
+                    gone, self._gone = self._gone, set()
+                    self._local_gen = self._gen
+                    self._local = [m for m in self._local[self._li:] if m.partition() not in gone]
+                    self._li = 0
+            if self._li < len(self._local):
+                m = self._local[self._li]
+                self._li += 1
+                err = m.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("msight_fast: Kafka consumer error on %r: %s", self.topic, err.str())
+                    continue
+                p, o = m.partition(), m.offset()
+                with self._mutex:
                     seen = self._seen.setdefault(p, collections.deque())
                     if seen and o <= seen[-1]:
                         self.redelivered += 1
                     seen.append(o)
-                    return value, (p, o)
-                if self._closed or not self._lock.wait(timeout):
-                    return None
-                timeout = 0 if timeout is not None else None
+                    self._since_store += 1
+                    if self._since_store >= 64:         # store released offsets now and then
+                        self._since_store = 0
+                        self._to_store.extend(self._releasable())
+                return m.value(), (p, o)
+            with self._lock:
+                self._to_store.extend(self._releasable())   # the poll thread stores them
+                self._since_store = 0
+                if not self._q:
+                    if self._closed or not self._lock.wait(timeout) or not self._q:
+                        return None
+                self._local, n = self._q.popleft()
+                self._q_bytes -= n
+                self._li = 0
+                self._local_gen = self._gen
 
     def handed(self, frame: Any, tokens: list) -> None:
-        with self._lock:
+        with self._mutex:
             self._handed.extend(tokens)
 
     def _releasable(self) -> List[TopicPartition]:
