@@ -146,7 +146,7 @@ class KafkaConfig(_Base):
     num_partitions: int = 4                 # for topics this library creates
     partition_key: str = "publisher"        # "publisher": in order per publisher; "frame": spread over partitions
     linger_ms: int = 5
-    max_in_flight_bytes: int = 32 << 20     # producer queue bound: latency stays bounded
+    max_in_flight_bytes: int = 16 << 20     # producer queue bound: latency stays bounded
     producer_config: Dict[str, Any] = field(default_factory=dict)
     consumer_config: Dict[str, Any] = field(default_factory=dict)
 

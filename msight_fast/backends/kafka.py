@@ -250,8 +250,11 @@ class KafkaSource(Source):
         try:
             while not self._closed:
                 self._serve_requests()
-                msgs = c.consume(256, 0.1)
-                self._take(msgs)
+                # consume(n, t) waits out all of t unless n messages come (100 ms of latency
+                # per idle frame, measured); poll() returns on the first message, and then
+                # consume(n, 0) takes whatever else is already fetched, without waiting
+                m = c.poll(0.1)
+                self._take([m] + c.consume(255, 0) if m is not None else [])
         finally:
             self._serve_requests()
             try:
