@@ -57,7 +57,7 @@ def _latency_ns(d: dict) -> int:
 
 
 def core_publisher(backend, opts, topic, payload, seconds, ready, go, out) -> None:
-    from msight_fast.bench import make_payload
+    from msight_fast.bench import _cpu_s, make_payload
     obj, enc, _ = make_payload(payload)
     n = 0
     if backend == "redis":
@@ -91,12 +91,12 @@ def core_publisher(backend, opts, topic, payload, seconds, ready, go, out) -> No
         done = lambda: p.flush(120)  # noqa: E731
     ready.set()
     go.wait()
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), _cpu_s()
     while time.monotonic() - t0 < seconds:
         send(encode(obj, encoding=enc))
         n += 1
     done()
-    out[0], out[1] = n, time.monotonic() - t0
+    out[0], out[1], out[2] = n, time.monotonic() - t0, _cpu_s() - c0
 
 
 def core_subscriber(backend, opts, topic, rec, stop, ready) -> None:

@@ -22,8 +22,8 @@ OUT = Path(__file__).resolve().parent / "results"
 def table(results, ceiling) -> str:
     lines = [f"Loopback TCP ceiling (6 MB messages, sendall/recv_into): {ceiling['GBps']:.2f} GB/s "
              f"({ceiling['msgs_per_s']:.0f} msgs/s)", "",
-             "| backend | payload | path | published | received | lost % | delivered fps | MB/s | p50 ms | p99 ms | vs raw (fps) | vs core (fps) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| backend | payload | path | published | received | lost % | delivered fps | MB/s | p50 ms | p99 ms | vs raw (fps) | vs core (fps) | CPU µs/frame pub / sub / broker |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(r["backend"], r["payload"], r["path"]): r for r in results}
 
     def ratio(r, other):
@@ -31,10 +31,15 @@ def table(results, ceiling) -> str:
         if r["path"] != "msight" or not base:
             return ""
         return f"{r['fps'] / base['fps']:.2f}x" if base["fps"] else "inf"
+    def cpu(r):
+        def per(key, n):
+            v = r.get(key)
+            return f"{v / n * 1e6:,.0f}" if v is not None and n else "-"
+        return f"{per('pub_cpu_s', r['published'])} / {per('sub_cpu_s', r['received'])} / {per('broker_cpu_s', r['received'])}"
     for r in results:
         lines.append(f"| {r['backend']} | {r['payload']} | {r['path']} | {r['published']:,} | {r['received']:,} | "
                      f"{r['loss_pct']:.1f} | {r['fps']:,.1f} | {r['MBps']:,.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{ratio(r, 'raw')} | {ratio(r, 'core')} |")
+                     f"{ratio(r, 'raw')} | {ratio(r, 'core')} | {cpu(r)} |")
     return "\n".join(lines)
 
 

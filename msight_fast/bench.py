@@ -70,13 +70,19 @@ def _pub_msight(backend: str, opts: dict, topic: str, payload: str, seconds: flo
     bus = connect(backend, **opts)
     ready.set()
     go.wait()
-    n, t0 = 0, time.monotonic()
+    n, t0, c0 = 0, time.monotonic(), _cpu_s()
     while time.monotonic() - t0 < seconds:
         bus.publish(topic, obj, encoding=enc)
         n += 1
     bus.flush(120)
-    out[0], out[1] = n, time.monotonic() - t0
+    out[0], out[1], out[2] = n, time.monotonic() - t0, _cpu_s() - c0
     bus.close()
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this whole process (every thread, librdkafka's included)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _stamped(body: bytes) -> bytes:
@@ -88,13 +94,14 @@ def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float,
     obj, _, size = make_payload(payload)
     body = (obj.tobytes() if isinstance(obj, np.ndarray) else obj)[8:]
     n = 0
+    c0 = 0.0
     if backend == "redis":
         import redis
         r = redis.Redis(host="127.0.0.1", port=opts["port"])
         r.ping()
         ready.set()
         go.wait()
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), _cpu_s()
         while time.monotonic() - t0 < seconds:
             r.publish(topic, _stamped(body))
             n += 1
@@ -113,7 +120,7 @@ def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float,
             await nc.flush(120)
             await nc.close()
             return k
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), _cpu_s()
         n = asyncio.run(run())
     else:
         from confluent_kafka import Producer
@@ -122,7 +129,7 @@ def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float,
         p.list_topics(timeout=30)
         ready.set()
         go.wait()
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), _cpu_s()
         while time.monotonic() - t0 < seconds:
             while True:
                 try:
@@ -133,7 +140,7 @@ def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float,
             p.poll(0)
             n += 1
         p.flush(120)
-    out[0], out[1] = n, time.monotonic() - t0
+    out[0], out[1], out[2] = n, time.monotonic() - t0, _cpu_s() - c0
 
 
 # ---------------------------------------------------------------- subscribers (this process)
@@ -232,12 +239,14 @@ def run_transport(backend: str, payload: str, seconds: float = 4.0, path: str = 
         raise RuntimeError(f"{backend} subscriber not ready")
     ctx = mp.get_context("spawn")
     child_ready, go = ctx.Event(), ctx.Event()
-    out = ctx.Array("d", 2)
+    out = ctx.Array("d", 3)
     p = ctx.Process(target=publisher or (_pub_msight if path == "msight" else _pub_raw),
                     args=(backend, opts, topic, payload, seconds, child_ready, go, out), daemon=True)
     p.start()
     if not child_ready.wait(120):                 # the child has imported and connected
         raise RuntimeError(f"{backend} publisher did not start")
+    broker_cpu = _proc_cpu(b.proc.pid) if own else None
+    sub_cpu0 = _cpu_s()
     go.set()
     p.join(seconds + 180)
     published = int(out[0])
@@ -248,6 +257,9 @@ def run_transport(backend: str, payload: str, seconds: float = 4.0, path: str = 
             break            # nothing more is coming
         last = len(rec.t)
         time.sleep(0.1)
+    sub_cpu = _cpu_s() - sub_cpu0
+    if broker_cpu is not None:
+        broker_cpu = (_proc_cpu(b.proc.pid) or 0.0) - broker_cpu
     stop.set()
     th.join(30)
     if own:
@@ -261,7 +273,20 @@ def run_transport(backend: str, payload: str, seconds: float = 4.0, path: str = 
             "fps": (n - 1) / span if span else 0.0, "MBps": (n - 1) * rec.size / span / 1e6 if span else 0.0,
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
             "msg_bytes": rec.size, "sub_dropped": getattr(rec, "stats", {}).get("dropped"),
+            # CPU seconds: the publisher process over its publish window, this (subscriber)
+            # process and the broker from go to the last frame; per delivered frame in the table
+            "pub_cpu_s": float(out[2]), "sub_cpu_s": sub_cpu, "broker_cpu_s": broker_cpu,
             "sub_gaps": getattr(rec, "stats", {}).get("gaps")}
+
+
+def _proc_cpu(pid: int) -> Optional[float]:
+    """CPU seconds of another process from /proc (Linux), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _tcp_rx(port_q: Any, seconds: float, size: int, out: Any) -> None:
