@@ -142,7 +142,8 @@ class KafkaConfig(_Base):
     tls_key_file: Optional[str] = None
     tls_verify: bool = True
     tls_check_hostname: bool = True
-    max_message_bytes: int = 1_000_000      # broker/topic limit; frames above it are fragmented
+    max_message_bytes: Optional[int] = None  # frames above it are fragmented; None: the topic's
+                                             # max.message.bytes as the broker reports it, else 1,000,000
     num_partitions: int = 4                 # for topics this library creates
     partition_key: str = "publisher"        # "publisher": in order per publisher; "frame": spread over partitions
     linger_ms: int = 5

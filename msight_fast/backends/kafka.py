@@ -28,7 +28,7 @@ import uuid
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from ..bus import Source, Transport
 from ..codec import fragment
@@ -36,6 +36,18 @@ from ..errors import AuthError, BackendUnavailable, ConfigError, FrameTooLarge, 
 
 log = logging.getLogger("msight_fast")
 FRAG_SLACK = 512                 # record-batch overhead kept free under the message limit
+DEFAULT_MESSAGE_BYTES = 1_000_000   # Kafka's default max.message.bytes, when the broker won't say
+
+
+def limit_from_topic_config(entries: Any) -> Optional[int]:
+    """The topic's ``max.message.bytes`` from a DescribeConfigs answer (name -> entry with
+    ``.value``), or None when it is absent or not a sane number."""
+    entry = (entries or {}).get("max.message.bytes")
+    try:
+        value = int(getattr(entry, "value", None))
+    except (TypeError, ValueError):
+        return None
+    return value if 1024 <= value <= 1 << 31 else None
 _AUTH_CODES = {"_AUTHENTICATION", "SASL_AUTHENTICATION_FAILED", "TOPIC_AUTHORIZATION_FAILED",
                "GROUP_AUTHORIZATION_FAILED", "CLUSTER_AUTHORIZATION_FAILED"}
 
@@ -89,11 +101,12 @@ class KafkaTransport(Transport):
         if self._errors and any("auth" in x.lower() for x in self._errors):
             raise AuthError(f"Kafka at {', '.join(cfg.servers)} refused the credentials: {self._errors[-1]}")
         self._topics: Set[str] = set(md.topics)
-        self._limit = cfg.max_message_bytes - FRAG_SLACK
+        self._limits: Dict[str, int] = {}               # topic -> largest message we send
         pconf = dict(self._base)
         pconf.update({
             "enable.idempotence": True, "acks": "all", "linger.ms": cfg.linger_ms,
-            "message.max.bytes": cfg.max_message_bytes + 4096,
+            # the client-side check only; each topic's own limit decides the fragment size
+            "message.max.bytes": max(cfg.max_message_bytes or 0, 64 << 20) + 4096,
             "queue.buffering.max.kbytes": max(1024, cfg.max_in_flight_bytes // 1024),
             "queue.buffering.max.messages": 100_000,
             "error_cb": self._on_error,
@@ -120,6 +133,8 @@ class KafkaTransport(Transport):
     def ensure_topic(self, topic: str) -> None:
         """Create the topic on first use where the broker allows it; else an error naming it."""
         if topic in self._topics:
+            if topic not in self._limits:
+                self._limits[topic] = self._topic_limit(topic)
             return
         fut = self._admin.create_topics([NewTopic(topic, num_partitions=self.cfg.num_partitions,
                                                   replication_factor=1)])[topic]
@@ -132,12 +147,29 @@ class KafkaTransport(Transport):
         except Exception as e:  # noqa: BLE001 - a timeout of the admin future
             raise BackendUnavailable(f"Kafka: creating topic {topic!r} failed: {e!r}") from None
         self._topics.add(topic)
+        self._limits[topic] = self._topic_limit(topic)
+
+    def _topic_limit(self, topic: str) -> int:
+        """The size above which frames on ``topic`` are fragmented (fragment headers included)."""
+        if self.cfg.max_message_bytes:
+            return self.cfg.max_message_bytes - FRAG_SLACK
+        limit = None
+        try:
+            res = ConfigResource("topic", topic)
+            fut = self._admin.describe_configs([res], request_timeout=self.cfg.connect_timeout_s)[res]
+            limit = limit_from_topic_config(fut.result(self.cfg.connect_timeout_s))
+        except Exception as e:  # noqa: BLE001 - brokers that do not answer (tansu): the default
+            log.debug("msight_fast: describe_configs of %r: %r", topic, e)
+        if limit is None:
+            limit = DEFAULT_MESSAGE_BYTES
+        return limit - FRAG_SLACK
 
     # -- publish
     def send(self, topic: str, frame: Any, parts: list, nbytes: int) -> None:
         self.ensure_topic(topic)
         # bytes (confluent-kafka takes no views): one copy, whole or in fragments
-        msgs = [b"".join(parts)] if nbytes <= self._limit else fragment(parts, self._limit)
+        limit = self._limits[topic]
+        msgs = [b"".join(parts)] if nbytes <= limit else fragment(parts, limit)
         # all fragments of a frame share its key, hence one partition; "publisher" keeps a
         # publisher's frames in order, "frame" spreads them for a consumer group to share
         key = (frame.publisher_id if self.cfg.partition_key == "publisher" else frame.frame_id).to_bytes(8, "little")
@@ -145,10 +177,11 @@ class KafkaTransport(Transport):
 
     def send_raw(self, topic: str, data: bytes, key: Optional[bytes] = None) -> None:
         """Produce the caller's bytes untouched (the compat layer)."""
-        if len(data) > self._limit:
-            raise FrameTooLarge(f"{len(data)} bytes on {topic!r} exceed max_message_bytes {self.cfg.max_message_bytes}; "
-                                "publish Frames through connect() to have them fragmented")
         self.ensure_topic(topic)
+        if len(data) > self._limits[topic]:
+            raise FrameTooLarge(f"{len(data)} bytes on {topic!r} exceed the topic's message limit "
+                                f"{self._limits[topic] + FRAG_SLACK}; publish Frames through connect() to have "
+                                "them fragmented")
         self._produce(topic, [bytes(data)], key)
 
     def _produce(self, topic: str, msgs: list, key: Optional[bytes]) -> None:
@@ -211,9 +244,9 @@ class KafkaSource(Source):
             "auto.offset.reset": "earliest" if from_beginning else "latest",
             # tansu and small clusters: fast group joins, and no long-poll wait for latency
             "session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "fetch.wait.max.ms": 10,
-            "fetch.max.bytes": max(52428800, cfg.max_message_bytes * 2),
-            "max.partition.fetch.bytes": max(1048576, cfg.max_message_bytes + 4096),
-            "receive.message.max.bytes": max(100_000_000, cfg.max_message_bytes * 2 + 4096),
+            "fetch.max.bytes": max(52428800, (cfg.max_message_bytes or 0) * 2),
+            "max.partition.fetch.bytes": max(1048576, (cfg.max_message_bytes or 0) + 4096),
+            "receive.message.max.bytes": max(100_000_000, (cfg.max_message_bytes or 0) * 2 + 4096),
             "queued.max.messages.kbytes": max(1024, cfg.max_pending_bytes // 1024 // 4),
             "error_cb": t._on_error,
         })

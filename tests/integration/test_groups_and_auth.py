@@ -107,3 +107,56 @@ def test_kafka_delivery_failures_come_back_through_flush(topic):
     finally:
         b.stop()
         bus.close()
+
+
+def _raw_message_sizes(servers, topic, n_expected, timeout=60.0):
+    """Sizes of the Kafka messages on ``topic``, read with a bare consumer from the beginning."""
+    import time
+    from confluent_kafka import Consumer
+    c = Consumer({"bootstrap.servers": ",".join(servers), "group.id": f"raw-{topic}",
+                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 500,
+                  "fetch.wait.max.ms": 10})
+    c.subscribe([topic])
+    sizes = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(sizes) < n_expected and time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is not None and m.error() is None:
+                sizes.append(len(m.value()))
+    finally:
+        c.close()
+    return sizes
+
+
+@pytest.mark.parametrize("explicit", [300_000, None])
+def test_kafka_fragments_fit_the_topic_limit(broker_pool, topic, explicit):
+    """With max_message_bytes the option decides; without it, the topic's max.message.bytes as
+    the broker reports it (tansu reports nothing: Kafka's default, 1,000,000)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    from msight_fast.backends.kafka import DEFAULT_MESSAGE_BYTES, limit_from_topic_config
+    info = broker_pool("kafka")
+    opts = dict(info.options)
+    if explicit:
+        opts["max_message_bytes"] = explicit
+    frame = np.random.default_rng(5).integers(0, 256, 2_500_000, dtype=np.uint8)
+    with msight_fast.connect("kafka", **opts) as bus:
+        sub = bus.subscribe(topic)
+        bus.publish(topic, frame)
+        bus.flush(30)
+        got = collect(sub, 1)
+    assert len(got) == 1 and np.array_equal(got[0].array, frame)
+    if explicit:
+        limit = explicit
+    else:
+        admin = AdminClient({"bootstrap.servers": ",".join(info.options["servers"])})
+        res = ConfigResource("topic", topic)
+        try:
+            reported = limit_from_topic_config(admin.describe_configs([res])[res].result(10))
+        except Exception:  # noqa: BLE001 - a broker that does not answer
+            reported = None
+        limit = reported or DEFAULT_MESSAGE_BYTES
+    sizes = _raw_message_sizes(info.options["servers"], topic, -(-2_500_000 // limit))
+    assert sizes and all(s <= limit for s in sizes), (sizes, limit)
+    assert sum(sizes) > 2_500_000                   # all of the frame, in fragments

@@ -111,3 +111,16 @@ def test_bounded_queue_policies():
     for i in range(10):
         k.put(i, 30)
     assert k.nbytes <= 100 and k.get(0)[0] in (9, 6, 7, 8) and k.dropped >= 6
+
+
+def test_kafka_topic_limit_is_read_from_a_describe_configs_answer():
+    from types import SimpleNamespace as E
+
+    from msight_fast.backends.kafka import limit_from_topic_config
+    assert limit_from_topic_config({"max.message.bytes": E(value="10485760")}) == 10485760
+    assert limit_from_topic_config({}) is None
+    assert limit_from_topic_config(None) is None
+    assert limit_from_topic_config({"max.message.bytes": E(value=None)}) is None
+    assert limit_from_topic_config({"max.message.bytes": E(value="lots")}) is None
+    assert limit_from_topic_config({"max.message.bytes": E(value="12")}) is None       # absurd: ignored
+    assert limit_from_topic_config({"max.message.bytes": E(value=str(1 << 40))}) is None
