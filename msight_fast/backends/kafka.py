@@ -3,7 +3,9 @@
 Producer: idempotent (``enable.idempotence``, ``acks=all``), batched (``linger.ms``), never a
 flush per message; the bytes in flight are bounded (``max_in_flight_bytes``) so latency cannot
 grow without bound: ``publish`` waits for room instead. Delivery errors come back via ``flush``.
-Frames above ``max_message_bytes`` are fragmented; every fragment of a frame has the frame's key,
+Frames above the topic's message limit (``max_message_bytes``, by default the topic's
+``max.message.bytes`` as the broker reports it, else 1,000,000) are fragmented, straight from the
+frame's parts; every fragment of a frame has the frame's key,
 so all of them land on one partition, in order. The key is the publisher id by default (a
 publisher's frames stay in order, as Kafka orders only within a partition) or, with
 ``partition_key="frame"``, the frame id (one publisher's frames spread over the partitions, so a
