@@ -99,20 +99,17 @@ def core_publisher(backend, opts, topic, payload, seconds, ready, go, out) -> No
     out[0], out[1], out[2] = n, time.monotonic() - t0, _cpu_s() - c0
 
 
+def _take(rec, data: bytes) -> None:
+    d = msgpack.unpackb(data, raw=False)
+    from_dict(d)
+    rec.add(_latency_ns(d), len(data))
+
+
 def core_subscriber(backend, opts, topic, rec, stop, ready) -> None:
     if backend == "redis":
-        import redis
-        ps = redis.Redis(host="127.0.0.1", port=opts["port"]).pubsub()
-        ps.subscribe(topic)
-        ps.get_message(timeout=5)
-        ready.set()
-        while not stop.is_set():
-            m = ps.get_message(timeout=0.2)
-            if m and m["type"] == "message":
-                d = msgpack.unpackb(m["data"], raw=False)
-                from_dict(d)
-                rec.add(_latency_ns(d), len(m["data"]))
-        ps.close()
+        from msight_fast.bench import redis_py_messages
+        for data in redis_py_messages(opts["port"], topic, stop, ready):
+            _take(rec, data)
     elif backend == "nats":
         import asyncio
         import queue
@@ -138,9 +135,7 @@ def core_subscriber(backend, opts, topic, rec, stop, ready) -> None:
                 data = q.get(timeout=0.2)
             except queue.Empty:
                 continue
-            d = msgpack.unpackb(data, raw=False)
-            from_dict(d)
-            rec.add(_latency_ns(d), len(data))
+            _take(rec, data)
         asyncio.run_coroutine_threadsafe(nc.close(), loop).result(30)
     else:
         import os
@@ -152,8 +147,5 @@ def core_subscriber(backend, opts, topic, rec, stop, ready) -> None:
         while not stop.is_set():
             m = c.poll(0.2)
             if m is not None and m.error() is None:
-                v = m.value()
-                d = msgpack.unpackb(v, raw=False)
-                from_dict(d)
-                rec.add(_latency_ns(d), len(v))
+                _take(rec, m.value())
         c.close()

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 
@@ -169,20 +169,27 @@ def _sub_msight(backend: str, opts: dict, topic: str, rec: _Recorder, stop: thre
     bus.close()
 
 
-def _sub_raw(backend: str, opts: dict, topic: str, rec: _Recorder, stop: threading.Event, ready: threading.Event) -> None:
-    ts = lambda b: struct.unpack_from("<q", b)[0]
-    if backend == "redis":
-        import redis
-        r = redis.Redis(host="127.0.0.1", port=opts["port"])
-        ps = r.pubsub()
-        ps.subscribe(topic)
-        ps.get_message(timeout=5)
-        ready.set()
+def redis_py_messages(port: int, topic: str, stop: threading.Event, ready: threading.Event) -> Iterator[bytes]:
+    """The payloads redis-py's pub/sub reader (hiredis parser) gets on ``topic`` until ``stop``."""
+    import redis
+    ps = redis.Redis(host="127.0.0.1", port=port).pubsub()
+    ps.subscribe(topic)
+    ps.get_message(timeout=5)
+    ready.set()
+    try:
         while not stop.is_set():
             m = ps.get_message(timeout=0.2)
             if m and m["type"] == "message":
-                rec.add(time.time_ns() - ts(m["data"]), len(m["data"]))
+                yield m["data"]
+    finally:
         ps.close()
+
+
+def _sub_raw(backend: str, opts: dict, topic: str, rec: _Recorder, stop: threading.Event, ready: threading.Event) -> None:
+    ts = lambda b: struct.unpack_from("<q", b)[0]
+    if backend == "redis":
+        for data in redis_py_messages(opts["port"], topic, stop, ready):
+            rec.add(time.time_ns() - ts(data), len(data))
     elif backend == "nats":
         import asyncio
         import nats
