@@ -11,7 +11,7 @@ from collections import defaultdict
 ORDER = ["raw1080", "raw4k", "jpeg", "lidar", "lidar262k", "1k"]
 COLS = ["ext.encode", "ext.encode_parts", "ext.decode", "py.encode", "py.encode_parts", "py.decode",
         "floor.memcpy", "pickle5_inband.encode", "pickle5_inband.decode", "pickle5_oob.encode",
-        "pickle5_oob.decode", "msight.encode", "msight.decode"]
+        "pickle5_oob.decode", "msight.encode", "msight.decode", "fragment_joined", "fragment_parts"]
 
 
 def fmt(us: float) -> str:

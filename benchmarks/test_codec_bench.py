@@ -53,6 +53,20 @@ def test_encode_parts(benchmark, name, which, wire):
     benchmark.extra_info["header_bytes"] = len(out[0])
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if _frame(impl, n).nbytes > 1 << 20])
+@pytest.mark.parametrize("how", ["joined", "parts"])
+def test_fragment(benchmark, name, how):
+    """Into 1 MB fragments, as the NATS and Kafka publishers do: from the joined frame (encode,
+    then fragment: two copies) or gathered straight from encode_parts (one copy)."""
+    from msight_fast.codec import fragment
+    f = _frame(impl, name)
+    benchmark.group = name
+    benchmark.extra_info.update(contender=f"fragment_{how}", payload=name)
+    make = (lambda: impl.encode(f)) if how == "joined" else (lambda: impl.encode_parts(f))
+    out = benchmark(lambda: fragment(make(), 1 << 20))
+    assert sum(len(x) for x in out) > f.nbytes
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("which,wire", WIRES, ids=[w[0] for w in WIRES])
 def test_decode(benchmark, name, which, wire):

@@ -122,8 +122,10 @@ class KafkaTransport(Transport):
         })
         pconf.update(cfg.producer_config)
         self.producer = Producer(pconf)
-        # a metadata round trip through the producer makes it connect now; frames produced
-        # while an idempotent producer still waits for its producer id sat 0.5-1 s (measured)
+        # a metadata round trip makes the producer connect now and, when its producer-id
+        # request has not yet been put off, get its id: then the first frames are not held
+        # ~500 ms. It works only some of the time (benchmarks/kafka_probes.py, probe 2): when
+        # librdkafka asked before the connection was up it retries on a 500 ms timer
         try:
             self.producer.list_topics(timeout=cfg.connect_timeout_s)
         except KafkaException as e:
