@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from . import registry
 from .errors import BackendUnavailable
 
-KINDS = ("redis", "nats", "kafka")
+KINDS = registry.with_broker()
 
 
 def free_port() -> int:

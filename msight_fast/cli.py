@@ -23,7 +23,8 @@ DEMO_TOPICS = ("demo/camera/raw", "demo/camera/jpeg", "demo/lidar")
 
 
 def _err(msg: str) -> int:
-    print(f"msight-fast: error: {msg}", file=sys.stderr)
+    from .config import scrub
+    print(f"msight-fast: error: {scrub(msg)}", file=sys.stderr)
     return 1
 
 
@@ -152,8 +153,11 @@ def _table(rows: List[List[str]], header: List[str]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import brokers, config
-    backend = config.backend_name(args.backend)
+    from . import brokers, registry
+    backend = registry.backend_name(args.backend)
+    if not registry.get(backend).broker:
+        return _err(f"the demo runs its sensors in separate processes; the {backend} backend does not cross "
+                    f"processes (use one of {', '.join(registry.with_broker())})")
     env: Dict[str, str] = {}
     local = None
     try:
@@ -423,12 +427,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from . import registry
+    backends, with_broker = list(registry.names()), list(registry.with_broker())
     p = argparse.ArgumentParser(prog="msight-fast", description="Fast camera and lidar transport over Redis, NATS and Kafka.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__import__('msight_fast').__version__}")
     sp = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def common(q: argparse.ArgumentParser, topic: bool = True) -> None:
-        q.add_argument("--backend", choices=["redis", "nats", "kafka"], default=None,
+        q.add_argument("--backend", choices=backends, default=None,
                        help="default: $MSIGHT_PUBSUB_BACKEND or redis")
         q.add_argument("--timeout", type=float, default=None, help="broker connect timeout in seconds (default 5)")
         if topic:
@@ -444,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sp.add_parser("broker", help="start, stop or show a local broker from the bundled binaries")
     q.add_argument("action", choices=["start", "stop", "status"])
-    q.add_argument("kind", nargs="?", choices=["redis", "nats", "kafka"])
+    q.add_argument("kind", nargs="?", choices=with_broker)
     q.add_argument("--port", type=int, default=None)
     q.set_defaults(fn=cmd_broker)
 
@@ -471,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.set_defaults(fn=fn)
 
     q = sp.add_parser("bench", help="a quick transport measurement with the raw-client baseline in the same run")
-    q.add_argument("--backend", choices=["redis", "nats", "kafka"], default=None)
+    q.add_argument("--backend", choices=with_broker, default=None)
     q.add_argument("--payload", choices=["1080p", "4k", "jpeg", "lidar", "1k"], default="1080p")
     q.add_argument("--seconds", type=float, default=4.0)
     q.set_defaults(fn=cmd_bench)

@@ -18,7 +18,7 @@ decode = impl.decode
 crc32c = impl.crc32c
 
 __all__ = ["Frame", "encode", "encode_parts", "decode", "crc32c", "fragment", "Reassembler",
-           "is_fragment", "HAS_EXTENSIONS", "FrameError"]
+           "is_fragment", "fragment_key", "HAS_EXTENSIONS", "FrameError"]
 
 
 def is_fragment(buf: Any) -> bool:
@@ -26,6 +26,16 @@ def is_fragment(buf: Any) -> bool:
     if type(buf) is bytes:                    # what every backend hands over: no view needed
         return buf[:4] == S.FRAG_MAGIC
     return bytes(memoryview(buf)[:4]) == S.FRAG_MAGIC
+
+
+def fragment_key(buf: Any) -> tuple:
+    """(publisher_id, frame_id) of a fragment, unchecked: the key of the frame it belongs to.
+
+    The fragment header's layout is known here only (see docs/wire-format.md); ``buf`` must be
+    at least the 64-byte fragment header long (``is_fragment`` said so, or the caller checked).
+    """
+    mv = memoryview(buf)
+    return (int.from_bytes(mv[16:24], "little"), int.from_bytes(mv[8:16], "little"))
 
 
 def _frame_ids(frame_bytes: memoryview) -> tuple:
@@ -107,6 +117,10 @@ class Reassembler:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def pending_keys(self) -> List[tuple]:
+        """(publisher_id, frame_id) of every frame still being put together."""
+        return list(self._pending)
 
     def stats(self) -> dict:
         return {"completed": self.completed, "expired": self.expired, "duplicates": self.duplicates,

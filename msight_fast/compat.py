@@ -5,9 +5,21 @@
 
 Same constructor arguments (``RedisPubSub(redis_client)``, ``NATSPubSub(get_nats_config(group))``,
 ``KafkaPubSub(get_kafka_config(group))``), same ``subscribe(topic)``, ``publish(topic,
-serialized_data)`` and ``listen()``. Payloads are the caller's bytes, passed through untouched;
-what changes is the transport underneath (no thread per publish, no flush per Kafka message,
-no silent redis-py reconnects, TLS/SASL settings really applied).
+serialized_data)`` and ``listen()``, on a msight_fast ``Bus`` underneath: no thread per publish,
+no flush per Kafka message, reconnection after broker restarts, TLS/SASL settings applied.
+``publish`` is safe from any number of threads at once, including a new thread per message as
+MSight Core's ``Node.publish`` makes.
+
+Two wire modes:
+- plain (the default): the caller's bytes go out untouched, exactly as MSight Core sends them,
+  so MSight Core subscribers read them. Payloads above a broker's limit (NATS ``max_payload``,
+  Kafka's message size) raise ``FrameTooLarge``, as they fail in MSight Core.
+- framed (``framed=True``, or ``MSIGHT_FAST_COMPAT_FRAMED=1``): each payload is wrapped in a
+  msight_fast frame, so large payloads are fragmented and subscribers count gaps and latency.
+  Only msight_fast subscribers (compat or not) read framed payloads.
+
+``listen()`` accepts both: a framed message yields its payload, anything else its bytes as they
+came, so a deployment that mixes MSight Core's classes and these keeps working.
 """
 from __future__ import annotations
 
@@ -15,6 +27,8 @@ import os
 from typing import Any, Dict, Iterator, Optional
 
 from . import config as _config
+from . import registry
+from .bus import Bus, _connect
 
 __all__ = ["RedisPubSub", "NATSPubSub", "KafkaPubSub", "get_nats_config", "get_kafka_config"]
 
@@ -26,40 +40,55 @@ def _name(topic: Any) -> str:
     return name
 
 
-class _Compat:
-    _transport: Any
+def _framed(arg: Optional[bool]) -> bool:
+    if arg is not None:
+        return bool(arg)
+    return _config._bool("MSIGHT_FAST_COMPAT_FRAMED", os.environ.get("MSIGHT_FAST_COMPAT_FRAMED", ""))
 
-    def __init__(self) -> None:
-        self._source: Any = None
+
+class _Compat:
+    BACKEND = "?"
+    FROM_BEGINNING = False
+
+    def __init__(self, options: Dict[str, Any], group: Optional[str], framed: Optional[bool]) -> None:
+        self.framed = _framed(framed)
+        self._group = group
+        self._bus: Bus = _connect(self.BACKEND, options, None)
+        self._sub: Any = None
         self.subscribed = False
-        self._send_kw: Dict[str, Any] = {}
 
     def publish(self, topic: Any, serialized_data: bytes) -> None:
-        """Publish the caller's bytes, untouched, to ``topic``."""
-        self._transport.send_raw(_name(topic), serialized_data, **self._send_kw)
+        """Publish the caller's bytes to ``topic`` (framed mode: wrapped in a frame)."""
+        if self.framed:
+            self._bus.publish(_name(topic), serialized_data, encoding="bytes")
+        else:
+            self._bus._send_bytes(_name(topic), serialized_data)
 
     def subscribe(self, topic: Any) -> None:
         """Subscribe to ``topic`` (an object with ``.name``, or a str)."""
-        self._source = self._transport.open(_name(topic), self._group, False)
+        self._sub = self._bus.subscribe(_name(topic), group_id=self._group, from_beginning=self.FROM_BEGINNING)
+        self._sub._passthrough = True
         self.subscribed = True
 
     def listen(self) -> Iterator[bytes]:
-        """Yield each message's bytes, as published."""
+        """Yield each message's bytes, as published; ends after ``close()``."""
         if not self.subscribed:
             raise RuntimeError("Must call subscribe(topic) before listen()")
-        while True:
-            got = self._source.next(0.5)
-            if got is None:
-                continue
-            data, token = got
-            yield bytes(data)
-            if token is not None:
-                self._source.handed(None, [token])   # processed once the caller asks for the next
+        for f in self._sub:
+            yield bytes(f.data)
+
+    def stats(self) -> Dict[str, Any]:
+        """The Bus's publisher counters, and the subscription's (framed messages: gaps, latency)."""
+        out = {"publisher": self._bus.stats()}
+        if self._sub is not None:
+            out["subscription"] = self._sub.stats()
+        return out
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        self._bus.flush(timeout)
 
     def close(self) -> None:
-        if self._source is not None:
-            self._source.close()
-        self._transport.close()
+        self._bus.close()
 
 
 class RedisPubSub(_Compat):
@@ -67,8 +96,9 @@ class RedisPubSub(_Compat):
     (host, port, db, username, password, unix socket, TLS); with ``None``, from the
     ``MSIGHT_REDIS_MESSAGE_BROKER_*`` variables."""
 
-    def __init__(self, redis_client: Any = None) -> None:
-        super().__init__()
+    BACKEND = "redis"
+
+    def __init__(self, redis_client: Any = None, framed: Optional[bool] = None) -> None:
         opts: Dict[str, Any] = {}
         kw = getattr(getattr(redis_client, "connection_pool", None), "connection_kwargs", None)
         if kw:
@@ -81,9 +111,7 @@ class RedisPubSub(_Compat):
             conn_cls = getattr(redis_client.connection_pool, "connection_class", None)
             if "ssl_cert_reqs" in kw or getattr(conn_cls, "__name__", "") == "SSLConnection":
                 opts["use_tls"] = True
-        from .backends.redis import RedisTransport
-        self._group = None
-        self._transport = RedisTransport(_config.load("redis", opts))
+        super().__init__(opts, None, framed)
 
 
 def _nats_options(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -105,12 +133,11 @@ def _nats_options(cfg: Dict[str, Any]) -> Dict[str, Any]:
 class NATSPubSub(_Compat):
     """``NATSPubSub(config)`` with the dict of :func:`get_nats_config`; ``group_id`` in it makes a queue group."""
 
-    def __init__(self, config: Optional[Dict[str, Any]] = None) -> None:
-        super().__init__()
+    BACKEND = "nats"
+
+    def __init__(self, config: Optional[Dict[str, Any]] = None, framed: Optional[bool] = None) -> None:
         config = get_nats_config(None) if config is None else config
-        from .backends.nats import NatsTransport
-        self._group = config.get("group_id")
-        self._transport = NatsTransport(_config.load("nats", _nats_options(config)))
+        super().__init__(_nats_options(config), config.get("group_id"), framed)
 
 
 def _kafka_options(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -131,25 +158,20 @@ def _kafka_options(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 class KafkaPubSub(_Compat):
-    """``KafkaPubSub(config)`` with the dict of :func:`get_kafka_config`; the group is its ``group_id``."""
+    """``KafkaPubSub(config)`` with the dict of :func:`get_kafka_config`; the group is its
+    ``group_id``. A group new to the topic starts at the earliest offset, as MSight Core's does."""
 
-    def __init__(self, config: Optional[Dict[str, Any]] = None) -> None:
-        super().__init__()
+    BACKEND = "kafka"
+    FROM_BEGINNING = True
+
+    def __init__(self, config: Optional[Dict[str, Any]] = None, framed: Optional[bool] = None) -> None:
         config = get_kafka_config(None) if config is None else config
-        from .backends.kafka import KafkaTransport
-        self._group = config.get("group_id")
-        self._transport = KafkaTransport(_config.load("kafka", _kafka_options(config)))
-        # one key per publisher: its messages share a partition and stay in order, as they do
-        # on the single-partition topics Kafka auto-creates for MSight Core
-        self._send_kw = {"key": os.urandom(8)}
-
-    def flush(self, timeout: Optional[float] = None) -> None:
-        self._transport.flush(timeout)
+        super().__init__(_kafka_options(config), config.get("group_id"), framed)
 
 
 def get_nats_config(group_id: Optional[str]) -> Dict[str, Any]:
     """MSight Core's NATS config dict, from the same ``MSIGHT_NATS_*`` variables (validated)."""
-    c = _config.load("nats", {})
+    c = registry.load_config("nats", {})
     out: Dict[str, Any] = {"servers": c.servers}
     if group_id is not None:
         out["group_id"] = group_id
@@ -167,7 +189,7 @@ def get_nats_config(group_id: Optional[str]) -> Dict[str, Any]:
 
 def get_kafka_config(group_id: Optional[str]) -> Dict[str, Any]:
     """MSight Core's Kafka config dict, from the same ``MSIGHT_KAFKA_*`` variables (validated)."""
-    c = _config.load("kafka", {})
+    c = registry.load_config("kafka", {})
     out: Dict[str, Any] = {"servers": c.servers, "group_id": group_id}
     if c.sasl_mechanism:
         out["sasl_mechanism"] = c.sasl_mechanism

@@ -6,24 +6,81 @@ and shows a valid example. Credentials are kept out of ``repr`` and never logged
 from __future__ import annotations
 
 import ast
+import logging
 import os
+import re
+import threading
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Type, TypeVar
 
 from .errors import ConfigError
 
-BACKENDS = ("redis", "nats", "kafka")
 SECRET_KEYS = frozenset({"password", "token", "nkey_seed", "user_jwt", "sasl_password", "sasl_oauth_token"})
+# librdkafka properties whose values are secrets (matched as substrings of the property name)
+_SECRET_PROPS = ("password", "secret", "token", "sasl.oauthbearer.config", "sasl.jaas", "ssl.key.pem",
+                 "ssl_key", "private")
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
+
+# Every secret value a config was loaded with: masked in error messages and log records, so a
+# password written into a server URL or a raw librdkafka property never reaches a log or a CLI line.
+_secrets: Dict[str, None] = {}
+_secrets_lock = threading.Lock()
 
 
-def backend_name(backend: Optional[str]) -> str:
-    name = backend if backend is not None else os.environ.get("MSIGHT_PUBSUB_BACKEND", "redis")
-    name = (name or "redis").strip().lower()
-    if name not in BACKENDS:
-        src = "backend argument" if backend is not None else "MSIGHT_PUBSUB_BACKEND"
-        raise ConfigError(f"{src}={name!r} is not a backend; use one of {', '.join(BACKENDS)} "
-                          f"(e.g. MSIGHT_PUBSUB_BACKEND=nats)")
-    return name
+def _remember(value: Any) -> None:
+    if isinstance(value, str) and len(value) >= 3:
+        with _secrets_lock:
+            _secrets[value] = None
+            if len(_secrets) > 4096:
+                del _secrets[next(iter(_secrets))]
+
+
+def _mask_userinfo(m: "re.Match[str]") -> str:
+    info = m.group("info")
+    user = info.split(":", 1)[0] if ":" in info else "***"
+    return f"{m.group('scheme')}{user}:***@" if ":" in info else f"{m.group('scheme')}***@"
+
+
+def redact_url(url: str) -> str:
+    """``nats://user:pw@host`` -> ``nats://user:***@host``; ``nats://TOKEN@host`` -> ``nats://***@host``."""
+    return _URL_USERINFO.sub(_mask_userinfo, url)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every known secret and every URL's credentials masked."""
+    text = redact_url(text)
+    with _secrets_lock:
+        known = sorted(_secrets, key=len, reverse=True)
+    for secret in known:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _secret_prop(name: str) -> bool:
+    n = name.lower()
+    return any(k in n for k in _SECRET_PROPS)
+
+
+def redact_props(props: Mapping[str, Any]) -> Dict[str, Any]:
+    """A librdkafka property dict with its secret values shown as ``***``."""
+    return {k: ("***" if _secret_prop(str(k)) and v not in (None, "") else v) for k, v in props.items()}
+
+
+class _ScrubFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's business
+            return True
+        clean = scrub(msg)
+        if clean != msg:
+            record.msg, record.args = clean, ()
+        return True
+
+
+for _name in ("msight_fast", "msight_fast.librdkafka"):
+    logging.getLogger(_name).addFilter(_ScrubFilter())
 
 
 def _bool(var: str, value: Any) -> bool:
@@ -52,8 +109,8 @@ def _float(var: str, value: Any, example: str) -> float:
         x = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{var}={value!r} is not a number (e.g. {var}={example})") from None
-    if not x > 0:
-        raise ConfigError(f"{var}={x} must be positive (e.g. {var}={example})")
+    if not 0 < x <= 86400:                 # also refuses nan and inf
+        raise ConfigError(f"{var}={x} must be a positive number of seconds up to 86400 (e.g. {var}={example})")
     return x
 
 
@@ -86,21 +143,36 @@ def _file(var: str, value: Any) -> Optional[str]:
 
 
 @dataclass(repr=False)
-class _Base:
+class BaseConfig:
+    """Options every backend has. Subclasses name their variables' prefix in ``ENV_PREFIX``."""
+    ENV_PREFIX: ClassVar[str] = "MSIGHT_"
+    BACKEND: ClassVar[str] = "?"
     connect_timeout_s: float = 5.0
+    publish_timeout_s: float = 5.0          # a publish waits at most this for a broker that is away
     max_frame_bytes: int = 256 << 20
     max_pending_bytes: int = 256 << 20      # subscriber-side queue bound (NATS, Kafka)
     drop_policy: str = "drop_oldest"        # or "keep_latest"
     checksum: bool = False
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{f.name}={'***' if f.name in SECRET_KEYS and getattr(self, f.name) else getattr(self, f.name)!r}"
-                          for f in fields(self))
+        shown = ", ".join(f"{f.name}={_shown(f.name, getattr(self, f.name))}" for f in fields(self))
         return f"{type(self).__name__}({shown})"
 
 
+def _shown(name: str, value: Any) -> str:
+    if name in SECRET_KEYS and value:
+        return "'***'"
+    if name == "servers":
+        return repr([redact_url(v) for v in value])
+    if isinstance(value, Mapping):
+        return repr(redact_props(value))
+    return repr(value)
+
+
 @dataclass(repr=False)
-class RedisConfig(_Base):
+class RedisConfig(BaseConfig):
+    ENV_PREFIX: ClassVar[str] = "MSIGHT_REDIS_MESSAGE_BROKER_"
+    BACKEND: ClassVar[str] = "redis"
     host: str = "localhost"
     port: int = 6379
     db: int = 0
@@ -114,7 +186,9 @@ class RedisConfig(_Base):
 
 
 @dataclass(repr=False)
-class NatsConfig(_Base):
+class NatsConfig(BaseConfig):
+    ENV_PREFIX: ClassVar[str] = "MSIGHT_NATS_"
+    BACKEND: ClassVar[str] = "nats"
     servers: List[str] = field(default_factory=lambda: ["nats://localhost:4222"])
     username: Optional[str] = None
     password: Optional[str] = None
@@ -130,7 +204,9 @@ class NatsConfig(_Base):
 
 
 @dataclass(repr=False)
-class KafkaConfig(_Base):
+class KafkaConfig(BaseConfig):
+    ENV_PREFIX: ClassVar[str] = "MSIGHT_KAFKA_"
+    BACKEND: ClassVar[str] = "kafka"
     servers: List[str] = field(default_factory=lambda: ["localhost:9092"])
     sasl_mechanism: Optional[str] = None
     sasl_username: Optional[str] = None
@@ -152,18 +228,25 @@ class KafkaConfig(_Base):
     consumer_config: Dict[str, Any] = field(default_factory=dict)
 
 
-_ENV = {
-    "redis": ("MSIGHT_REDIS_MESSAGE_BROKER_", RedisConfig),
-    "nats": ("MSIGHT_NATS_", NatsConfig),
-    "kafka": ("MSIGHT_KAFKA_", KafkaConfig),
-}
+@dataclass(repr=False)
+class MemoryConfig(BaseConfig):
+    ENV_PREFIX: ClassVar[str] = "MSIGHT_MEMORY_"
+    BACKEND: ClassVar[str] = "memory"
+    name: str = "default"                   # buses with the same name share one in-process broker
+    max_message_bytes: Optional[int] = 1 << 20   # frames above it are fragmented, as on NATS
+    retain_bytes: int = 64 << 20            # the retained log per topic (from_beginning replays it)
+
+
 _SASL = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 
 
-def load(backend: str, options: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None):
-    """Build the backend's config: defaults, then ``MSIGHT_*`` variables, then keyword options."""
+C = TypeVar("C", bound=BaseConfig)
+
+
+def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> C:
+    """Build a backend's config: defaults, then ``MSIGHT_*`` variables, then keyword options."""
     env = os.environ if environ is None else environ
-    prefix, cls = _ENV[backend]
+    prefix, backend = cls.ENV_PREFIX, cls.BACKEND
     names = {f.name for f in fields(cls)}
     unknown = set(options) - names
     if unknown:
@@ -185,13 +268,13 @@ def load(backend: str, options: Mapping[str, Any], environ: Optional[Mapping[str
             value = _int(var, value, 1, 65535, "6379")
         elif name == "db":
             value = _int(var, value, 0, 1 << 20, "0")
-        elif name in ("max_frame_bytes", "max_pending_bytes", "max_in_flight_bytes"):
+        elif name in ("max_frame_bytes", "max_pending_bytes", "max_in_flight_bytes", "retain_bytes"):
             value = _int(var, value, 1024, 1 << 40, str(default))
         elif name == "max_message_bytes" or name == "max_payload":
             value = _int(var, value, 1024, 1 << 31, "1048576")
         elif name in ("num_partitions", "linger_ms"):
             value = _int(var, value, 0 if name == "linger_ms" else 1, 100_000, str(default))
-        elif name == "connect_timeout_s":
+        elif name in ("connect_timeout_s", "publish_timeout_s"):
             value = _float(var, value, "5")
         elif isinstance(default, bool):
             value = _bool(var, value)
@@ -223,6 +306,16 @@ def load(backend: str, options: Mapping[str, Any], environ: Optional[Mapping[str
         elif not (cfg.sasl_username and cfg.sasl_password):
             raise ConfigError(f"MSIGHT_KAFKA_SASL_MECHANISM={cfg.sasl_mechanism} needs MSIGHT_KAFKA_SASL_USERNAME "
                               "and MSIGHT_KAFKA_SASL_PASSWORD")
+    for name in SECRET_KEYS & names:
+        _remember(getattr(cfg, name))
+    for url in getattr(cfg, "servers", ()):
+        for m in _URL_USERINFO.finditer(url):
+            info = m.group("info")
+            _remember(info.split(":", 1)[1] if ":" in info else info)
+    for props in (getattr(cfg, "producer_config", {}), getattr(cfg, "consumer_config", {})):
+        for k, v in props.items():
+            if _secret_prop(str(k)):
+                _remember(str(v))
     if (getattr(cfg, "tls_cert_file", None) is None) != (getattr(cfg, "tls_key_file", None) is None):
         raise ConfigError(f"{prefix}TLS_CERT_FILE and {prefix}TLS_KEY_FILE go together (a client certificate and its key)")
     return cfg

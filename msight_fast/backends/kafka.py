@@ -32,9 +32,8 @@ from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from ..bus import Source, Transport
-from ..codec import fragment
-from ..errors import AuthError, BackendUnavailable, ConfigError, FrameTooLarge, PublishError
+from ..errors import AuthError, BackendUnavailable, ConfigError, PublishError
+from .base import Capabilities, Outgoing, Source, Transport
 
 log = logging.getLogger("msight_fast")
 FRAG_SLACK = 512                 # record-batch overhead kept free under the message limit
@@ -90,6 +89,8 @@ def _raise_for(e: Exception, what: str, cfg: Any) -> None:
 
 class KafkaTransport(Transport):
     name = "kafka"
+    CAPABILITIES = Capabilities(delivery="at_least_once", groups="consumer", persistence=True, max_message=None)
+    capabilities = CAPABILITIES
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -173,24 +174,17 @@ class KafkaTransport(Transport):
         return limit - FRAG_SLACK
 
     # -- publish
-    def send(self, topic: str, frame: Any, parts: list, nbytes: int) -> None:
+    def max_message(self, topic: str) -> Optional[int]:
         self.ensure_topic(topic)
-        # bytes (confluent-kafka takes no views): one copy, whole or in fragments
-        limit = self._limits[topic]
-        msgs = [b"".join(parts)] if nbytes <= limit else fragment(parts, limit)
+        return self._limits[topic]
+
+    def send(self, msg: Outgoing, deadline: float) -> None:
+        self.ensure_topic(msg.topic)
         # all fragments of a frame share its key, hence one partition; "publisher" keeps a
         # publisher's frames in order, "frame" spreads them for a consumer group to share
-        key = (frame.publisher_id if self.cfg.partition_key == "publisher" else frame.frame_id).to_bytes(8, "little")
-        self._produce(topic, msgs, key)
-
-    def send_raw(self, topic: str, data: bytes, key: Optional[bytes] = None) -> None:
-        """Produce the caller's bytes untouched (the compat layer)."""
-        self.ensure_topic(topic)
-        if len(data) > self._limits[topic]:
-            raise FrameTooLarge(f"{len(data)} bytes on {topic!r} exceed the topic's message limit "
-                                f"{self._limits[topic] + FRAG_SLACK}; publish Frames through connect() to have "
-                                "them fragmented")
-        self._produce(topic, [bytes(data)], key)
+        k = msg.publisher_id if self.cfg.partition_key == "publisher" or not msg.frame_id else msg.frame_id
+        # bytes (confluent-kafka takes no views): one copy, whole or in fragments
+        self._produce(msg.topic, msg.messages(), k.to_bytes(8, "little") if k else None)
 
     def _produce(self, topic: str, msgs: list, key: Optional[bytes]) -> None:
         for m in msgs:

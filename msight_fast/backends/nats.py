@@ -31,9 +31,9 @@ import nats.aio.transport as _nats_transport
 from nats import errors as nats_errors
 
 from .. import _schema as S
-from ..bus import BoundedQueue, Source, Transport
-from ..codec import fragment
-from ..errors import AuthError, BackendUnavailable, FrameTooLarge, PublishError
+from ..codec import fragment_key
+from ..errors import AuthError, BackendUnavailable, PublishError
+from .base import BoundedQueue, Capabilities, Outgoing, Source, Transport
 
 log = logging.getLogger("msight_fast")
 
@@ -140,6 +140,7 @@ async def _connect(cfg: Any, **cbs: Any) -> Any:
 
 class NatsTransport(Transport):
     name = "nats"
+    CAPABILITIES = Capabilities(delivery="best_effort", groups="queue", persistence=False, max_message=1 << 20)
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -182,6 +183,8 @@ class NatsTransport(Transport):
                                      f"{e!r}") from None
         server_max = self.nc.max_payload
         self.max_payload = min(server_max, cfg.max_payload) if cfg.max_payload else server_max
+        self.capabilities = Capabilities(delivery="best_effort", groups="queue", persistence=False,
+                                         max_message=self.max_payload)
         self._q: Deque[Tuple[str, Any, Optional[str]]] = collections.deque()
         self._q_bytes = 0
         self._cv = threading.Condition()
@@ -193,14 +196,15 @@ class NatsTransport(Transport):
         self._lock = threading.Lock()
 
     # -- publish
-    def send(self, topic: str, frame: Any, parts: list, nbytes: int) -> None:
-        if nbytes <= self.max_payload:
-            self._enqueue([(topic, b"".join(parts), None)], nbytes)
+    def send(self, msg: Outgoing, deadline: float) -> None:
+        topic, nbytes = msg.topic, msg.nbytes
+        frags = msg.fragments
+        if frags is None:
+            self._enqueue([(topic, msg.joined(), None)], nbytes)
             return
-        frags = fragment(parts, self.max_payload)                  # one copy, straight from the parts
         if self._pull_subject is None:
-            self._start_pull_service(frame.publisher_id)
-        key = (frame.publisher_id, frame.frame_id)
+            self._start_pull_service(msg.publisher_id)
+        key = (msg.publisher_id, msg.frame_id)
         with self._lock:
             self._rest[key] = (topic, frags[1:])
             while len(self._rest) > REST_CACHE:
@@ -208,13 +212,6 @@ class NatsTransport(Transport):
         items = [(topic, f, None) for f in frags]                      # broadcast subscribers
         items.append((GROUP_PREFIX + topic, frags[0], self._pull_subject))  # queue groups pull the rest
         self._enqueue(items, nbytes + len(frags[0]))
-
-    def send_raw(self, topic: str, data: bytes) -> None:
-        """Publish the caller's bytes untouched (the compat layer)."""
-        if len(data) > self.max_payload:
-            raise FrameTooLarge(f"{len(data)} bytes on {topic!r} exceed the NATS server's max_payload "
-                                f"{self.max_payload}; publish Frames through connect() to have them fragmented")
-        self._enqueue([(topic, bytes(data), None)], len(data))
 
     def _enqueue(self, items: list, nbytes: int) -> None:
         with self._cv:
@@ -250,10 +247,11 @@ class NatsTransport(Transport):
         subject = f"{PULL_PREFIX}{publisher_id:016x}"
 
         async def serve(msg: Any) -> None:
-            # request body: 8-byte frame id, 8-byte publisher id; reply subject: the member's inbox
-            fid, pid = int.from_bytes(msg.data[:8], "little"), int.from_bytes(msg.data[8:16], "little")
+            # request body: the first fragment's header; reply subject: the member's inbox
+            if len(msg.data) < S.FRAG_HEADER_LEN:
+                return
             with self._lock:
-                entry = self._rest.get((pid, fid))
+                entry = self._rest.get(fragment_key(msg.data))
             if entry is None or not msg.reply:
                 return
             for f in entry[1]:
@@ -314,8 +312,7 @@ class NatsSource(Source):
             if data[:4] == S.FRAG_MAGIC and msg.reply:
                 # a queue member got the first fragment of a frame: ask its publisher for the rest
                 q.put(data, len(data))
-                body = data[8:16] + data[16:24]
-                await t.nc.publish(msg.reply, body, reply=self.inbox)
+                await t.nc.publish(msg.reply, data[:S.FRAG_HEADER_LEN], reply=self.inbox)
             else:
                 q.put(data, len(data))
 

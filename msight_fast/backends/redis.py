@@ -23,7 +23,7 @@ from typing import Any, List, Optional, Tuple
 import hiredis
 import numpy as np
 
-from ..bus import Source, Transport
+from .base import Capabilities, Outgoing, Source, Transport
 from ..errors import AuthError, BackendUnavailable, PublishError
 
 log = logging.getLogger("msight_fast")
@@ -121,6 +121,8 @@ class _Conn:
 
 class RedisTransport(Transport):
     name = "redis"
+    CAPABILITIES = Capabilities(delivery="best_effort", groups=None, persistence=False, max_message=None)
+    capabilities = CAPABILITIES
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -131,11 +133,18 @@ class RedisTransport(Transport):
         self._prefixes: dict = {}
 
     # -- publish
-    def send(self, topic: str, frame: Any, parts: list, nbytes: int) -> None:
-        self.send_raw(topic, parts[0], parts[1], nbytes)
+    def send(self, msg: Outgoing, deadline: float) -> None:
+        if msg.fragments is not None:          # only with a max_message, which Redis has not
+            for f in msg.fragments:
+                self._publish(msg.topic, f, b"", len(f))
+        elif len(msg.parts) == 2:
+            self._publish(msg.topic, msg.parts[0], msg.parts[1], msg.nbytes)
+        else:
+            data = msg.joined()
+            self._publish(msg.topic, data, b"", len(data))
 
-    def send_raw(self, topic: str, head: Any, body: Any = b"", nbytes: Optional[int] = None) -> None:
-        """PUBLISH head+body as one message, scatter-gather (compat passes the caller's bytes here)."""
+    def _publish(self, topic: str, head: Any, body: Any, nbytes: Optional[int] = None) -> None:
+        """PUBLISH head+body as one message, scatter-gather."""
         prefix = self._prefixes.get(topic)
         if prefix is None:
             t = topic.encode()
@@ -220,8 +229,6 @@ class RedisTransport(Transport):
 
     # -- subscribe
     def open(self, topic: str, group_id: Optional[str], from_beginning: bool) -> Source:
-        if group_id:
-            log.warning("msight_fast: group_id %r ignored on Redis (broadcast only)", group_id)
         return RedisSource(self.cfg, topic)
 
     def close(self) -> None:

@@ -3,8 +3,9 @@
 import pytest
 
 import msight_fast
-from msight_fast import ConfigError, config
-from msight_fast.bus import BoundedQueue, SeqTracker
+from msight_fast import ConfigError, config, registry
+from msight_fast.backends.base import BoundedQueue
+from msight_fast.stats import SeqTracker
 
 
 @pytest.mark.parametrize("backend,env,var", [
@@ -25,15 +26,15 @@ from msight_fast.bus import BoundedQueue, SeqTracker
 ])
 def test_bad_environment_values_name_the_variable(backend, env, var):
     with pytest.raises(ConfigError, match=var):
-        config.load(backend, {}, env)
+        registry.load_config(backend, {}, env)
 
 
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv("MSIGHT_PUBSUB_BACKEND", raising=False)
-    assert config.backend_name(None) == "redis"
+    assert registry.backend_name(None) == "redis"
     monkeypatch.setenv("MSIGHT_PUBSUB_BACKEND", "NATS")
-    assert config.backend_name(None) == "nats"
-    assert config.backend_name("Kafka") == "kafka"
+    assert registry.backend_name(None) == "nats"
+    assert registry.backend_name("Kafka") == "kafka"
     monkeypatch.setenv("MSIGHT_PUBSUB_BACKEND", "zeromq")
     with pytest.raises(ConfigError, match="MSIGHT_PUBSUB_BACKEND"):
         msight_fast.connect()
@@ -42,21 +43,21 @@ def test_backend_selection(monkeypatch):
 def test_environment_is_read_and_options_override_it():
     env = {"MSIGHT_NATS_SERVERS": "['nats://10.0.0.1:4222', 'nats://10.0.0.2:4222']",
            "MSIGHT_NATS_USERNAME": "alice", "MSIGHT_NATS_PASSWORD": "s3cr3t", "MSIGHT_NATS_USE_TLS": "yes"}
-    c = config.load("nats", {}, env)
+    c = registry.load_config("nats", {}, env)
     assert c.servers == ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"] and c.username == "alice"
     assert c.password == "s3cr3t" and c.use_tls is True
-    c = config.load("nats", {"servers": ["nats://x:1"], "use_tls": False}, env)
+    c = registry.load_config("nats", {"servers": ["nats://x:1"], "use_tls": False}, env)
     assert c.servers == ["nats://x:1"] and c.use_tls is False
-    r = config.load("redis", {}, {"MSIGHT_REDIS_MESSAGE_BROKER_PORT": "6380", "MSIGHT_REDIS_MESSAGE_BROKER_DB": "2"})
+    r = registry.load_config("redis", {}, {"MSIGHT_REDIS_MESSAGE_BROKER_PORT": "6380", "MSIGHT_REDIS_MESSAGE_BROKER_DB": "2"})
     assert (r.host, r.port, r.db) == ("localhost", 6380, 2)
-    k = config.load("kafka", {}, {"MSIGHT_KAFKA_SERVERS": "['b1:9092']", "MSIGHT_KAFKA_SASL_MECHANISM": "scram-sha-512",
+    k = registry.load_config("kafka", {}, {"MSIGHT_KAFKA_SERVERS": "['b1:9092']", "MSIGHT_KAFKA_SASL_MECHANISM": "scram-sha-512",
                                   "MSIGHT_KAFKA_SASL_USERNAME": "u", "MSIGHT_KAFKA_SASL_PASSWORD": "p"})
     assert k.servers == ["b1:9092"] and k.sasl_mechanism == "SCRAM-SHA-512"
 
 
 def test_kafka_settings_reach_librdkafka():
     from msight_fast.backends.kafka import _client_config
-    k = config.load("kafka", {}, {"MSIGHT_KAFKA_SERVERS": "['b1:9093','b2:9093']", "MSIGHT_KAFKA_SASL_MECHANISM": "PLAIN",
+    k = registry.load_config("kafka", {}, {"MSIGHT_KAFKA_SERVERS": "['b1:9093','b2:9093']", "MSIGHT_KAFKA_SASL_MECHANISM": "PLAIN",
                                   "MSIGHT_KAFKA_SASL_USERNAME": "u", "MSIGHT_KAFKA_SASL_PASSWORD": "p",
                                   "MSIGHT_KAFKA_USE_TLS": "true", "MSIGHT_KAFKA_TLS_VERIFY": "false",
                                   "MSIGHT_KAFKA_TLS_CHECK_HOSTNAME": "false"})
@@ -67,15 +68,15 @@ def test_kafka_settings_reach_librdkafka():
 
 
 def test_secrets_are_never_shown(caplog):
-    c = config.load("kafka", {"sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "hunter2"})
+    c = registry.load_config("kafka", {"sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "hunter2"})
     assert "hunter2" not in repr(c) and "***" in repr(c)
-    n = config.load("nats", {"token": "tok-123", "password": "pw-456"})
+    n = registry.load_config("nats", {"token": "tok-123", "password": "pw-456"})
     assert "tok-123" not in repr(n) and "pw-456" not in repr(n)
 
 
 def test_unknown_option_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown option"):
-        config.load("redis", {"hots": "x"})
+        registry.load_config("redis", {"hots": "x"})
 
 
 def test_compat_config_dicts_match_msight_core(monkeypatch):

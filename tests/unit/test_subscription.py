@@ -4,7 +4,8 @@ import collections
 import numpy as np
 
 from msight_fast import Frame, encode, fragment
-from msight_fast.bus import Source, Subscription
+from msight_fast.backends.base import Source
+from msight_fast.bus import Subscription
 from msight_fast.config import RedisConfig
 
 
@@ -34,7 +35,7 @@ def test_tokens_of_delivered_rejected_and_abandoned_messages_are_all_released():
     msgs += [(m, ("p", 2 + i)) for i, m in enumerate(partial)]
     msgs += [(m, ("p", 10 + i)) for i, m in enumerate(complete)]
     src = ScriptedSource(msgs)
-    sub = Subscription(None, "t", src, RedisConfig(), None)
+    sub = Subscription(None, "t", src, RedisConfig(), None, whole_stream=True)
     assert [sub.recv(0).seq for _ in range(2)] == [1, 3]
     assert sub.rejected == 1 and sub._reasm.pending == 1     # frame 2 still waits for its fragments
     held = [t for ts in sub._tokens.values() for t in ts]
@@ -50,7 +51,7 @@ def test_tokens_of_delivered_rejected_and_abandoned_messages_are_all_released():
 
 def test_stats_count_gaps_and_latency():
     src = ScriptedSource([(_frame(s, 10), None) for s in (1, 2, 5)])
-    sub = Subscription(None, "t", src, RedisConfig(), None)
+    sub = Subscription(None, "t", src, RedisConfig(), None, whole_stream=True)
     assert [sub.recv(0).seq for _ in range(3)] == [1, 2, 5]
     st = sub.stats()
     assert st["received"] == 3 and st["gaps"] == 2 and st["bytes"] == 30

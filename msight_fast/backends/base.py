@@ -1,0 +1,181 @@
+"""The backend contract: what a transport must do, and what it declares it can do.
+
+A backend is one module in this package with a ``Transport`` subclass and an entry in
+``msight_fast.registry``. The Bus above it adds everything backend-independent: sequence numbers,
+encoding, fragmentation (decided once, from ``Transport.max_message``), statistics and locking.
+"""
+from __future__ import annotations
+
+import abc
+import collections
+import threading
+from dataclasses import dataclass
+from typing import Any, ClassVar, Deque, Dict, List, Literal, Optional, Sequence, Tuple
+
+__all__ = ["Capabilities", "Outgoing", "Transport", "Source", "BoundedQueue", "Token",
+           "Delivery", "GroupKind"]
+
+Delivery = Literal["best_effort", "at_least_once"]
+GroupKind = Literal["queue", "consumer"]
+Token = Any
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers; the Bus, the CLI, the conformance suite and the README's table ask it.
+
+    - ``delivery``: ``best_effort`` (a frame may be lost, and the loss is counted) or
+      ``at_least_once`` (kept until a subscriber has handed it to the application; may repeat).
+    - ``groups``: None (``group_id`` is ignored: every subscriber gets every frame), ``queue``
+      (each frame reaches one live member; nothing is kept for a member that is away) or
+      ``consumer`` (each frame reaches one member; a dead member's frames go to the others).
+    - ``persistence``: frames are retained and ``from_beginning=True`` replays them.
+    - ``max_message``: the largest message the broker takes, when it is the same for every topic
+      (None: no limit, or per topic: see ``Transport.max_message``).
+    """
+    delivery: Delivery
+    groups: Optional[GroupKind]
+    persistence: bool
+    max_message: Optional[int] = None
+
+
+@dataclass
+class Outgoing:
+    """One frame on its way out: either whole (``parts``, written back to back as one message)
+    or split into ``fragments`` (each one message, all with the same key)."""
+    topic: str
+    publisher_id: int
+    frame_id: int
+    nbytes: int
+    parts: Sequence[Any] = ()
+    fragments: Optional[List[bytes]] = None
+
+    def joined(self) -> bytes:
+        """The whole message as one ``bytes`` (for clients that take nothing else)."""
+        return b"".join(self.parts)
+
+    def messages(self) -> List[Any]:
+        """What goes on the wire, one item per broker message."""
+        return self.fragments if self.fragments is not None else [self.joined()]
+
+
+class Source(abc.ABC):
+    """What a backend gives a Subscription: raw messages (whole frames or fragments).
+
+    One thread at a time calls ``next``; ``close`` may come from any thread.
+    """
+
+    @abc.abstractmethod
+    def next(self, timeout: Optional[float]) -> Optional[Tuple[Any, Token]]:
+        """The next message and an opaque token (None if the backend keeps no offsets), or None
+        once ``timeout`` seconds pass. Must return within the timeout plus a small slack, whatever
+        the network does; a lost connection is re-established here, not raised."""
+
+    def handed(self, frame: Any, tokens: List[Token]) -> None:
+        """A frame made of the messages with these tokens was handed to the application (or
+        dropped, ``frame`` None): at-least-once backends may release them."""
+
+    def ack(self) -> None:
+        """Everything handed so far is done with (Kafka commits it)."""
+
+    def stats(self) -> Dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        """Stop; a ``next`` blocked in another thread returns None soon after."""
+
+
+class Transport(abc.ABC):
+    """A connection to one broker: sends messages and opens subscription sources.
+
+    ``send`` is called by one thread at a time (the Bus serialises publishers); ``open``,
+    ``flush``, ``stats`` and ``close`` may come from any thread.
+    """
+
+    name: ClassVar[str] = "?"
+    capabilities: Capabilities
+
+    def max_message(self, topic: str) -> Optional[int]:
+        """The largest message for ``topic``; frames above it are fragmented by the Bus."""
+        return self.capabilities.max_message
+
+    @abc.abstractmethod
+    def send(self, msg: Outgoing, deadline: float) -> None:
+        """Hand one frame to the broker (or the client library's queue), by ``deadline``
+        (``time.monotonic()``): past it raise ``BackendUnavailable``; never block without bound.
+        A lost connection is re-established here, within the deadline."""
+
+    def send_bytes(self, topic: str, data: bytes, deadline: float, key: int = 0) -> None:
+        """Send the caller's bytes as one message, untouched (the MSight drop-in); ``key`` stands
+        in for the publisher id where the backend partitions by it."""
+        limit = self.max_message(topic)
+        if limit is not None and len(data) > limit:
+            from ..errors import FrameTooLarge
+            raise FrameTooLarge(f"{len(data)} bytes on {topic!r} exceed the broker's message limit {limit}; "
+                                "use framed mode to have them fragmented")
+        self.send(Outgoing(topic, key, 0, len(data), parts=[data]), deadline)
+
+    @abc.abstractmethod
+    def open(self, topic: str, group_id: Optional[str], from_beginning: bool) -> Source:
+        """A source of ``topic``'s messages (``group_id``: shared by a group; see Capabilities)."""
+
+    def flush(self, timeout: Optional[float]) -> None:
+        """Wait for the acknowledgements the backend gives; ``PublishError`` lists failures."""
+
+    def stats(self) -> Dict[str, Any]:
+        """Publisher-side counters: ``connected``, ``disconnects``, ``reconnects`` and ``lost``
+        (frames a publish accepted that a cut or a failure then lost)."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class BoundedQueue:
+    """A thread-safe FIFO bounded in bytes, for messages a backend thread hands to the consumer.
+
+    When full: ``drop_oldest`` discards from the head, ``keep_latest`` keeps only the newest
+    message; either way the discarded messages are counted in ``dropped``.
+    """
+
+    def __init__(self, max_bytes: int, policy: str = "drop_oldest") -> None:
+        self.max_bytes = max_bytes
+        self.policy = policy
+        self._q: Deque[Tuple[Any, int, Any]] = collections.deque()
+        self._bytes = 0
+        self._cv = threading.Condition()
+        self.dropped = 0
+        self.closed = False
+
+    def put(self, item: Any, nbytes: int, token: Any = None) -> None:
+        with self._cv:
+            if self.policy == "keep_latest" and self._bytes + nbytes > self.max_bytes:
+                self.dropped += len(self._q)
+                self._q.clear()
+                self._bytes = 0
+            while self._q and self._bytes + nbytes > self.max_bytes:
+                _, n, _ = self._q.popleft()
+                self._bytes -= n
+                self.dropped += 1
+            self._q.append((item, nbytes, token))
+            self._bytes += nbytes
+            self._cv.notify()
+
+    def get(self, timeout: Optional[float]) -> Optional[Tuple[Any, Any]]:
+        with self._cv:
+            if not self._q and not self.closed:
+                self._cv.wait_for(lambda: self._q or self.closed, timeout)
+            if not self._q:
+                return None
+            item, n, token = self._q.popleft()
+            self._bytes -= n
+            return item, token
+
+    def close(self) -> None:
+        with self._cv:
+            self.closed = True
+            self._cv.notify_all()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes

@@ -1,0 +1,94 @@
+"""Per-subscription accounting: sequence gaps and duplicates, and latency percentiles."""
+from __future__ import annotations
+
+import array
+import collections
+from typing import Dict, List, Optional
+
+import numpy as np
+
+__all__ = ["SeqTracker", "LatencyWindow"]
+
+
+class _Pub:
+    __slots__ = ("high", "low", "holes")
+
+    def __init__(self, seq: int) -> None:
+        self.high = seq                  # highest seq seen
+        self.low = seq                   # below this nothing is known: neither gap nor duplicate
+        self.holes: "collections.OrderedDict[int, None]" = collections.OrderedDict()
+
+
+class SeqTracker:
+    """Gaps and duplicates from (publisher_id, seq), tolerant of reordering, in bounded memory.
+
+    A skipped sequence number counts as a gap until it arrives late (then it is not a gap); a
+    number at or below the highest seen that is not an outstanding hole is a duplicate. At most
+    ``max_holes`` holes are remembered per publisher and ``max_publishers`` publishers (the least
+    recently seen are forgotten), so a long run or many restarted publishers cost a fixed amount.
+    """
+
+    def __init__(self, max_publishers: int = 1024, max_holes: int = 4096) -> None:
+        self.max_publishers = max_publishers
+        self.max_holes = max_holes
+        self._pubs: "collections.OrderedDict[int, _Pub]" = collections.OrderedDict()
+        self.gaps = 0
+        self.duplicates = 0
+        self.forgotten = 0
+
+    def see(self, pub: int, seq: int) -> None:
+        st = self._pubs.get(pub)
+        if st is None:
+            self._pubs[pub] = _Pub(seq)
+            if len(self._pubs) > self.max_publishers:
+                self._pubs.popitem(last=False)
+                self.forgotten += 1
+            return
+        self._pubs.move_to_end(pub)
+        if seq > st.high:
+            if seq - st.high > 1:
+                self.gaps += seq - st.high - 1
+                holes = st.holes
+                start = max(st.high + 1, seq - self.max_holes)
+                if start > st.high + 1:          # a jump too long to remember hole by hole
+                    holes.clear()
+                    st.low = start
+                for s in range(start, seq):
+                    holes[s] = None
+                while len(holes) > self.max_holes:
+                    s, _ = holes.popitem(last=False)
+                    st.low = s + 1
+            st.high = seq
+        elif seq in st.holes:
+            del st.holes[seq]
+            self.gaps -= 1
+        elif seq >= st.low:
+            self.duplicates += 1
+
+    @property
+    def publishers(self) -> int:
+        return len(self._pubs)
+
+    def publisher_ids(self) -> List[int]:
+        return list(self._pubs)
+
+
+class LatencyWindow:
+    """The last ``n`` publish-to-receipt latencies, for percentiles."""
+
+    def __init__(self, n: int = 8192) -> None:
+        self._a = array.array("q", bytes(8 * n))    # cheaper per message than a numpy setitem
+        self._n = n
+        self._i = 0
+
+    def add(self, ns: int) -> None:
+        self._a[self._i % self._n] = ns
+        self._i += 1
+
+    def summary(self) -> Dict[str, Optional[int]]:
+        n = min(self._i, self._n)
+        if not n:
+            return {"latency_p50_ns": None, "latency_p99_ns": None, "latency_max_ns": None}
+        a = np.frombuffer(self._a, dtype=np.int64)[:n]
+        p50, p99 = np.percentile(a, [50, 99])
+        return {"latency_p50_ns": int(p50), "latency_p99_ns": int(p99), "latency_max_ns": int(a.max())}
