@@ -109,6 +109,20 @@ class Broker:
     def pause(self) -> None:
         self.proc.send_signal(19)        # SIGSTOP
 
+    def kill(self) -> None:
+        """``kill -9``: the broker dies at once, as in a crash; nothing is flushed."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self, timeout_s: float = 30.0) -> None:
+        """Start the broker again on the same port with the same arguments (after ``kill``)."""
+        self.kill()
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.proc = subprocess.Popen(self.args, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        os.close(fd)
+        _wait_listening(self, timeout_s)
+
     def log(self) -> str:
         try:
             with open(self.log_path, errors="replace") as fh:
@@ -139,15 +153,20 @@ def start(kind: str, port: Optional[int] = None, *, user: Optional[str] = None, 
                             start_new_session=detach)
     os.close(fd)
     b = Broker(kind, port, proc, log_path, user, password, args)
+    _wait_listening(b, timeout_s)
+    return b
+
+
+def _wait_listening(b: Broker, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        if proc.poll() is not None:
-            raise BackendUnavailable(f"{kind} broker exited with {proc.returncode}: {b.log()[-2000:]}")
+        if b.proc.poll() is not None:
+            raise BackendUnavailable(f"{b.kind} broker exited with {b.proc.returncode}: {b.log()[-2000:]}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return b
+            socket.create_connection(("127.0.0.1", b.port), timeout=0.5).close()
+            return
         except OSError:
             if time.monotonic() > deadline:
                 b.stop()
-                raise BackendUnavailable(f"{kind} broker did not listen on port {port} within {timeout_s} s")
+                raise BackendUnavailable(f"{b.kind} broker did not listen on port {b.port} within {timeout_s} s")
             time.sleep(0.05)    # polling a port that is not open yet: nothing to wait on but time

@@ -99,3 +99,31 @@ def collect(sub, n, timeout=60.0):
         if f is not None:
             out.append(f)
     return out
+
+
+@pytest.fixture
+def own_broker():
+    """A broker of the test's own, on a free loopback port, for tests that kill and restart it
+    (``b.kill()``, ``b.restart()``: same port, same arguments). Stopped after the test."""
+    made = []
+
+    def start(kind, **kw):
+        b = brokers.start(kind, **kw)
+        made.append(b)
+        return b
+
+    yield start
+    for b in made:
+        b.stop()
+
+
+def wait_for(cond, what, timeout=30.0, interval=0.02):
+    """Poll ``cond`` until it is true, or fail naming ``what`` after ``timeout`` seconds."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(interval)                 # polling state that another thread or process changes
