@@ -42,6 +42,22 @@ def _external(kind):
     return None
 
 
+def _nats_raw_frame_args():
+    import tempfile
+    fd, path = tempfile.mkstemp(prefix="msight_fast-nats-", suffix=".conf")
+    os.write(fd, b"max_pending: 536870912\n")
+    os.close(fd)
+    return ["-c", path]
+
+
+# The session brokers are set up as the README advises for raw-frame topics: slow-consumer limits
+# raised (the tests of those limits start brokers of their own with the defaults).
+_RAW_FRAME_ARGS = {
+    "redis": lambda: ["--client-output-buffer-limit", "pubsub", "512mb", "256mb", "60"],
+    "nats": _nats_raw_frame_args,
+}
+
+
 @pytest.fixture(scope="session")
 def broker_pool():
     started = {}
@@ -52,7 +68,7 @@ def broker_pool():
             if ext is not None:
                 started[kind] = BrokerInfo(kind, ext)
             else:
-                b = brokers.start(kind)
+                b = brokers.start(kind, extra_args=_RAW_FRAME_ARGS.get(kind, lambda: [])())
                 started[kind] = BrokerInfo(kind, b.options(), b)
         return started[kind]
 

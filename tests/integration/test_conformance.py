@@ -1,79 +1,33 @@
-"""One contract, three backends: every test here runs on Redis, NATS and Kafka."""
+"""One contract, three backends: the contract's tests (tests/contract.py) and the drop-in's,
+on real Redis, NATS and Kafka brokers."""
 import time
 
-import numpy as np
 import pytest
 
 import msight_fast
-from msight_fast import BackendUnavailable, Frame, FrameTooLarge, NodeConfig, compat, connect_node, encode
+from msight_fast import BackendUnavailable, Frame, NodeConfig, compat, connect_node, encode
 
-from ..helpers import raw_frame, real_jpeg, real_sweep
+from ..contract import *  # noqa: F401,F403 - the contract's tests, collected here
 from .conftest import collect
 
 pytestmark = pytest.mark.integration
 
 
-def _payloads():
-    rng = np.random.default_rng(5)
-    return {
-        "raw1080": raw_frame(1080, 1920, seed=1),
-        "jpeg": real_jpeg(),
-        "lidar": real_sweep(),
-        "1k": rng.integers(0, 256, 1024, dtype=np.uint8).tobytes(),
-    }
-
-
-PAYLOADS = _payloads()
-
-
-@pytest.mark.parametrize("name", list(PAYLOADS))
-def test_bit_exact_round_trip(make_bus, topic, name):
-    pub, subbus = make_bus(), make_bus()
-    sub = subbus.subscribe(topic)
-    p = PAYLOADS[name]
-    sent = pub.publish(topic, p, sensor_name="mcity_cam", encoding="jpeg" if name == "jpeg" else None) \
-        if isinstance(p, np.ndarray) else pub.publish(topic, p, sensor_name="mcity_cam",
-                                                      encoding="jpeg" if name == "jpeg" else "bytes")
-    pub.flush(30)
-    [f] = collect(sub, 1)
-    if isinstance(p, np.ndarray):
-        assert f.array.dtype == p.dtype and f.array.shape == p.shape
-        assert f.array.tobytes() == p.tobytes()
-    else:
-        assert f.array is None and bytes(f.data) == p
-    assert (f.sensor_name, f.frame_id, f.seq, f.publisher_id) == ("mcity_cam", sent.frame_id, 1, pub.publisher_id)
-    assert f.publish_ts_ns >= f.capture_ts_ns > 0
-    st = sub.stats()
-    assert st["received"] == 1 and st["gaps"] == 0 and st["latency_p50_ns"] >= 0
-
-
-def test_two_broadcast_subscribers_each_get_every_frame_in_order(make_bus, topic):
-    pub = make_bus()
-    s1, s2 = make_bus().subscribe(topic), make_bus().subscribe(topic)
-    small = np.arange(3000, dtype=np.uint8)
-    for i in range(60):
-        pub.publish(topic, PAYLOADS["raw1080"] if i % 20 == 5 else small, meta={"i": i})
-    pub.flush(60)
-    for s in (s1, s2):
-        got = collect(s, 60)
-        assert [f.meta["i"] for f in got] == list(range(60))
-        assert [f.seq for f in got] == list(range(1, 61))
-        st = s.stats()
-        assert st["gaps"] == 0 and st["duplicates"] == 0 and st["received"] == 60
-
-
-def _raw_publisher(backend):
-    """An MSight-Core-style publisher (the compat layer) that sends bytes we encode by hand."""
+def _raw_publisher(backend, group_id=None, framed=None):
+    """An MSight-Core-style node (the compat layer), built from MSight Core's constructor arguments."""
     o = backend.options
     if backend.kind == "redis":
         class Client:   # a redis-py-shaped object: compat reads its connection kwargs
             class connection_pool:
                 connection_kwargs = {"host": o["host"], "port": o["port"], "db": o.get("db", 0),
                                      "password": o.get("password")}
-        return compat.RedisPubSub(Client())
+        return compat.RedisPubSub(Client(), framed=framed)
     if backend.kind == "nats":
-        return compat.NATSPubSub({"servers": o["servers"]})
-    return compat.KafkaPubSub({"servers": o["servers"], "group_id": None})
+        cfg = {"servers": o["servers"]}
+        if group_id:
+            cfg["group_id"] = group_id
+        return compat.NATSPubSub(cfg, framed=framed)
+    return compat.KafkaPubSub({"servers": o["servers"], "group_id": group_id}, framed=framed)
 
 
 def test_gaps_are_counted_when_frames_go_missing(backend, make_bus, topic):
@@ -119,12 +73,6 @@ def test_no_broker_raises_backend_unavailable_quickly(backend):
     with pytest.raises(BackendUnavailable):
         msight_fast.connect(backend.kind, connect_timeout_s=2, **opts)
     assert time.monotonic() - t0 < 2 + 10      # bounded by connect_timeout_s, never a hang
-
-
-def test_oversize_frame_is_refused_before_sending(make_bus, topic):
-    bus = make_bus(max_frame_bytes=1 << 20)
-    with pytest.raises(FrameTooLarge, match="max_frame_bytes"):
-        bus.publish(topic, np.zeros(2 << 20, np.uint8))
 
 
 def test_node_config_groups(backend, broker_pool, topic, caplog):
