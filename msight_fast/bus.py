@@ -6,6 +6,7 @@ table). Sequence numbers, encoding, fragmentation, locking and statistics live h
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -242,13 +243,7 @@ class Bus:
             else:
                 frame_fields.setdefault("encoding", "bytes")
                 frame = Frame.from_bytes(obj, **frame_fields)
-        timeout = self.config.publish_timeout_s
-        deadline = time.monotonic() + timeout
-        if not self._lock.acquire(timeout=timeout):
-            self.publish_errors += 1
-            raise BackendUnavailable(f"{self.backend}: publish on {topic!r} waited {timeout} s for the "
-                                     "publishes ahead of it (is the broker away?)")
-        try:
+        with self._turn(topic) as deadline:
             seq = self._seq.get(topic, 0) + 1
             frame.seq = seq
             frame.publisher_id = self.publisher_id
@@ -262,21 +257,21 @@ class Bus:
             limit = self._t.max_message(topic)
             if limit is not None and nbytes > limit:
                 msg.fragments = fragment(parts, limit)     # one copy, straight from the parts
-            try:
-                self._t.send(msg, deadline)
-            except MsightFastError as e:
-                self.publish_errors += 1
-                raise _scrubbed(e) from None
+            self._t.send(msg, deadline)
             self._seq[topic] = seq                         # a refused frame leaves no gap behind
-            self.published += 1
-        finally:
-            self._lock.release()
         return frame
 
     def _send_bytes(self, topic: str, data: bytes) -> None:
         """The caller's bytes as one message, untouched (the MSight drop-in's plain mode)."""
         if self._closed:
             raise ValueError("publish on a closed Bus")
+        with self._turn(topic) as deadline:
+            self._t.send_bytes(topic, bytes(data), deadline, key=self.publisher_id)
+
+    @contextlib.contextmanager
+    def _turn(self, topic: str) -> Iterator[float]:
+        """This thread's turn to put a frame on the wire, waited for at most publish_timeout_s;
+        yields the deadline of the send. Counts the outcome; errors come out with secrets masked."""
         timeout = self.config.publish_timeout_s
         deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=timeout):
@@ -284,8 +279,10 @@ class Bus:
             raise BackendUnavailable(f"{self.backend}: publish on {topic!r} waited {timeout} s for the "
                                      "publishes ahead of it (is the broker away?)")
         try:
-            self._t.send_bytes(topic, bytes(data), deadline, key=self.publisher_id)
+            yield deadline
             self.published += 1
+        except FrameTooLarge:
+            raise
         except MsightFastError as e:
             self.publish_errors += 1
             raise _scrubbed(e) from None

@@ -131,6 +131,24 @@ def test_close_from_another_thread_ends_a_blocked_recv(make_bus, topic):
     assert not t.is_alive() and out == [None]
 
 
+def _in_threads(target, n, join_s=300):
+    """Run ``target(k)`` in ``n`` threads at once; returns the errors they raised."""
+    errors = []
+
+    def run(k):
+        try:
+            target(k)
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            errors.append(repr(e))
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(join_s)
+    return errors
+
+
 def _mixed(thread, i):
     """Frame ``i`` of publishing thread ``thread``: 1 KB to 6 MB, mostly small."""
     size = (6 << 20) if i % 60 == 7 else (200 << 10) if i % 10 == 3 else 1024 + 37 * i
@@ -142,21 +160,13 @@ def test_concurrent_publishers_on_one_bus_keep_each_threads_order(make_bus, topi
     threads, per = 8, 300
     pub, sub = make_bus(), make_bus().subscribe(topic)
     drain = Drain(sub, threads * per)
-    errors = []
 
     def run(k):
-        try:
-            for i in range(per):
-                a = _mixed(k, i)
-                pub.publish(topic, a, meta={"thread": k, "i": i, "crc": zlib.crc32(a)})
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
+        for i in range(per):
+            a = _mixed(k, i)
+            pub.publish(topic, a, meta={"thread": k, "i": i, "crc": zlib.crc32(a)})
 
-    ts = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(300)
+    errors = _in_threads(run, threads)
     pub.flush(60)
     got = drain.wait()
     assert errors == [] and drain.bad == []
@@ -172,20 +182,12 @@ def test_a_thread_per_publish(make_bus, topic):
     n = 100
     pub, sub = make_bus(), make_bus().subscribe(topic)
     drain = Drain(sub, n)
-    errors = []
 
     def run(k):
-        try:
-            a = np.full(3_700_000, k, np.uint8)
-            pub.publish(topic, a, meta={"thread": k, "i": 0, "crc": zlib.crc32(a)})
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
+        a = np.full(3_700_000, k, np.uint8)
+        pub.publish(topic, a, meta={"thread": k, "i": 0, "crc": zlib.crc32(a)})
 
-    ts = [threading.Thread(target=run, args=(k,)) for k in range(n)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(300)
+    errors = _in_threads(run, n)
     pub.flush(60)
     got = drain.wait()
     assert errors == [] and drain.bad == []

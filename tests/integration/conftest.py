@@ -17,6 +17,8 @@ import pytest
 import msight_fast
 from msight_fast import brokers
 
+from ..contract import collect  # noqa: F401 - the integration tests import it from here
+
 BACKENDS = ["redis", "nats", "kafka"]
 
 
@@ -103,18 +105,6 @@ def make_bus(backend):
 @pytest.fixture
 def topic():
     return f"t_{uuid.uuid4().hex[:12]}"
-
-
-def collect(sub, n, timeout=60.0):
-    """Receive n frames, each within a deadline; fewer if the deadline passes."""
-    import time
-    out = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        f = sub.recv(timeout=max(0.05, deadline - time.monotonic()))
-        if f is not None:
-            out.append(f)
-    return out
 
 
 @pytest.fixture
