@@ -279,7 +279,7 @@ def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str
         elif isinstance(default, bool):
             value = _bool(var, value)
         elif name == "servers":
-            value = _servers(var, value, "['nats://localhost:4222']" if backend == "nats" else "['localhost:9092']")
+            value = _servers(var, value, repr(cls().servers))  # type: ignore[attr-defined]
         elif name.endswith("_file") or name == "user_credentials":
             value = _file(var, value)
         elif name == "sasl_mechanism":
@@ -299,7 +299,7 @@ def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str
         elif name == "unix_socket_path" or isinstance(default, (str, type(None))):
             value = None if value is None else str(value)
         setattr(cfg, name, value)
-    if backend == "kafka" and cfg.sasl_mechanism:
+    if getattr(cfg, "sasl_mechanism", None):
         if cfg.sasl_mechanism == "OAUTHBEARER":
             if not cfg.sasl_oauth_token:
                 raise ConfigError("MSIGHT_KAFKA_SASL_MECHANISM=OAUTHBEARER needs MSIGHT_KAFKA_SASL_OAUTH_TOKEN")
