@@ -270,8 +270,8 @@ def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str
             value = _int(var, value, 0, 1 << 20, "0")
         elif name in ("max_frame_bytes", "max_pending_bytes", "max_in_flight_bytes", "retain_bytes"):
             value = _int(var, value, 1024, 1 << 40, str(default))
-        elif name == "max_message_bytes" or name == "max_payload":
-            value = _int(var, value, 1024, 1 << 31, "1048576")
+        elif name in ("max_message_bytes", "max_payload"):
+            value = None if value is None else _int(var, value, 1024, 1 << 31, "1048576")
         elif name in ("num_partitions", "linger_ms"):
             value = _int(var, value, 0 if name == "linger_ms" else 1, 100_000, str(default))
         elif name in ("connect_timeout_s", "publish_timeout_s"):
