@@ -2,11 +2,13 @@
 import random
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from msight_fast.backends import redis as R
+from msight_fast.config import RedisConfig
 
 
 def _push(kind: bytes, chan: bytes, tail: bytes) -> bytes:
@@ -26,12 +28,10 @@ class _FakeConn:
 
 
 def _source(sock):
+    """A RedisSource reading ``sock`` as if it were subscribed to 'cam' (no server involved)."""
     src = R.RedisSource.__new__(R.RedisSource)
-    src._buf = bytearray(R.STAGE)
-    src._mv = memoryview(src._buf)
-    src._s = src._e = 0
+    src._init_state(RedisConfig(host="127.0.0.1", port=1), "cam")
     src._conn = _FakeConn(sock)
-    src._closed = False
     return src
 
 
@@ -71,7 +71,8 @@ def test_messages_of_every_size_survive_any_segmentation(max_piece):
 
 def test_error_reply_and_garbage_raise_connection_errors():
     for stream, match in ((b"-ERR something bad\r\n", "Redis error"), (b"+OK\r\n", "unexpected reply"),
-                          (b"*3\r\n$x\r\n", "bad length"), (b"*2\r\n", "2-element")):
+                          (b"*3\r\n$x\r\n", "bad length"), (b"*4\r\n", "4-element"),
+                          (b"*2\r\n$4\r\nping\r\n$0\r\n\r\n", "2-element")):
         a, b = socket.socketpair()
         b.sendall(stream)
         try:
@@ -101,9 +102,105 @@ def test_timeout_returns_none_without_losing_partial_input():
     msg = _message(b"cam", b"y" * 1000)
     b.sendall(msg[:10])
     src = _source(a)
-    import time
     assert src._read_push(time.monotonic() + 0.05) is None
     b.sendall(msg[10:])
     assert bytes(src._read_push(None)[2]) == b"y" * 1000
     a.close()
     b.close()
+
+
+def test_next_returns_on_time_while_a_large_message_stalls_and_then_completes_it():
+    payload = np.random.default_rng(5).integers(0, 256, 3 * R.STAGE, dtype=np.uint8).tobytes()
+    msg = _message(b"cam", payload)
+    a, b = socket.socketpair()
+    resume = threading.Event()
+
+    def send_half_then_stall():      # more than the socket buffer: it must run beside the reader
+        b.sendall(msg[:len(msg) // 2])
+        resume.wait(30)
+        b.sendall(msg[len(msg) // 2:])
+    t = threading.Thread(target=send_half_then_stall)
+    t.start()
+    src = _source(a)
+    try:
+        half = len(msg) // 2 - (len(msg) - len(payload) - 2)     # payload bytes in the first half
+        deadline = time.monotonic() + 30
+        while src._part is None or src._part.k < half:        # each call ends on time meanwhile
+            assert time.monotonic() < deadline, "the first half never arrived"
+            t0 = time.monotonic()
+            assert src.next(0.2) is None
+            assert time.monotonic() - t0 < 0.2 + 2.0
+        t0 = time.monotonic()
+        assert src.next(0.2) is None                          # stalled mid-payload: on time again
+        assert time.monotonic() - t0 < 0.2 + 2.0
+        assert src._part.k == half                            # the partial frame is kept
+        resume.set()
+        got = src.next(30)
+        assert got is not None and bytes(got[0]) == payload
+        assert np.frombuffer(got[0], np.uint8).ctypes.data % 64 == 0
+    finally:
+        resume.set()
+        t.join()
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("size", [5, R.SMALL - 3, R.SMALL + 5])
+def test_one_byte_slices_each_next_call_returns_at_once_until_the_frame_is_whole(size):
+    payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    stream = b"*2\r\n$4\r\npong\r\n$0\r\n\r\n" + _message(b"cam", payload) + _message(b"cam", b"next")
+    a, b = socket.socketpair()
+    src = _source(a)
+    got = []
+    slowest = 0.0
+    try:
+        for i in range(len(stream)):
+            b.sendall(stream[i:i + 1])
+            t0 = time.monotonic()
+            r = src.next(0)
+            slowest = max(slowest, time.monotonic() - t0)
+            if r is not None:
+                got.append(bytes(r[0]))
+        assert got == [payload, b"next"]           # the pong is no message; nothing lost or doubled
+        assert slowest < 2.0                       # next(0) never waited for the rest of a message
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_silent_subscription_is_pinged_and_then_given_up():
+    a, b = socket.socketpair()
+    src = _source(a)
+    src.ping_idle_s, src.health_timeout_s = 0.2, 0.5
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(R._Silent):
+            src._read_push(time.monotonic() + 30)
+        assert time.monotonic() - t0 < 0.7 + 5.0
+        b.settimeout(5)
+        assert b.recv(64) == b"*1\r\n$4\r\nPING\r\n"     # it asked before giving up
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_answered_ping_keeps_the_subscription():
+    a, b = socket.socketpair()
+    src = _source(a)
+    src.ping_idle_s, src.health_timeout_s = 0.1, 0.5
+
+    def answer():
+        b.settimeout(10)
+        for _ in range(3):
+            if b.recv(64) == b"*1\r\n$4\r\nPING\r\n":
+                b.sendall(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+        b.sendall(_message(b"cam", b"after"))
+    t = threading.Thread(target=answer)
+    t.start()
+    try:
+        got = src.next(30)                          # three idle periods, each answered
+        assert got is not None and bytes(got[0]) == b"after"
+    finally:
+        t.join()
+        a.close()
+        b.close()
