@@ -3,8 +3,9 @@
 One private event-loop thread per Bus runs nats-py. Publishing does not make one cross-thread
 round trip per message: the caller appends to a bounded hand-off queue and wakes the loop only
 when it is idle, and the loop drains the queue in batches. Frames above the server's
-``max_payload`` (read from its INFO at connect) are split with ``codec.fragment`` and put back
-together by the subscriber's ``Reassembler``; frames that fit go whole.
+``max_payload`` (read from its INFO at connect, again after each reconnect) are split with
+``codec.fragment`` and put back together by the subscriber's ``Reassembler``; frames that fit
+go whole.
 
 Each subscription's messages wait in a queue bounded in bytes (``max_pending_bytes``) with a
 drop policy (``drop_oldest`` / ``keep_latest``); drops are counted in ``stats()``.
@@ -16,15 +17,34 @@ asks the publisher (a request to that subject, naming its own inbox) for the res
 publisher sends to that inbox alone. Cost: one extra request message and one round trip of
 latency per fragmented frame; the publisher keeps recent fragmented frames (bounded) to answer.
 Subscribers without a group get every fragment pushed on the subject and never ask.
+
+Recovery. nats-py reconnects by itself, to any server of the pool (the configured ones and those
+a cluster announces), every ``RECONNECT_WAIT_S`` without end, and subscribes again. Meanwhile:
+
+- ``send`` accepts a frame while it fits in nats-py's reconnect buffer (``RECONNECT_BUFFER``
+  bytes, written to the server when the connection is back); a frame that does not fit waits
+  for the connection until the publish deadline, then raises ``BackendUnavailable``. A server
+  that takes nothing (stalled) makes ``send`` wait on the bounded hand-off, to the same deadline.
+- A message nats-py refuses (its buffer is full, the connection is closed) makes its frame
+  ``lost`` in ``stats()`` at once; ``flush`` then reports it. Frames still in the reconnect
+  buffer or the hand-off when the transport is closed are lost too, and counted. Frames already
+  written to a connection that then died cannot be known here: subscribers count them as gaps.
+- ``open`` and ``flush`` wait for the connection at most ``connect_timeout_s`` / their timeout,
+  then raise ``BackendUnavailable`` / ``PublishError``; ``Source.next`` only ever waits on its
+  queue.
+- One warning when a connection is lost, and one naming the cause when it is back: the same
+  server closed it (as a slow consumer, or the link was cut), the server restarted (a new
+  ``server_id``), or another server of the cluster took over (another URL).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import nats.aio.client as _nats_client
 import nats.aio.transport as _nats_transport
@@ -43,6 +63,21 @@ PULL_PREFIX = "_MSF.pull."            # + publisher id: where queue members ask 
 GROUP_PREFIX = "_MSF.q."              # + topic: first fragments of frames for queue groups
 REST_CACHE = 16                       # fragmented frames a publisher keeps for pulls
 READ_CHUNK = 4 << 20                  # socket read size of our nats-py connections, see below
+RECONNECT_WAIT_S = 0.5                # between two attempts at the same server
+RECONNECT_BUFFER = 2 << 20            # nats-py's default, named so that send() knows what fits
+PING_INTERVAL_S = 10.0                # a server that stops answering (stalled, or a link gone
+MAX_OUTSTANDING_PINGS = 3             # without a reset) is left after 30-40 s without a PONG, not
+                                      # nats-py's 4-6 minutes; a PONG queued behind 30 s of data
+                                      # for a slow subscriber still arrives in time
+FLUSH_DEFAULT_S = 60.0                # flush(None): waits at most this
+CLOSE_FLUSH_S = 5.0                   # close() gives queued frames this long to leave
+CLOSE_WAIT_S = 3.0                    # and nats-py this long to close (a stalled server never lets it)
+PUB_OVERHEAD = 160                    # bytes nats-py adds to a message in its buffer (PUB line)
+MAX_FAILURES = 1000                   # failures kept for flush()'s report (all are counted)
+SLOW_CONSUMER_ADVICE = ("the server drops a client that falls behind once its pending data passes the "
+                        "server's 'max_pending' (64 MB by default); frames lost meanwhile are counted as "
+                        "gaps. Raise max_pending on the server for raw-frame topics, or subscribe with "
+                        "fewer topics per Bus.")
 
 
 class _Client(_nats_client.Client):
@@ -54,7 +89,27 @@ class _Client(_nats_client.Client):
     slow consumer. Measured (transport benchmark, NATS 1080p, default server): 37 -> 70 frames/s
     delivered with 4 MB reads. The read loop below is nats-py's own with the larger read; it
     falls back to nats-py's if the client's internals are not what it expects.
+
+    It also remembers what ended the last connection (``msf_cause``), for the warning that names
+    the cause, and reconnects after a server's "-ERR 'Slow Consumer'", which nats-py would
+    otherwise take as the end of the client.
     """
+
+    msf_cause: Optional[BaseException] = None
+
+    async def _process_op_err(self, e: Exception) -> None:
+        if not (self.is_closed or self.is_reconnecting):
+            self.msf_cause = e
+        await super()._process_op_err(e)
+
+    async def _process_err(self, err_msg: str) -> None:
+        if "slow consumer" in err_msg.lower():
+            err = nats_errors.Error("nats: " + err_msg.strip().strip("'"))
+            self._err = err
+            await self._error_cb(err)
+            await self._process_op_err(err)
+            return
+        await super()._process_err(err_msg)
 
     async def _read_loop(self) -> None:
         if not isinstance(getattr(self, "_transport", None), _nats_transport.TcpTransport) \
@@ -66,7 +121,7 @@ class _Client(_nats_client.Client):
                 if self.is_closed or self.is_reconnecting or t is None:
                     break
                 reader = getattr(t, "_io_reader", None)       # a new one after reconnect or TLS
-                if getattr(reader, "_limit", READ_CHUNK) < READ_CHUNK:
+                if reader is not None and getattr(reader, "_limit", READ_CHUNK) < READ_CHUNK:
                     reader._limit = READ_CHUNK
                 if t.at_eof():
                     err = nats_errors.UnexpectedEOF()
@@ -97,13 +152,39 @@ class _Loop:
         self.thread.start()
 
     def run(self, coro: Any, timeout: Optional[float] = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """Run ``coro`` on the loop; past ``timeout`` cancel it and raise TimeoutError."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"no answer within {timeout} s") from None
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        async def cancel_all() -> None:
+            # nats-py's tasks would otherwise be destroyed pending when the loop closes
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=1.0)
+        if self.loop.is_running():
+            try:
+                self.run(cancel_all(), 2.0)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
-        if not self.thread.is_alive():
+        if not self.thread.is_alive() and not self.loop.is_closed():
             self.loop.close()
+
+
+class _Sent:
+    """A frame in the hand-off: counted lost at most once, however many of its messages fail."""
+    __slots__ = ("lost",)
+
+    def __init__(self) -> None:
+        self.lost = False
 
 
 def _auth_error(e: BaseException) -> bool:
@@ -111,9 +192,21 @@ def _auth_error(e: BaseException) -> bool:
     return "authorization" in text or "authentication" in text or isinstance(e, nats_errors.AuthorizationError)
 
 
+def _where(url: Any) -> str:
+    """host:port of a server URL, without credentials."""
+    if url is None:
+        return "?"
+    try:
+        return f"{url.hostname}:{url.port}"
+    except (AttributeError, ValueError):
+        return "?"
+
+
 async def _connect(cfg: Any, **cbs: Any) -> Any:
     opts: Dict[str, Any] = dict(servers=cfg.servers, connect_timeout=cfg.connect_timeout_s,
-                                allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5, **cbs)
+                                allow_reconnect=True, max_reconnect_attempts=-1,
+                                reconnect_time_wait=RECONNECT_WAIT_S, pending_size=RECONNECT_BUFFER,
+                                ping_interval=PING_INTERVAL_S, max_outstanding_pings=MAX_OUTSTANDING_PINGS, **cbs)
     if cfg.username:
         opts["user"], opts["password"] = cfg.username, cfg.password
     if cfg.token:
@@ -134,7 +227,14 @@ async def _connect(cfg: Any, **cbs: Any) -> Any:
         opts["tls"] = ctx
     # nats-py retries an unreachable server without end at first connect: bound it ourselves
     nc = _Client()
-    await asyncio.wait_for(nc.connect(**opts), cfg.connect_timeout_s)
+    try:
+        await asyncio.wait_for(nc.connect(**opts), cfg.connect_timeout_s)
+    except BaseException:
+        try:
+            await asyncio.wait_for(nc.close(), 1.0)     # stop its reconnect and read tasks
+        except BaseException:  # noqa: BLE001 - the connect error is the one to report
+            pass
+        raise
     return nc
 
 
@@ -144,34 +244,36 @@ class NatsTransport(Transport):
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
-        self._L = _Loop()
-        self._errors: List[str] = []
         self._auth_failed = False
         self._closing = False
         self.disconnects = 0
         self.reconnects = 0
-
-        async def error_cb(e: Exception) -> None:
-            if _auth_error(e):
-                self._auth_failed = True
-            self._errors.append(str(e))
-            if len(self._errors) > 100:
-                del self._errors[:50]
-
-        async def disconnected_cb() -> None:
-            self.disconnects += 1
-            if self.disconnects == 1 and not self._closing:
-                # nats-py reconnects silently; what was in flight meanwhile is lost, so say why
-                log.warning("msight_fast: NATS connection lost; reconnecting. The server drops a client that "
-                            "falls behind as a slow consumer once its pending data passes the server's "
-                            "'max_pending' (64 MB by default): frames lost meanwhile are counted as gaps. "
-                            "Raise max_pending on the server for raw-frame topics, or subscribe with fewer "
-                            "topics per Bus.")
-
-        async def reconnected_cb() -> None:
-            self.reconnects += 1
-
-        self._cbs = dict(error_cb=error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb)
+        self.lost = 0
+        self.last_outage_s: Optional[float] = None
+        self._outage_since: Optional[float] = None
+        self._last_error: Optional[BaseException] = None
+        self._server_said: Optional[str] = None      # a server -ERR naming a slow consumer
+        self._server_id: Optional[str] = None
+        self._server_url: Any = None
+        self._sources: Dict[int, "NatsSource"] = {}   # sid -> source, for nats-py's own drops
+        # publish hand-off; every field the callbacks touch exists before the first connect
+        self._q: Deque[Tuple[str, Any, Optional[str], _Sent]] = collections.deque()
+        self._q_bytes = 0
+        self._cv = threading.Condition()
+        self._scheduled = False
+        self._inflight: List[Tuple[str, Any, Optional[str], _Sent]] = []   # the batch _drain is on
+        self._inflight_i = 0
+        self._buffered: Deque[_Sent] = collections.deque()   # frames put in the reconnect buffer
+        self._failures: List[Tuple[str, str]] = []
+        self._failed = 0
+        self._rest: "collections.OrderedDict[Tuple[int, int], Tuple[str, list]]" = collections.OrderedDict()
+        self._pull_sub = None
+        self._pull_subject: Optional[str] = None
+        self._lock = threading.Lock()
+        self._L = _Loop()
+        self._cbs: Dict[str, Callable[..., Any]] = dict(
+            error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
         try:
             self.nc = self._L.run(_connect(cfg, **self._cbs), cfg.connect_timeout_s + 2)
         except BaseException as e:
@@ -179,44 +281,145 @@ class NatsTransport(Transport):
             where = ", ".join(cfg.servers)
             if _auth_error(e) or self._auth_failed:
                 raise AuthError(f"NATS at {where} refused the credentials: {e}") from None
+            why = self._last_error if isinstance(e, (TimeoutError, asyncio.TimeoutError)) and self._last_error else e
             raise BackendUnavailable(f"NATS at {where} is unreachable within {cfg.connect_timeout_s} s: "
-                                     f"{e!r}") from None
+                                     f"{why!r}") from None
+        self._note_server()
         server_max = self.nc.max_payload
         self.max_payload = min(server_max, cfg.max_payload) if cfg.max_payload else server_max
         self.capabilities = Capabilities(delivery="best_effort", groups="queue", persistence=False,
                                          max_message=self.max_payload)
-        self._q: Deque[Tuple[str, Any, Optional[str]]] = collections.deque()
-        self._q_bytes = 0
-        self._cv = threading.Condition()
-        self._scheduled = False
-        self._failures: List[Tuple[str, str]] = []
-        self._rest: "collections.OrderedDict[Tuple[int, int], Tuple[str, list]]" = collections.OrderedDict()
-        self._pull_sub = None
-        self._pull_subject = None
-        self._lock = threading.Lock()
+
+    # -- connection events (on the loop thread)
+    async def _on_error(self, e: Exception) -> None:
+        if isinstance(e, nats_errors.SlowConsumerError):
+            # nats-py's own per-subscription limit, not the server's: count the message as dropped
+            src = self._sources.get(getattr(e, "sid", -1))
+            if src is not None:
+                src.client_dropped += 1
+            return
+        if _auth_error(e):
+            self._auth_failed = True
+        if "slow consumer" in str(e).lower():
+            self._server_said = str(e)
+        self._last_error = e
+        log.debug("msight_fast: NATS error: %r", e)
+
+    async def _on_disconnected(self) -> None:
+        if self._closing or not hasattr(self, "nc"):     # closing, or a first connect that failed
+            return
+        self.disconnects += 1
+        self._outage_since = time.monotonic()
+        nc = getattr(self, "nc", None)
+        cause = getattr(nc, "msf_cause", None) or self._last_error
+        log.warning("msight_fast: NATS connection lost to %s (%s); reconnecting every %.1f s. Meanwhile a publish "
+                    "goes to nats-py's %d MB reconnect buffer, or waits up to publish_timeout_s for the "
+                    "connection; frames lost are counted ('lost' in Bus.stats(), 'gaps' in Subscription.stats()).",
+                    _where(self._server_url), _describe(cause), RECONNECT_WAIT_S, RECONNECT_BUFFER >> 20)
+
+    async def _on_reconnected(self) -> None:
+        self.reconnects += 1
+        since = self._outage_since
+        self.last_outage_s = None if since is None else time.monotonic() - since
+        old_id, old_url = self._server_id, self._server_url
+        self._note_server()
+        nc = self.nc
+        cause = getattr(nc, "msf_cause", None)
+        if self._server_said:
+            why = f"the server closed this connection as a slow consumer ({self._server_said}): {SLOW_CONSUMER_ADVICE}"
+        elif self._server_id is not None and self._server_id == old_id:
+            if isinstance(cause, nats_errors.StaleConnectionError) and not isinstance(cause, nats_errors.UnexpectedEOF):
+                why = "the same server stopped answering pings (stalled or overloaded) and answers again"
+            elif self._sources:
+                why = ("the same server (same server_id) closed this connection, most likely as a slow consumer: "
+                       + SLOW_CONSUMER_ADVICE)
+            else:
+                why = "the connection was cut and the same server (same server_id) took it back"
+        elif _where(self._server_url) != _where(old_url):
+            why = f"failed over from {_where(old_url)}, which went away, to another server of the cluster"
+        else:
+            why = "the server restarted (it has a new server_id)"
+        log.warning("msight_fast: NATS reconnected to %s after %s: %s", _where(self._server_url),
+                    "?" if self.last_outage_s is None else f"{self.last_outage_s:.2f} s", why)
+        self._server_said = None
+        self._outage_since = None
+        nc.msf_cause = None
+        self._refresh_max_payload()
+        with self._cv:
+            self._buffered.clear()       # nats-py wrote its reconnect buffer to the new connection
+            self._cv.notify_all()
+
+    async def _on_closed(self) -> None:
+        if not self._closing and hasattr(self, "nc"):
+            log.error("msight_fast: NATS closed the connection for good (%s); publishes now fail",
+                      _describe(self._last_error))
+        with self._cv:
+            self._cv.notify_all()
+
+    def _note_server(self) -> None:
+        nc = self.nc
+        self._server_id = (getattr(nc, "_server_info", None) or {}).get("server_id")
+        self._server_url = nc.connected_url
+
+    def _refresh_max_payload(self) -> None:
+        """Another server may take a different max_payload: fragment for the one connected now."""
+        server_max = self.nc.max_payload
+        mp = min(server_max, self.cfg.max_payload) if self.cfg.max_payload else server_max
+        if mp != self.max_payload:
+            log.warning("msight_fast: NATS max_payload is now %d bytes (was %d)", mp, self.max_payload)
+            self.max_payload = mp
+            self.capabilities = Capabilities(delivery="best_effort", groups="queue", persistence=False,
+                                             max_message=mp)
+
+    def _state(self) -> str:
+        """Why the server is not taking frames, for error messages."""
+        nc = self.nc
+        if nc.is_closed:
+            return f"the connection is closed ({_describe(self._last_error)})"
+        if not nc.is_connected:
+            since = self._outage_since
+            away = "" if since is None else f" for {time.monotonic() - since:.1f} s"
+            return f"the server is away{away}, reconnecting (last error: {_describe(self._last_error)})"
+        return f"{_where(self._server_url)} takes no data (stalled or overloaded?)"
 
     # -- publish
     def send(self, msg: Outgoing, deadline: float) -> None:
         topic, nbytes = msg.topic, msg.nbytes
+        rec = _Sent()
         frags = msg.fragments
         if frags is None:
-            self._enqueue([(topic, msg.joined(), None)], nbytes)
+            self._enqueue([(topic, msg.joined(), None, rec)], nbytes, nbytes, deadline)
             return
         if self._pull_subject is None:
-            self._start_pull_service(msg.publisher_id)
+            self._start_pull_service(msg.publisher_id, deadline)
         key = (msg.publisher_id, msg.frame_id)
         with self._lock:
             self._rest[key] = (topic, frags[1:])
             while len(self._rest) > REST_CACHE:
                 self._rest.popitem(last=False)
-        items = [(topic, f, None) for f in frags]                      # broadcast subscribers
-        items.append((GROUP_PREFIX + topic, frags[0], self._pull_subject))  # queue groups pull the rest
-        self._enqueue(items, nbytes + len(frags[0]))
+        items: List[Tuple[str, Any, Optional[str], _Sent]] = [(topic, f, None, rec) for f in frags]  # broadcast
+        items.append((GROUP_PREFIX + topic, frags[0], self._pull_subject, rec))  # queue groups pull the rest
+        self._enqueue(items, nbytes + len(frags[0]), nbytes, deadline)
 
-    def _enqueue(self, items: list, nbytes: int) -> None:
+    def _enqueue(self, items: list, nbytes: int, frame_bytes: int, deadline: float) -> None:
         with self._cv:
-            while self._q_bytes > HANDOFF_MAX_BYTES and self._q:      # backpressure, bounded memory
-                self._cv.wait(0.1)
+            while True:
+                nc = self.nc
+                if self._closing or nc.is_closed:
+                    if self._auth_failed:
+                        raise AuthError(f"NATS refused the credentials on reconnect: {_describe(self._last_error)}")
+                    raise BackendUnavailable(f"NATS: {'the transport is closed' if self._closing else self._state()}")
+                if nc.is_connected:
+                    if self._q_bytes <= HANDOFF_MAX_BYTES or not self._q:   # backpressure, bounded memory
+                        break
+                elif (self._q_bytes + nc.pending_data_size + nbytes
+                      + PUB_OVERHEAD * (len(self._q) + len(items)) <= RECONNECT_BUFFER):
+                    break                # into nats-py's reconnect buffer: delivered once back, or counted lost
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BackendUnavailable(f"NATS: a frame of {frame_bytes} bytes waited the whole publish timeout: "
+                                             f"{self._state()}")
+                self._cv.wait(min(left, 0.05))     # woken by _drain and reconnects; the poll sees state flips
             self._q.extend(items)
             self._q_bytes += nbytes
             wake = not self._scheduled
@@ -231,19 +434,39 @@ class NatsTransport(Transport):
                 if not self._q:
                     self._scheduled = False
                     self._q_bytes = 0
+                    self._inflight = []
                     self._cv.notify_all()
                     return
                 batch = list(self._q)
                 self._q.clear()
                 self._q_bytes = 0
+                self._inflight = batch
+                self._inflight_i = -1
                 self._cv.notify_all()
-            for subject, data, reply in batch:
+            for i, (subject, data, reply, rec) in enumerate(batch):
+                if rec.lost:                       # an earlier fragment failed: the frame is gone
+                    continue
+                self._inflight_i = i
+                away = not nc.is_connected
                 try:
                     await nc.publish(subject, data, reply=reply or "")
-                except Exception as e:  # noqa: BLE001 - every failure is reported by flush()
-                    self._failures.append((subject, repr(e)))
+                except Exception as e:  # noqa: BLE001 - counted now, reported by flush()
+                    self._lose(rec, subject, repr(e))
+                    continue
+                if away and (not self._buffered or self._buffered[-1] is not rec):
+                    self._buffered.append(rec)
 
-    def _start_pull_service(self, publisher_id: int) -> None:
+    def _lose(self, rec: _Sent, subject: str, reason: str) -> None:
+        if rec.lost:
+            return
+        rec.lost = True
+        with self._cv:
+            self.lost += 1
+            self._failed += 1
+            if len(self._failures) < MAX_FAILURES:
+                self._failures.append((subject, reason))
+
+    def _start_pull_service(self, publisher_id: int, deadline: float) -> None:
         subject = f"{PULL_PREFIX}{publisher_id:016x}"
 
         async def serve(msg: Any) -> None:
@@ -254,79 +477,178 @@ class NatsTransport(Transport):
                 entry = self._rest.get(fragment_key(msg.data))
             if entry is None or not msg.reply:
                 return
-            for f in entry[1]:
-                await self.nc.publish(msg.reply, f)
+            try:
+                for f in entry[1]:
+                    await self.nc.publish(msg.reply, f)
+            except Exception as e:  # noqa: BLE001 - the member's reassembler expires the frame
+                log.debug("msight_fast: NATS could not answer a pull: %r", e)
 
         async def sub() -> Any:
             return await self.nc.subscribe(subject, cb=serve)
 
-        self._pull_sub = self._L.run(sub(), self.cfg.connect_timeout_s)
+        try:
+            # while the server is away nats-py keeps the subscription and sends it on reconnect
+            self._pull_sub = self._L.run(sub(), max(0.1, deadline - time.monotonic()))
+        except (TimeoutError, nats_errors.Error) as e:
+            raise BackendUnavailable(f"NATS: could not set up the fragment service: {e!r}; {self._state()}") from None
         self._pull_subject = subject
 
     def flush(self, timeout: Optional[float]) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Wait (at most ``timeout`` s; None: ``FLUSH_DEFAULT_S``) until nats-py has every queued
+        frame and the server has answered a PING sent after them. While the server is away this
+        waits for it at most ``timeout`` (None: ``connect_timeout_s``)."""
+        if self._closing and not self._L.loop.is_running():
+            return
+        bound = FLUSH_DEFAULT_S if timeout is None else max(0.0, timeout)
+        start = time.monotonic()
+        deadline = start + bound
+        away_deadline = deadline if timeout is not None else min(deadline, start + self.cfg.connect_timeout_s)
+        nc = self.nc
+        problem: Optional[str] = None
         with self._cv:
-            ok = self._cv.wait_for(lambda: not self._q and not self._scheduled, timeout)
-        if not ok:
-            raise PublishError(f"{len(self._q)} messages still queued after {timeout} s", [("?", "timeout")])
-        left = None if deadline is None else max(0.1, deadline - time.monotonic())
-        try:
-            self._L.run(self.nc.flush(timeout=left or 60), None if left is None else left + 1)
-        except Exception as e:  # noqa: BLE001
-            raise PublishError(f"NATS flush failed: {e!r}", [("?", repr(e))]) from None
-        if self._failures:
+            while self._q or self._scheduled:
+                now = time.monotonic()
+                limit = deadline if nc.is_connected else away_deadline
+                if now >= limit:
+                    problem = (f"{len(self._q) + len(self._inflight)} messages still queued after "
+                               f"{now - start:.1f} s: {self._state()}")
+                    break
+                self._cv.wait(min(limit - now, 0.1))      # woken by _drain; the poll sees the connection go
+            if problem is None and not self._cv.wait_for(lambda: nc.is_connected or nc.is_closed,
+                                                         max(0.0, away_deadline - time.monotonic())):
+                problem = (f"{len(self._buffered)} frames wait in the reconnect buffer after "
+                           f"{time.monotonic() - start:.1f} s: {self._state()}")
+        if problem is None and nc.is_closed:
+            problem = self._state()
+        if problem is None:
+            left = max(0.05, deadline - time.monotonic())
+            try:
+                self._L.run(nc.flush(timeout=left), left + 1)
+            except Exception as e:  # noqa: BLE001 - timeout, or the connection went meanwhile
+                problem = f"flush failed: {e!r}; {self._state() if not nc.is_connected else 'no PONG'}"
+        with self._cv:
             failures, self._failures = self._failures, []
-            raise PublishError(f"{len(failures)} publishes failed: {failures[0][1]}", failures)
+            failed, self._failed = self._failed, 0
+        if problem is not None:
+            raise PublishError(f"NATS: {problem}" + (f"; and {failed} frames failed" if failed else ""),
+                               failures + [("?", problem)])
+        if failed:
+            raise PublishError(f"{failed} frames failed: {failures[0][1]}", failures)
 
     # -- subscribe
     def open(self, topic: str, group_id: Optional[str], from_beginning: bool) -> Source:
+        if self._closing:
+            raise BackendUnavailable("NATS: the transport is closed")
         return NatsSource(self, topic, group_id)
 
+    def stats(self) -> Dict[str, Any]:
+        nc = getattr(self, "nc", None)
+        return {"connected": bool(nc is not None and nc.is_connected and not self._closing),
+                "disconnects": self.disconnects, "reconnects": self.reconnects, "lost": self.lost,
+                "last_outage_s": self.last_outage_s}
+
     def close(self) -> None:
-        self._closing = True
+        if self._closing:
+            return
+        nc = self.nc
+        if nc.is_connected or self._q or self._scheduled or self._buffered:
+            try:
+                self.flush(CLOSE_FLUSH_S)
+            except Exception:  # noqa: BLE001 - closing anyway; what did not leave is counted below
+                pass
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+
+        async def shut() -> None:
+            if not nc.is_connected:      # nats-py drops its reconnect buffer with the client
+                for rec in list(self._buffered):
+                    self._lose(rec, "?", "closed while the server was away")
+            await nc.close()
         try:
-            self.flush(5)
-        except Exception:  # noqa: BLE001 - closing anyway
-            pass
-        try:
-            self._L.run(self.nc.close(), 5)
-        except Exception:  # noqa: BLE001
-            pass
+            self._L.run(shut(), CLOSE_WAIT_S)
+        except Exception:  # noqa: BLE001 - a stalled server: drop the socket instead
+            def abort() -> None:
+                w = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+                if w is not None:
+                    w.transport.abort()
+            try:
+                self._L.loop.call_soon_threadsafe(abort)
+            except RuntimeError:
+                pass
         self._L.stop()
+        with self._cv:
+            left = self._inflight[self._inflight_i + 1:] + list(self._q)
+            self._q.clear()
+            self._inflight = []
+        for subject, _, _, rec in left:
+            self._lose(rec, subject, "closed before it was sent")
+
+
+def _describe(e: Optional[BaseException]) -> str:
+    if e is None:
+        return "connection closed"
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class NatsSource(Source):
     def __init__(self, t: NatsTransport, topic: str, group_id: Optional[str]) -> None:
         self.t = t
+        self.topic = topic
         self.q = BoundedQueue(t.cfg.max_pending_bytes, t.cfg.drop_policy)
+        self.client_dropped = 0          # messages nats-py dropped above its per-subscription limit
+        self.inbox = ""
         self._subs: list = []
+        self._closed = False
         cfg = t.cfg
         limit = dict(pending_msgs_limit=1_000_000, pending_bytes_limit=2 * cfg.max_pending_bytes)
         q = self.q
+        deadline = time.monotonic() + cfg.connect_timeout_s
 
         async def on_msg(msg: Any) -> None:
             q.put(msg.data, len(msg.data))
 
         async def on_first(msg: Any) -> None:
             data = msg.data
+            q.put(data, len(data))
             if data[:4] == S.FRAG_MAGIC and msg.reply:
                 # a queue member got the first fragment of a frame: ask its publisher for the rest
-                q.put(data, len(data))
-                await t.nc.publish(msg.reply, data[:S.FRAG_HEADER_LEN], reply=self.inbox)
-            else:
-                q.put(data, len(data))
+                try:
+                    await t.nc.publish(msg.reply, data[:S.FRAG_HEADER_LEN], reply=self.inbox)
+                except Exception as e:  # noqa: BLE001 - the reassembler expires the frame
+                    log.debug("msight_fast: NATS could not ask for the rest of a frame: %r", e)
+
+        async def add(subject: str, cb: Any, queue: str = "") -> None:
+            s = await t.nc.subscribe(subject, queue=queue, cb=cb, **limit)
+            self._subs.append(s)
+            t._sources[s._id] = self
 
         async def setup() -> None:
             if group_id:
                 self.inbox = t.nc.new_inbox()
-                self._subs.append(await t.nc.subscribe(self.inbox, cb=on_msg, **limit))
-                self._subs.append(await t.nc.subscribe(topic, queue=group_id, cb=self._whole_only(on_msg), **limit))
-                self._subs.append(await t.nc.subscribe(GROUP_PREFIX + topic, queue=group_id, cb=on_first, **limit))
+                await add(self.inbox, on_msg)
+                await add(topic, self._whole_only(on_msg), group_id)
+                await add(GROUP_PREFIX + topic, on_first, group_id)
             else:
-                self._subs.append(await t.nc.subscribe(topic, cb=on_msg, **limit))
-            await t.nc.flush()          # the server has the interest before subscribe() returns
+                await add(topic, on_msg)
+            # the server has the interest before subscribe() returns: wait (bounded) for the
+            # connection if it is away, then for a PING's answer
+            while not t.nc.is_connected:
+                if t.nc.is_closed or time.monotonic() >= deadline:
+                    raise TimeoutError
+                await asyncio.sleep(0.02)
+            await t.nc.flush(timeout=max(0.05, deadline - time.monotonic()))
 
-        t._L.run(setup(), cfg.connect_timeout_s + 2)
+        try:
+            t._L.run(setup(), cfg.connect_timeout_s + 2)
+        except Exception as e:  # noqa: BLE001 - every failure here means: no subscription
+            self.close()
+            if t._auth_failed:
+                raise AuthError(f"NATS refused the credentials: {_describe(t._last_error)}") from None
+            raise BackendUnavailable(f"NATS: could not subscribe to {topic!r} within {cfg.connect_timeout_s} s "
+                                     f"({_describe(e) if not isinstance(e, TimeoutError) else 'timeout'}): "
+                                     f"{t._state()}") from None
 
     @staticmethod
     def _whole_only(cb: Any) -> Any:
@@ -340,19 +662,26 @@ class NatsSource(Source):
         return None if got is None else (got[0], None)
 
     def stats(self) -> dict:
-        return {"dropped": self.q.dropped, "pending_bytes": self.q.nbytes,
+        return {"dropped": self.q.dropped + self.client_dropped, "pending_bytes": self.q.nbytes,
                 "reconnects": self.t.reconnects, "disconnects": self.t.disconnects}
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self.q.close()
+        subs, self._subs = self._subs, []
+        for s in subs:
+            self.t._sources.pop(getattr(s, "_id", -1), None)
 
         async def unsub() -> None:
-            for s in self._subs:
+            for s in subs:
                 try:
                     await s.unsubscribe()
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - the connection may be gone: nothing to undo
                     pass
-        try:
-            self.t._L.run(unsub(), 5)
-        except Exception:  # noqa: BLE001
-            pass
+        if subs and self.t._L.loop.is_running():
+            try:
+                self.t._L.run(unsub(), 2)
+            except Exception:  # noqa: BLE001
+                pass

@@ -1,0 +1,439 @@
+"""NATS through real faults: kill -9 and restart, cluster failover, a server that is away or
+stalled, and a queue group losing a member (many publishing threads on one Bus: tests/contract.py).
+
+Every test starts its own nats-server(s) on free loopback ports. Recovery times are printed
+(run with ``-s`` to see them) and bounded only to prove that nothing hangs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pytest
+
+import msight_fast
+from msight_fast import brokers
+from msight_fast.errors import BackendUnavailable, MsightFastError, PublishError
+
+from ..helpers import raw_frame
+from .conftest import collect, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+SLACK = 4.0                     # seconds a bounded call may overrun its bound on a loaded machine
+
+
+class Stream:
+    """A publisher thread: 1 KB frames at ~500/s on ``small`` and (1080, 1920, 3) uint8 frames
+    (6.2 MB, fragmented at the 1 MB max_payload) at ~10/s on ``big``."""
+
+    def __init__(self, bus: msight_fast.Bus, small: str, big: str) -> None:
+        self.bus, self.small, self.big = bus, small, big
+        self.seqs: Dict[str, List[int]] = {small: [], big: []}
+        self.errors: List[Tuple[float, BaseException]] = []
+        self.attempts = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="stream", daemon=True)
+        self.thread.start()
+
+    def _publish(self, topic: str, obj: object) -> None:
+        try:
+            self.seqs[topic].append(self.bus.publish(topic, obj).seq)
+        except MsightFastError as e:
+            self.errors.append((time.monotonic(), e))
+        self.attempts += 1
+
+    def _run(self) -> None:
+        img = raw_frame(1080, 1920, seed=3)
+        blob = bytes(1000)
+        start = next_big = time.monotonic()
+        n = 0
+        while not self.stop.is_set():
+            if time.monotonic() >= next_big:
+                self._publish(self.big, img)
+                next_big = max(next_big + 0.1, time.monotonic())   # no backlog after a long wait
+            self._publish(self.small, blob)
+            n += 1
+            behind = time.monotonic() - (start + n * 0.002)
+            if behind > 0.1:                 # after a long publish, resume the pace, no burst
+                start, n = time.monotonic(), 0
+            elif behind < 0:
+                time.sleep(-behind)          # pacing the stream, not synchronising
+
+    def last(self, topic: str) -> int:
+        return self.seqs[topic][-1] if self.seqs[topic] else 0
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the publisher thread hung"
+
+
+def _stop(*workers: object) -> None:
+    """Stop the threads of a failed test before its Buses close under them."""
+    for w in workers:
+        if w is not None:
+            w.stop.set()
+            w.thread.join(30)
+
+
+class Reader:
+    """A thread that receives from one subscription, noting (seq, arrival time)."""
+
+    def __init__(self, sub: msight_fast.Subscription) -> None:
+        self.sub = sub
+        self.got: List[Tuple[int, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            f = self.sub.recv(timeout=0.2)
+            if f is not None:
+                self.got.append((f.seq, time.monotonic()))
+
+    def first_after(self, seq: int) -> Optional[float]:
+        """Arrival time of the first frame numbered above ``seq``."""
+        return next((t for s, t in list(self.got) if s > seq), None)
+
+    def seqs(self) -> List[int]:
+        return [s for s, _ in self.got]
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "recv() hung"
+
+
+def _drain_and_account(stream: Stream, readers: Dict[str, Reader], pub: msight_fast.Bus) -> Dict[str, int]:
+    """Stop publishing, let the tail arrive, and check that every frame published is either
+    received (once) or counted as a gap; frames the publisher counted lost are among the gaps."""
+    stream.finish()
+    pub.flush(30)
+    gaps = 0
+    for topic, r in readers.items():
+        last = stream.last(topic)
+        wait_for(lambda r=r, last=last: last in r.seqs(), f"the last frame on {topic} (seq {last})", timeout=30)
+        r.finish()
+        got = r.seqs()
+        st = r.sub.stats()
+        assert len(got) == len(set(got)) and st["duplicates"] == 0
+        assert set(got) <= set(stream.seqs[topic]) == set(range(1, last + 1))   # refusals take no seq
+        assert st["dropped"] == 0
+        assert len(got) + st["gaps"] == last, (topic, len(got), st["gaps"], last)
+        gaps += st["gaps"]
+    ps = pub.stats()
+    assert ps["lost"] <= gaps                      # a frame lost at the publisher never arrived
+    assert ps["publish_errors"] == len(stream.errors)
+    assert all(isinstance(e, BackendUnavailable) for _, e in stream.errors), stream.errors[:3]
+    return {"gaps": gaps, "lost": ps["lost"], "publish_errors": ps["publish_errors"],
+            "published": sum(len(v) for v in stream.seqs.values())}
+
+
+def _big_pending_conf(tmp_path: Path) -> List[str]:
+    """Server arguments that keep a subscriber which falls behind on this shared machine from
+    being dropped as a slow consumer: these tests count the losses of a cut, not of that."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_pending: 1GB\n")
+    return ["-c", str(conf)]
+
+
+def test_kill_9_and_restart_mid_stream(own_broker, topic, caplog, tmp_path):
+    caplog.set_level(logging.WARNING, logger="msight_fast")
+    b = own_broker("nats", extra_args=_big_pending_conf(tmp_path))
+    sub_bus = msight_fast.connect("nats", **b.options(), max_pending_bytes=1 << 30)
+    pub = msight_fast.connect("nats", **b.options())
+    stream = None
+    readers: Dict[str, Reader] = {}
+    try:
+        small, big = topic + ".small", topic + ".big"
+        readers = {small: Reader(sub_bus.subscribe(small)), big: Reader(sub_bus.subscribe(big))}
+        stream = Stream(pub, small, big)
+        wait_for(lambda: len(readers[small].got) >= 200 and len(readers[big].got) >= 3, "frames before the kill")
+
+        t_kill = time.monotonic()
+        b.kill()
+        wait_for(lambda: pub.stats()["disconnects"] >= 1 and sub_bus.stats()["disconnects"] >= 1,
+                 "both Buses to notice the kill")
+        before = {t: stream.last(t) for t in readers}      # published before the cut was known
+        tried = stream.attempts
+        wait_for(lambda: stream.attempts > tried, "a publish while the server is down")
+        b.restart()
+        t_up = time.monotonic()
+        first = {t: wait_for(lambda r=readers[t], s=before[t]: r.first_after(s), f"frames on {t} after the restart",
+                             timeout=30) for t in readers}
+        wait_for(lambda: len(readers[small].seqs()) > before[small] + 500, "the stream to go on", timeout=60)
+        counts = _drain_and_account(stream, readers, pub)
+
+        ps, ss = pub.stats(), sub_bus.stats()
+        assert ps["connected"] and ss["connected"]
+        assert ps["reconnects"] >= 1 and ss["reconnects"] >= 1
+        recovered = {t: first[t] - t_up for t in readers}
+        print(f"\nNATS kill -9 + restart: down {t_up - t_kill:.2f} s; first frame after the restart: "
+              f"small {recovered[small]:.2f} s, big {recovered[big]:.2f} s; outage seen by the publisher "
+              f"{ps['last_outage_s']:.2f} s, by the subscriber {ss['last_outage_s']:.2f} s; {counts}")
+        assert recovered[small] < 5.0 and recovered[big] < 5.0
+        text = caplog.text
+        assert text.count("NATS connection lost") == ps["disconnects"] + ss["disconnects"]
+        assert "the server restarted" in text and "'max_pending'" not in text   # the cause, not the wrong advice
+    finally:
+        _stop(stream, *readers.values())
+        pub.close()
+        sub_bus.close()
+
+
+def _cluster(own_broker, extra: List[str], n: int = 3) -> List[brokers.Broker]:
+    ports = [brokers.free_port() for _ in range(n)]
+    cports = [brokers.free_port() for _ in range(n)]
+    mports = [brokers.free_port() for _ in range(n)]
+    nodes = []
+    for i in range(n):
+        routes = ",".join(f"nats://127.0.0.1:{cports[j]}" for j in range(n) if j != i)
+        nodes.append(own_broker("nats", port=ports[i], extra_args=[
+            "--cluster_name", "msf", "--cluster", f"nats://127.0.0.1:{cports[i]}", "--routes", routes,
+            "-m", str(mports[i])] + extra))
+
+    def peers(i: int) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mports[i]}/routez", timeout=5) as r:
+            return len({x["remote_id"] for x in json.loads(r.read())["routes"]})
+    wait_for(lambda: all(peers(i) == n - 1 for i in range(n)), "the cluster's routes", timeout=60, interval=0.1)
+    return nodes
+
+
+def test_cluster_failover(own_broker, topic, caplog, tmp_path):
+    caplog.set_level(logging.WARNING, logger="msight_fast")
+    nodes = _cluster(own_broker, _big_pending_conf(tmp_path))
+    pub = msight_fast.connect("nats", servers=[n.address for n in nodes])
+    victim = next(n for n in nodes if n.port == pub._t.nc.connected_url.port)
+    others = [n for n in nodes if n is not victim]
+    sub_bus = msight_fast.connect("nats", servers=[n.address for n in others], max_pending_bytes=1 << 30)
+    stream = None
+    readers: Dict[str, Reader] = {}
+    try:
+        assert sub_bus._t.nc.connected_url.port != victim.port
+        small, big = topic + ".small", topic + ".big"
+        readers = {small: Reader(sub_bus.subscribe(small)), big: Reader(sub_bus.subscribe(big))}
+        stream = Stream(pub, small, big)
+        # a second of stream first: nats-py waits reconnect_time_wait before retrying a server it
+        # connected to less than that long ago, which would add 0.5 s to this measurement
+        wait_for(lambda: len(readers[small].got) >= 500 and len(readers[big].got) >= 3, "frames before the kill")
+
+        t_kill = time.monotonic()
+        victim.kill()
+        wait_for(lambda: pub.stats()["disconnects"] >= 1, "the publisher to notice the kill")
+        before = {t: stream.last(t) for t in readers}
+        first = {t: wait_for(lambda r=readers[t], s=before[t]: r.first_after(s), f"frames on {t} after the kill",
+                             timeout=30) for t in readers}
+        wait_for(lambda: len(readers[small].seqs()) > before[small] + 500, "the stream to go on", timeout=60)
+        counts = _drain_and_account(stream, readers, pub)
+
+        ps = pub.stats()
+        assert stream.errors == [] and ps["publish_errors"] == 0       # no error reached publish()
+        assert ps["connected"] and ps["reconnects"] >= 1
+        assert pub._t.nc.connected_url.port in {n.port for n in others}
+        assert sub_bus.stats()["disconnects"] == 0                      # its node stayed up
+        flow = {t: first[t] - t_kill for t in readers}
+        print(f"\nNATS cluster failover: publisher outage {ps['last_outage_s']:.3f} s; frames flow again "
+              f"{flow[small]:.3f} s (small), {flow[big]:.3f} s (big) after the kill; {counts}")
+        assert flow[small] < 2.0 and flow[big] < 2.0
+        assert "failed over from" in caplog.text
+    finally:
+        _stop(stream, *readers.values())
+        pub.close()
+        sub_bus.close()
+
+
+def test_broker_down_publish_recv_flush_subscribe_are_bounded(own_broker, topic):
+    b = own_broker("nats")
+    bus = msight_fast.connect("nats", **b.options(), publish_timeout_s=2.0, connect_timeout_s=2.0)
+    try:
+        sub = bus.subscribe(topic)              # on the same Bus: resubscribed before its buffer is sent
+        bus.publish(topic, b"before")
+        assert len(collect(sub, 1, timeout=10)) == 1
+        b.kill()
+        wait_for(lambda: not bus.stats()["connected"], "the Bus to notice the kill")
+
+        t = time.monotonic()
+        assert sub.recv(timeout=1) is None                         # returns, never raises
+        assert time.monotonic() - t < 1 + SLACK
+
+        # Decision: while the server is away a publish succeeds into nats-py's reconnect buffer
+        # (2 MB) as long as the frame fits; then it waits for the server up to
+        # publish_timeout_s and raises BackendUnavailable. What was accepted is delivered once
+        # the server is back, or counted lost.
+        t = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            bus.publish(topic, raw_frame(1080, 1920))               # 6 MB never fits the buffer
+        waited = time.monotonic() - t
+        assert 2.0 * 0.9 <= waited < 2.0 + SLACK                    # it honoured publish_timeout_s
+        accepted = 0
+        refused = None
+        for _ in range(10_000):
+            t = time.monotonic()
+            try:
+                bus.publish(topic, bytes(1000))
+                accepted += 1
+            except BackendUnavailable as e:
+                refused = e
+                break
+            finally:
+                assert time.monotonic() - t < 2.0 + SLACK
+        assert refused is not None and 1000 < accepted < 2100      # the buffer's 2 MB, then refusals
+        assert "away" in str(refused)
+
+        t = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            bus.subscribe(topic + ".later")
+        assert time.monotonic() - t < 2.0 + 2 + SLACK
+        t = time.monotonic()
+        with pytest.raises(PublishError):
+            bus.flush(timeout=1)
+        assert time.monotonic() - t < 1 + SLACK
+        st = bus.stats()
+        assert not st["connected"] and st["disconnects"] == 1 and st["publish_errors"] == 2
+
+        b.restart()
+        wait_for(lambda: bus.stats()["connected"], "the reconnect")
+        got = collect(sub, accepted, timeout=30)
+        lost = bus.stats()["lost"]
+        assert len(got) + lost == accepted and len({f.seq for f in got}) == len(got)
+        assert sub.stats()["gaps"] == 0 or lost > 0
+        print(f"\nNATS broker down: publish raised after {waited:.2f} s (publish_timeout_s 2); "
+              f"{accepted} frames went to the reconnect buffer: {len(got)} delivered after the restart, {lost} lost")
+
+        # accepted while the server is away, then closed before it came back: counted lost
+        b.kill()
+        wait_for(lambda: not bus.stats()["connected"], "the Bus to notice the second kill")
+        for _ in range(10):
+            bus.publish(topic, bytes(1000))
+        t = time.monotonic()
+        bus.close()
+        assert time.monotonic() - t < 5 + 5 + 2 + SLACK
+        assert bus.stats()["lost"] == lost + 10
+    finally:
+        bus.close()
+
+
+def test_stalled_server_publish_and_flush_are_bounded(own_broker, topic):
+    b = own_broker("nats")
+    bus = msight_fast.connect("nats", **b.options(), publish_timeout_s=2.0)
+    sub_bus = msight_fast.connect("nats", **b.options())
+    sub = sub_bus.subscribe(topic)
+    resumed = False
+    try:
+        frame = raw_frame(1080, 1920)
+        bus.publish(topic, frame)
+        assert len(collect(sub, 1, timeout=20)) == 1
+        b.pause()                                        # SIGSTOP: the sockets stay open, nothing is read
+        refused = None
+        for _ in range(100):
+            t = time.monotonic()
+            try:
+                bus.publish(topic, frame)
+            except BackendUnavailable as e:
+                refused = e
+                break
+            finally:
+                assert time.monotonic() - t < 2.0 + SLACK
+        assert refused is not None and "takes no data" in str(refused)
+        t = time.monotonic()
+        with pytest.raises(PublishError):
+            bus.flush(timeout=1)
+        assert time.monotonic() - t < 1 + SLACK
+        b.proc.send_signal(signal.SIGCONT)
+        resumed = True
+        last = bus.publish(topic, frame).seq
+        bus.flush(30)
+        wait_for(lambda: any(f.seq == last for f in collect(sub, 1, timeout=1)), "a frame after the stall", timeout=60)
+    finally:
+        if not resumed:
+            b.proc.send_signal(signal.SIGCONT)
+        bus.close()
+        sub_bus.close()
+
+
+def _child_member(opts: dict, topic: str, group: str, out: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.stress_child", "nats", json.dumps(opts), topic,
+                             group, str(out), "0", "0", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    wait_for(lambda: Path(str(out) + ".ready").exists() or proc.poll() is not None, "the member to subscribe",
+             timeout=90, interval=0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    return proc
+
+
+def _lines(path: Path) -> List[int]:
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("how", ["kill", "close"])
+def test_queue_group_member_lost_survivor_keeps_receiving(broker_pool, topic, tmp_path, how):
+    info = broker_pool("nats")
+    pub = msight_fast.connect("nats", **info.options)
+    survivor = msight_fast.connect("nats", **info.options)
+    s1 = survivor.subscribe(topic, group_id="workers")
+    out = tmp_path / "member.txt"
+    other_bus = None
+    proc = None
+    s2 = None
+    try:
+        if how == "kill":
+            proc = _child_member(info.options, topic, "workers", out)
+        else:
+            other_bus = msight_fast.connect("nats", **info.options)
+            s2 = other_bus.subscribe(topic, group_id="workers")
+            assert s2.stats()["gaps"] is None
+        got1: List[int] = []
+        got2: List[int] = []
+
+        def both_served() -> bool:
+            pub.publish(topic, bytes(1000))
+            for s, got in ((s1, got1), (s2, got2)):
+                f = s.recv(timeout=0.01) if s is not None else None
+                if f is not None:
+                    got.append(f.seq)
+            return bool(got1) and (bool(got2) if s2 is not None else bool(_lines(out)))
+        wait_for(both_served, "both members to get frames", timeout=60)
+        assert s1.stats()["gaps"] is None                              # a member sees part of the stream
+
+        if how == "kill":
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+        else:
+            other_bus.close()
+        # the server forgets the member when it sees the connection end; from then on the
+        # survivor gets every frame
+        for attempt in range(20):
+            batch = [pub.publish(topic, bytes(1000)).seq for _ in range(20)]
+            pub.flush(10)
+            got = {f.seq for f in collect(s1, 20, timeout=5)} & set(batch)
+            if got == set(batch):
+                break
+        else:
+            pytest.fail("the survivor never got every frame after the member was lost")
+        img = raw_frame(1080, 1920, seed=5)                            # fragmented: pulled from the publisher
+        seq = pub.publish(topic, img).seq
+        f = wait_for(lambda: next((f for f in collect(s1, 1, timeout=1) if f.seq == seq), None),
+                     "the fragmented frame", timeout=30)
+        assert np.array_equal(f.array, img)
+        assert s1.stats()["gaps"] is None
+        print(f"\nNATS queue group, member {how}: the survivor got every frame after {attempt + 1} batch(es)")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        for bb in (pub, survivor, other_bus):
+            if bb is not None:
+                bb.close()
