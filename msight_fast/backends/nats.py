@@ -91,8 +91,9 @@ class _Client(_nats_client.Client):
     falls back to nats-py's if the client's internals are not what it expects.
 
     It also remembers what ended the last connection (``msf_cause``), for the warning that names
-    the cause, and reconnects after a server's "-ERR 'Slow Consumer'", which nats-py would
-    otherwise take as the end of the client.
+    the cause, reconnects after a server's "-ERR 'Slow Consumer'", which nats-py would otherwise
+    take as the end of the client, and drops a connection it leaves instead of closing it
+    gracefully (see ``_process_op_err``).
     """
 
     msf_cause: Optional[BaseException] = None
@@ -100,7 +101,18 @@ class _Client(_nats_client.Client):
     async def _process_op_err(self, e: Exception) -> None:
         if not (self.is_closed or self.is_reconnecting):
             self.msf_cause = e
+            # nats-py closes the old connection gracefully and waits for that before it reconnects:
+            # a server that reads nothing (stalled, or a link gone without a reset) never takes
+            # the frames in the write buffer, so no reconnect or failover would come until it
+            # reads again. The connection is being replaced: drop it with what it holds.
+            _abort(self)
         await super()._process_op_err(e)
+
+    async def _connect_to_server(self, s: Any) -> None:
+        # nats-py reuses its transport object: an attempt that connected and then failed (a stalled
+        # server sends no INFO) would leave its socket open, unreferenced, for this one to replace
+        _abort(self)
+        await super()._connect_to_server(s)
 
     async def _process_err(self, err_msg: str) -> None:
         if "slow consumer" in err_msg.lower():
@@ -141,6 +153,13 @@ class _Client(_nats_client.Client):
             except Exception as ex:  # noqa: BLE001 - as nats-py: log, end the loop
                 log.error("msight_fast: NATS read loop failed", exc_info=ex)
                 break
+
+
+def _abort(nc: Any) -> None:
+    """Drop ``nc``'s socket at once with what it has not sent (a graceful close waits for the server)."""
+    w = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    if w is not None:
+        w.transport.abort()
 
 
 class _Loop:
@@ -568,12 +587,8 @@ class NatsTransport(Transport):
         try:
             self._L.run(shut(), CLOSE_WAIT_S)
         except Exception:  # noqa: BLE001 - a stalled server: drop the socket instead
-            def abort() -> None:
-                w = getattr(getattr(nc, "_transport", None), "_io_writer", None)
-                if w is not None:
-                    w.transport.abort()
             try:
-                self._L.loop.call_soon_threadsafe(abort)
+                self._L.loop.call_soon_threadsafe(_abort, nc)
             except RuntimeError:
                 pass
         self._L.stop()

@@ -43,6 +43,7 @@ SMALL = 64 * 1024           # payloads up to this size are copied out of the sta
 OUTSTANDING_HIGH = 4096     # unread PUBLISH replies before the publisher stops to read them
 MAX_BULK = 1 << 32          # larger than any bulk string Redis can send: a corrupt stream
 DRAIN_EVERY = 64            # replies are read (without blocking) every this many publishes
+MAX_FAILURES = 1000         # reasons kept for flush()'s report until it runs (all are counted)
 BACKOFF_FIRST_S = 0.05      # reconnect backoff: first delay after a failed attempt ...
 BACKOFF_MAX_S = 1.0         # ... doubling up to this, so a restarted server is found within ~1 s
 ATTEMPT_FLOOR_S = 0.25      # a subscriber's reconnect attempt gets at least this long ...
@@ -183,7 +184,7 @@ class _Conn:
                 if i >= 0:
                     self.run_id = info[i + 7:info.find(b"\r\n", i)].strip() or None
             s.settimeout(cfg.connect_timeout_s)          # for plain call()s; owners set their own mode
-        except AuthError:
+        except (AuthError, BackendUnavailable):            # from _check, which closed the socket
             raise
         except (socket.timeout, TimeoutError):
             s.close()
@@ -321,6 +322,7 @@ class RedisTransport(Transport):
         self._count = 0
         self.lost = 0
         self._unreported = 0                       # lost since the last flush
+        self._refused = 0                          # error replies since the last flush
         self._failures: List[Tuple[str, str]] = []
         self._prefixes: Dict[str, bytes] = {}
 
@@ -441,7 +443,7 @@ class RedisTransport(Transport):
             if r is not False:
                 self._outstanding -= 1
                 if isinstance(r, hiredis.ReplyError):
-                    self._failures.append(("?", str(r)))
+                    self._refuse(r)
                 continue
             try:
                 n = conn.sock.recv_into(conn._rbuf)
@@ -456,6 +458,12 @@ class RedisTransport(Transport):
             if n == 0:
                 raise _Closed("Redis closed the publisher connection")
             conn.reader.feed(conn._rbuf, 0, n)  # type: ignore[arg-type]  # takes any buffer
+
+    def _refuse(self, r: Any) -> None:
+        """An error reply to a PUBLISH: a failure for flush() to report."""
+        self._refused += 1
+        if len(self._failures) < MAX_FAILURES:
+            self._failures.append(("?", str(r)))
 
     def _cut(self, err: BaseException) -> None:
         """Drop the connection; what was written and never acknowledged is counted as lost."""
@@ -479,7 +487,7 @@ class RedisTransport(Transport):
                         break
                     self._outstanding -= 1
                     if isinstance(r, hiredis.ReplyError):
-                        self._failures.append(("?", str(r)))
+                        self._refuse(r)
                 if not self._outstanding:
                     return
                 n = conn.sock.recv_into(conn._rbuf)
@@ -521,8 +529,9 @@ class RedisTransport(Transport):
             return conn
 
     def flush(self, timeout: Optional[float]) -> None:
-        """Wait (``timeout``, else ``publish_timeout_s``) for every reply; PublishError lists the
-        publishes the server refused and those a cut lost since the last flush."""
+        """Wait (``timeout``, else ``publish_timeout_s``) for every reply; PublishError counts the
+        publishes the server refused and those a cut lost since the last flush, and lists them
+        (up to ``MAX_FAILURES`` of each)."""
         limit = self.cfg.publish_timeout_s if timeout is None else max(0.0, timeout)
         deadline = time.monotonic() + limit
         if not self._lock.acquire(timeout=limit):
@@ -537,10 +546,11 @@ class RedisTransport(Transport):
                 except _NET_ERRORS as e:
                     self._cut(e)
             failures, self._failures = self._failures, []
+            refused, self._refused = self._refused, 0
             lost, self._unreported = self._unreported, 0
-            failures += [("?", "connection lost before the server acknowledged")] * lost
+            failures += [("?", "connection lost before the server acknowledged")] * min(lost, MAX_FAILURES)
             if failures:
-                raise PublishError(f"{len(failures)} publishes failed: {failures[0][1]}", failures)
+                raise PublishError(f"{refused + lost} publishes failed: {failures[0][1]}", failures)
         finally:
             self._lock.release()
 
@@ -824,6 +834,8 @@ class RedisSource(Source):
                 return None
             if got[0] == b"message":
                 return got[2], None
+            if got[0] == b"subscribe" and self._link.down_since is not None:
+                self._link.up(self._conn.run_id)
         return None
 
     def _drop(self, err: BaseException) -> None:
@@ -832,13 +844,17 @@ class RedisSource(Source):
             conn.close()
         self._part = None                              # its frame is lost: a gap
         self._s = self._e = 0
-        self._link.cut(err, "frames published meanwhile are lost and counted as gaps")
+        if self._link.down_since is not None:          # SUBSCRIBE never confirmed: an attempt that failed
+            self._link.failed(err)
+        else:
+            self._link.cut(err, "frames published meanwhile are lost and counted as gaps")
 
     def _reconnect(self, deadline: Optional[float]) -> bool:
-        """Resubscribe, attempts spaced by the backoff; False once ``deadline`` passes (or closed).
-        An attempt may overrun ``deadline`` by at most the attempt floor (grown while attempts time
-        out, up to ``ATTEMPT_FLOOR_MAX_S``, so a slow server is still reached by callers with short
-        timeouts)."""
+        """Connect and send SUBSCRIBE, attempts spaced by the backoff; False once ``deadline``
+        passes (or closed). The link is up only when the server confirms (``next`` sees it): a
+        server that refuses SUBSCRIBE gets backed-off attempts, not a reconnect storm. An attempt
+        may overrun ``deadline`` by at most the attempt floor (grown while attempts time out, up to
+        ``ATTEMPT_FLOOR_MAX_S``, so a slow server is still reached by callers with short timeouts)."""
         link = self._link
         while not self._closed:
             now = time.monotonic()
@@ -863,13 +879,13 @@ class RedisSource(Source):
                 self._conn = None
                 return False
             self._floor = min(self.cfg.connect_timeout_s, ATTEMPT_FLOOR_S)
-            link.up(self._conn.run_id)
             return True
         return False
 
     def stats(self) -> Dict[str, Any]:
         link = self._link
-        return {"reconnects": link.reconnects, "disconnects": link.disconnects, "connected": self._conn is not None}
+        return {"reconnects": link.reconnects, "disconnects": link.disconnects,
+                "connected": self._conn is not None and link.down_since is None and not self._closed}
 
     def close(self) -> None:
         self._closed = True

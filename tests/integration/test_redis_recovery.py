@@ -1,6 +1,7 @@
 """Redis faults with a real redis-server: kill -9 and restart mid-stream, a broker that is down and
 a stalled broker (many publisher threads on one Bus: tests/contract.py). Frames are accounted for
 exactly: the subscriber's ``received + gaps`` equals the publisher's ``published``."""
+import logging
 import signal
 import threading
 import time
@@ -10,6 +11,8 @@ import pytest
 
 import msight_fast
 from msight_fast import BackendUnavailable, PublishError
+from msight_fast.backends import redis as redis_backend
+from msight_fast.config import RedisConfig
 
 from .conftest import wait_for
 
@@ -109,6 +112,17 @@ class StreamPublisher:
         assert not self.t.is_alive()
 
 
+def _first_frame_back(bus, sub, topic, timeout=60.0):
+    """Publish until ``sub`` gets a frame again (those before it resubscribed are gaps)."""
+    def one():
+        try:
+            bus.publish(topic, b"again")
+        except BackendUnavailable:
+            pass
+        return sub.recv(timeout=0.5)
+    return wait_for(one, "the subscription to come back", timeout)
+
+
 def _check_stream_frame(f):
     i = f.meta["i"]
     data = np.frombuffer(f.data, np.uint8)
@@ -198,12 +212,7 @@ def test_broker_down_publish_fails_on_time_recv_returns_none_and_both_recover(ow
         except BackendUnavailable:
             return False
     wait_for(publishes, "a publish to succeed after the restart", 30)
-    got = None
-    end = time.monotonic() + 30
-    while got is None:                               # frames before the resubscription are gaps
-        assert time.monotonic() < end, "the subscription never came back"
-        bus.publish(topic, b"again")
-        got = sub.recv(timeout=0.5)
+    got = _first_frame_back(bus, sub, topic)
     if taken:
         with pytest.raises(PublishError) as e:       # flush reports what the cut lost
             bus.flush(10)
@@ -244,15 +253,68 @@ def test_stalled_broker_publish_fails_on_time_and_a_silent_subscription_is_repla
             assert time.monotonic() - t0 < 1 + 3.0
     finally:
         b.proc.send_signal(signal.SIGCONT)
-    got = None
-    end = time.monotonic() + 60
-    while got is None:
-        assert time.monotonic() < end, "the subscription never came back"
-        try:
-            bus.publish(topic, b"again")
-        except BackendUnavailable:
-            pass
-        got = sub.recv(timeout=0.5)
+    got = _first_frame_back(bus, sub, topic)
     st = sub.stats()
     assert st["reconnects"] >= 1 and st["connected"]
     assert st["received"] + st["gaps"] == got.seq and st["duplicates"] == 0
+
+
+def test_a_resubscription_the_server_refuses_backs_off_until_it_is_allowed_again(own_broker, connect, topic, caplog):
+    """The server drops a subscriber whose user loses the channel (ACL), then refuses SUBSCRIBE on
+    each new connection: that is a failed attempt, retried with backoff, not a reconnect and a new
+    cut each time; once the channel is allowed again the same subscription carries on."""
+    caplog.set_level(logging.WARNING, logger="msight_fast")
+    b = own_broker("redis")
+    admin = redis_backend._Conn(RedisConfig(host="127.0.0.1", port=b.port))
+
+    def acl(*rules: bytes) -> None:
+        assert admin.call(b"ACL", b"SETUSER", b"alice", *rules) == b"OK"
+    acl(b"on", b">pw", b"~*", b"+@all", b"resetchannels", b"&" + topic.encode())
+    try:
+        bus = connect(b, username="alice", password="pw")
+        sub = bus.subscribe(topic)
+        bus.publish(topic, b"before")
+        assert bytes(sub.recv(timeout=10).data) == b"before"
+        acl(b"resetchannels")                        # the server closes the subscribed connection
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            assert sub.recv(timeout=0.5) is None
+            assert time.monotonic() - t0 < 0.5 + 3.0
+        st = sub.stats()
+        assert st["disconnects"] == 1 and st["reconnects"] == 0 and not st["connected"], st
+        assert len(caplog.records) <= 3, [r.getMessage()[:120] for r in caplog.records]
+        acl(b"&" + topic.encode())
+        got = _first_frame_back(bus, sub, topic)
+        st = sub.stats()
+        assert st["disconnects"] == 1 and st["reconnects"] == 1 and st["connected"]
+        assert st["received"] + st["gaps"] == got.seq
+    finally:
+        admin.close()
+
+
+def test_a_refused_select_names_the_server_once(broker_pool):
+    with pytest.raises(BackendUnavailable) as e:
+        msight_fast.connect("redis", **broker_pool("redis").options, db=99)
+    assert str(e.value).count("Redis at") == 1 and "SELECT" in str(e.value)
+
+
+def test_refused_publishes_are_counted_but_their_reasons_kept_bounded(own_broker, connect, topic):
+    """Every PUBLISH refused (the user lost the channel) and no flush for a long while: the count
+    is exact, the reasons kept for flush() stay bounded."""
+    b = own_broker("redis")
+    admin = redis_backend._Conn(RedisConfig(host="127.0.0.1", port=b.port))
+    try:
+        assert admin.call(b"ACL", b"SETUSER", b"alice", b"on", b">pw", b"~*", b"+@all", b"resetchannels") == b"OK"
+        bus = connect(b, username="alice", password="pw")
+        n = redis_backend.MAX_FAILURES + 500
+        for _ in range(n):
+            bus.publish(topic, b"x")
+        assert len(bus._t._failures) <= redis_backend.MAX_FAILURES
+        with pytest.raises(PublishError) as e:
+            bus.flush(10)
+        assert str(e.value).startswith(f"{n} publishes failed") and "NOPERM" in str(e.value)
+        assert 0 < len(e.value.failures) <= redis_backend.MAX_FAILURES
+        bus.flush(10)                                # reported once
+    finally:
+        admin.close()
