@@ -50,6 +50,9 @@ ATTEMPT_FLOOR_S = 0.25      # a subscriber's reconnect attempt gets at least thi
 ATTEMPT_FLOOR_MAX_S = 1.0   # ... doubled while attempts time out, up to this
 PING_IDLE_S = 5.0           # a subscription silent this long is sent a PING ...
 HEALTH_TIMEOUT_S = 10.0     # ... and dropped if nothing at all arrives this long after it
+USER_TIMEOUT_MS = 15_000    # TCP_USER_TIMEOUT: the kernel drops a link whose sent data stays
+                            # unacknowledged this long (a black-holed path), where replies alone
+                            # would never tell a publisher of small frames
 
 _PING = b"*1\r\n$4\r\nPING\r\n"
 _CRLF = b"\r\n"
@@ -155,6 +158,8 @@ class _Conn:
             else:
                 s = socket.create_connection((cfg.host, cfg.port), timeout=budget)
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if hasattr(socket, "TCP_USER_TIMEOUT"):     # Linux only
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
             if cfg.use_tls:
                 ctx = ssl.create_default_context(cafile=cfg.tls_ca_cert_file)
                 if cfg.tls_cert_file:
@@ -622,6 +627,8 @@ class RedisSource(Source):
         self._wake = threading.Event()             # set by close(): ends a backoff wait
         self._link = _Link(cfg, f"subscription to {topic!r}", subscriber=True)
         self._floor = ATTEMPT_FLOOR_S if cfg is None else min(cfg.connect_timeout_s, ATTEMPT_FLOOR_S)
+        # a message longer than any frame we would accept is a corrupt stream: never allocate it
+        self._max_bulk = MAX_BULK if cfg is None else min(MAX_BULK, cfg.max_frame_bytes + (1 << 20))
         self.ping_idle_s = PING_IDLE_S
         self.health_timeout_s = HEALTH_TIMEOUT_S
         self._rx_at = time.monotonic()             # when a byte last arrived
@@ -756,7 +763,7 @@ class RedisSource(Source):
                     chan, p = self._bulk(p)
                     if kind == b"message":
                         size, p = self._int_after(p, 0x24)
-                        if not 0 <= size <= MAX_BULK:
+                        if not 0 <= size <= self._max_bulk:
                             raise ConnectionError(f"bad message length from Redis: {size}")
                         got = self._payload(chan, p, size)
                         if got is not None:

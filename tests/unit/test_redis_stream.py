@@ -204,3 +204,19 @@ def test_an_answered_ping_keeps_the_subscription():
         t.join()
         a.close()
         b.close()
+
+
+
+def test_a_message_longer_than_any_accepted_frame_is_never_allocated():
+    """A corrupt or hostile length is a broken stream (the source reconnects); nothing that size is allocated."""
+    a, b = socket.socketpair()
+    src = R.RedisSource.__new__(R.RedisSource)
+    src._init_state(RedisConfig(host="127.0.0.1", port=1, max_frame_bytes=1 << 20), "cam")
+    src._conn = _FakeConn(a)
+    try:
+        b.sendall(b"*3\r\n$7\r\nmessage\r\n$3\r\ncam\r\n$%d\r\n" % (3 << 30))
+        with pytest.raises(ConnectionError, match="bad message length"):
+            src._read_push(time.monotonic() + 5)
+    finally:
+        a.close()
+        b.close()
