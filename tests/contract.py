@@ -158,7 +158,9 @@ def _mixed(thread, i):
 def test_concurrent_publishers_on_one_bus_keep_each_threads_order(make_bus, topic):
     """8 threads x 300 frames of 1 KB to 6 MB on one Bus: every frame intact, each thread's in order."""
     threads, per = 8, 300
-    pub, sub = make_bus(), make_bus().subscribe(topic)
+    # what is tested is order and integrity, not speed: a loaded machine must not fail it by the
+    # publish timeout of a thread queued behind the others
+    pub, sub = make_bus(publish_timeout_s=120), make_bus().subscribe(topic)
     drain = Drain(sub, threads * per)
 
     def run(k):
@@ -180,7 +182,7 @@ def test_concurrent_publishers_on_one_bus_keep_each_threads_order(make_bus, topi
 def test_a_thread_per_publish(make_bus, topic):
     """MSight Core's Node.publish starts a thread per message: 100 threads, one 3.7 MB frame each."""
     n = 100
-    pub, sub = make_bus(), make_bus().subscribe(topic)
+    pub, sub = make_bus(publish_timeout_s=120), make_bus().subscribe(topic)   # as above
     drain = Drain(sub, n)
 
     def run(k):

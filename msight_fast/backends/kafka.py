@@ -1,8 +1,13 @@
 """Kafka backend through confluent-kafka (librdkafka): persistence, at-least-once, consumer groups.
 
-Producer: idempotent (``enable.idempotence``, ``acks=all``), batched (``linger.ms``), never a
-flush per message; the bytes in flight are bounded (``max_in_flight_bytes``) so latency cannot
-grow without bound: ``publish`` waits for room instead. Delivery errors come back via ``flush``.
+Producer: ``acks=all``, batched (``linger.ms``), never a flush per message; the bytes in flight
+are bounded (``max_in_flight_bytes``) so latency cannot grow without bound: ``publish`` waits for
+room, up to its deadline, then raises ``BackendUnavailable``. While the broker is away frames
+queue in librdkafka up to that bound and go out when it is back. Delivery errors come back via
+``flush`` and count in ``stats()["lost"]``. Not idempotent unless asked for (see
+``_producer_config`` for why); a producer that librdkafka declares fatally failed is replaced on
+the next publish, which raises ``PublishError``; what the dead one still held counts as lost.
+
 Frames above the topic's message limit (``max_message_bytes``, by default the topic's
 ``max.message.bytes`` as the broker reports it, else 1,000,000) are fragmented, straight from the
 frame's parts; every fragment of a frame has the frame's key,
@@ -11,14 +16,25 @@ publisher's frames stay in order, as Kafka orders only within a partition) or, w
 ``partition_key="frame"``, the frame id (one publisher's frames spread over the partitions, so a
 consumer group can share one camera; order then holds only per partition).
 
+Recovery: one watcher thread per transport serves the producer's callbacks (also while nobody
+publishes), notices the broker going away (librdkafka's ``_TRANSPORT`` / ``_ALL_BROKERS_DOWN``),
+probes it until it answers, and then creates again every topic this transport uses that the
+broker no longer has (a broker that lost its state, as tansu with memory storage does on a
+restart). ``stats()``: connected, disconnects, reconnects, lost, producer_recreated.
+
 Consumer: ``group.id`` from ``group_id`` (without one, a private group: every subscriber gets
 every frame). Offsets are stored only for messages whose frame has been handed to the
 application and then released (the next ``recv`` or ``ack()``), never ahead of delivery, and are
 committed every second and on ``ack()``: a member that dies loses nothing; the group re-delivers.
-A fragmented frame's offsets are stored only once the whole frame was handed over.
+A fragmented frame's offsets are stored only once the whole frame was handed over. The poll
+thread outlives every error; after a broker restart the group re-joins and a partition whose
+committed offset the broker lost starts at the beginning of its (new) log. Loss and repeats in a
+group are reported per member as ``lag``, ``redelivered``, ``replayed`` and ``offset_resets``
+(see ``KafkaSource.stats``).
 
-Threads: librdkafka's own, plus one poll thread per subscription. Copies: one to encode the frame (confluent-kafka needs
-``bytes``), one inside librdkafka on produce; on receipt one (``msg.value()``).
+Threads: librdkafka's own, the watcher, and one poll thread per subscription. Copies: one to
+encode the frame (confluent-kafka needs ``bytes``), one inside librdkafka on produce; on receipt
+one (``msg.value()``).
 """
 from __future__ import annotations
 
@@ -29,15 +45,37 @@ import time
 import uuid
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    OFFSET_STORED,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from ..errors import AuthError, BackendUnavailable, ConfigError, PublishError
+from ..errors import (
+    AuthError,
+    BackendUnavailable,
+    ConfigError,
+    MsightFastError,
+    PublishError,
+)
 from .base import Capabilities, Outgoing, Source, Transport
 
 log = logging.getLogger("msight_fast")
 FRAG_SLACK = 512                 # record-batch overhead kept free under the message limit
 DEFAULT_MESSAGE_BYTES = 1_000_000   # Kafka's default max.message.bytes, when the broker won't say
+# librdkafka's default of 10 s between reconnection attempts would add up to 10 s to every recovery
+RECONNECT_BACKOFF_MAX_MS = 1000
+STALE_DOWN_S = 2.0               # connect failures reported this soon after a recovery are the old outage's
+STALL_S = 15.0                   # an idempotent producer with nothing leaving its queue this long is stuck
+MAX_FAILURES_KEPT = 10_000       # delivery failures listed by flush (all of them are counted in lost)
+_DOWN = (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)
+_TOPIC_GONE = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION)
 
 
 def limit_from_topic_config(entries: Any) -> Optional[int]:
@@ -55,7 +93,8 @@ _AUTH_CODES = {"_AUTHENTICATION", "SASL_AUTHENTICATION_FAILED", "TOPIC_AUTHORIZA
 
 def _client_config(cfg: Any) -> Dict[str, Any]:
     c: Dict[str, Any] = {"bootstrap.servers": ",".join(cfg.servers), "logger": logging.getLogger("msight_fast.librdkafka"),
-                         "socket.connection.setup.timeout.ms": int(cfg.connect_timeout_s * 1000)}
+                         "socket.connection.setup.timeout.ms": int(cfg.connect_timeout_s * 1000),
+                         "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS}
     tls = cfg.use_tls or bool(cfg.tls_ca_cert_file)
     if cfg.sasl_mechanism:
         c["security.protocol"] = "SASL_SSL" if tls else "SASL_PLAINTEXT"
@@ -78,7 +117,7 @@ def _client_config(cfg: Any) -> Dict[str, Any]:
 
 
 def _raise_for(e: Exception, what: str, cfg: Any) -> None:
-    err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+    err = _kafka_error(e)
     name = err.name() if err is not None else ""
     where = ", ".join(cfg.servers)
     if name in _AUTH_CODES or "auth" in str(e).lower():
@@ -87,27 +126,98 @@ def _raise_for(e: Exception, what: str, cfg: Any) -> None:
                              f"{err.str() if err else e}") from None
 
 
+def _kafka_error(e: BaseException) -> Optional[KafkaError]:
+    return e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+
+
+def _is_fatal(err: Optional[KafkaError]) -> bool:
+    return err is not None and (err.fatal() or err.code() == KafkaError._FATAL)
+
+
+def _truthy(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _retire(producer: Producer) -> None:
+    """Let go of a replaced producer in a thread of its own: the reports of messages purged late
+    still count in ``lost``, and librdkafka's teardown may take a while, never a publish's."""
+    try:
+        producer.purge(in_queue=True, in_flight=True, blocking=False)
+        producer.flush(5)
+    except Exception:  # noqa: BLE001 - it is being thrown away
+        pass
+
+
 class KafkaTransport(Transport):
     name = "kafka"
     CAPABILITIES = Capabilities(delivery="at_least_once", groups="consumer", persistence=True, max_message=None)
     capabilities = CAPABILITIES
+    PROBE_INTERVAL_S = 0.5      # how often the watcher asks a broker that went away
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+        self._where = ", ".join(cfg.servers)
         self._base = _client_config(cfg)
         self._errors: List[str] = []
-        self._admin = AdminClient(dict(self._base, error_cb=self._on_error))
+        self._lock = threading.Lock()                   # counters, topic sets, the producer swap
+        self._closed = threading.Event()
+        self._connected = True
+        self._disconnects = 0
+        self._reconnects = 0
+        self._down_since = 0.0
+        self._probe_at = 0.0
+        self._up_at = 0.0
+        self._last_outage_s: Optional[float] = None
+        self._lost = 0
+        self._recreated = 0
+        self._topics_recreated = 0
+        self._state_lost = 0                            # recoveries that found our topics gone
+        self._broken: Optional[str] = None              # why the producer must go before the next publish
+        self._recheck: Set[str] = set()                 # topics the broker lost: the watcher creates them
+        self._failures: List[Tuple[str, str]] = []
+        self._gen = 0                                   # the producer's generation (callbacks of old ones)
+        self._produced = 0                              # messages handed to this generation's producer
+        self._moved = 0                                 # of them, how many had left its queue when last seen
+        self._moved_at = time.monotonic()
+        aconf: Dict[str, Any] = dict(self._base)
+        aconf["error_cb"] = self._on_admin_error
+        self._admin = AdminClient(aconf)
         try:
             md = self._admin.list_topics(timeout=cfg.connect_timeout_s)
         except KafkaException as e:
             _raise_for(e, "the metadata request", cfg)
         if self._errors and any("auth" in x.lower() for x in self._errors):
             raise AuthError(f"Kafka at {', '.join(cfg.servers)} refused the credentials: {self._errors[-1]}")
-        self._topics: Set[str] = set(md.topics)
+        self._topics: Set[str] = set(md.topics)        # topics the broker has, as far as we know
+        self._used: Set[str] = set()                    # topics this transport publishes or reads
         self._limits: Dict[str, int] = {}               # topic -> largest message we send
+        self._pconf = self._producer_config(cfg)
+        self._idempotent = _truthy(self._pconf.get("enable.idempotence", False))
+        self.producer = self._new_producer()
+        # a metadata round trip makes the producer connect now and, if it is idempotent and its
+        # producer-id request has not yet been put off, get its id: then the first frames are
+        # not held ~500 ms. It works only some of the time (benchmarks/kafka_probes.py, probe 2):
+        # when librdkafka asked before the connection was up it retries on a 500 ms timer
+        try:
+            self.producer.list_topics(timeout=cfg.connect_timeout_s)
+        except KafkaException as e:
+            _raise_for(e, "the producer's metadata request", cfg)
+        self._watcher = threading.Thread(target=self._watch, name="msight_fast-kafka-watch", daemon=True)
+        self._watcher.start()
+
+    def _producer_config(self, cfg: Any) -> Dict[str, Any]:
         pconf = dict(self._base)
         pconf.update({
-            "enable.idempotence": True, "acks": "all", "linger.ms": cfg.linger_ms,
+            # Not idempotent by default. A broker that loses its producer state (tansu with
+            # memory storage after a restart; measured) leaves librdkafka's idempotent producer
+            # either bumping its epoch forever on UNKNOWN_PRODUCER_ID (nothing delivered until
+            # message.timeout.ms) or fatally failed, and every frame it held is lost; without
+            # idempotence every frame queued across the same restart was delivered. The price:
+            # a batch retried after a fault may be written twice or after the batch behind it;
+            # subscribers count duplicates, tolerate reordering, and reassemble fragments in any
+            # order. producer_config={"enable.idempotence": True} opts in: a fatal failure then
+            # replaces the producer, as does a recovery that finds the broker's state gone.
+            "enable.idempotence": False, "acks": "all", "linger.ms": cfg.linger_ms,
             # at idempotence's maximum of 5 requests in flight librdkafka's broker thread spun at
             # ~80% of a core on tansu (2.44 of 3 s, 1080p); at 2 it used 0.3 s and, on this 2-core
             # box, delivered 1080p went from 15.9-17.3 to 18.7-20.9 fps
@@ -116,35 +226,162 @@ class KafkaTransport(Transport):
             "message.max.bytes": max(cfg.max_message_bytes or 0, 64 << 20) + 4096,
             "queue.buffering.max.kbytes": max(1024, cfg.max_in_flight_bytes // 1024),
             "queue.buffering.max.messages": 100_000,
-            "error_cb": self._on_error,
+            # topics are created here, with num_partitions; a broker's auto-creation (after it
+            # lost them) would pick its own partition count
+            "allow.auto.create.topics": False,
             # one callback registered once, called for failures only: a callback per produce()
             # and a report per message cost more than the produce itself for small frames
-            "on_delivery": self._delivered, "delivery.report.only.error": True,
+            "delivery.report.only.error": True,
         })
         pconf.update(cfg.producer_config)
-        self.producer = Producer(pconf)
-        # a metadata round trip makes the producer connect now and, when its producer-id
-        # request has not yet been put off, get its id: then the first frames are not held
-        # ~500 ms. It works only some of the time (benchmarks/kafka_probes.py, probe 2): when
-        # librdkafka asked before the connection was up it retries on a 500 ms timer
-        try:
-            self.producer.list_topics(timeout=cfg.connect_timeout_s)
-        except KafkaException as e:
-            _raise_for(e, "the producer's metadata request", cfg)
-        self._failures: List[Tuple[str, str]] = []
-        self._produced = 0
+        return pconf
 
-    def _on_error(self, err: KafkaError) -> None:
-        self._errors.append(err.str())
+    def _new_producer(self) -> Producer:
+        gen = self._gen
+        conf = dict(self._pconf)
+        conf["on_delivery"] = lambda err, msg: self._delivered(gen, err, msg)
+        conf["error_cb"] = lambda err: self._on_producer_error(gen, err)
+        return Producer(conf)
+
+    # -- errors and recovery
+    def _remember(self, text: str) -> None:
+        self._errors.append(text)
         if len(self._errors) > 100:
             del self._errors[:50]
 
-    def ensure_topic(self, topic: str) -> None:
-        """Create the topic on first use where the broker allows it; else an error naming it."""
-        if topic in self._topics:
-            if topic not in self._limits:
-                self._limits[topic] = self._topic_limit(topic)
+    def _on_admin_error(self, err: KafkaError) -> None:
+        self._remember(err.str())
+        if err.code() in _DOWN:
+            self.mark_down(err.str(), err.code())
+
+    def _on_producer_error(self, gen: int, err: KafkaError) -> None:
+        self._remember(err.str())
+        if _is_fatal(err):
+            if gen == self._gen and self._broken is None:
+                self._broken = f"fatal error: {err.str()}"
+        elif err.code() in _DOWN:
+            self.mark_down(err.str(), err.code())
+
+    def mark_down(self, reason: str, code: int = KafkaError._ALL_BROKERS_DOWN) -> None:
+        """librdkafka reported the broker unreachable: count it, and let the watcher probe."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._connected or self._closed.is_set() or now - self._up_at < STALE_DOWN_S:
+                return
+            self._connected = False
+            self._disconnects += 1
+            self._down_since = now
+            self._probe_at = now + self.PROBE_INTERVAL_S
+        log.warning("msight_fast: Kafka at %s unreachable (%s); reconnecting", self._where, reason)
+
+    def topic_missing(self, topic: str) -> None:
+        """The broker said ``topic`` does not exist (any more): the watcher creates it again."""
+        with self._lock:
+            if topic in self._used and topic not in self._recheck:
+                self._recheck.add(topic)
+                self._topics.discard(topic)
+
+    def _watch(self) -> None:
+        next_create = 0.0
+        while not self._closed.is_set():
+            p = self.producer
+            try:
+                p.poll(0.2)          # error_cb and delivery reports, also when nobody publishes
+            except KafkaException as e:
+                err = _kafka_error(e)
+                if _is_fatal(err) and p is self.producer and self._broken is None:
+                    self._broken = f"fatal error: {err.str()}"   # type: ignore[union-attr]
+                self._closed.wait(0.2)       # a failed producer raises at once: no spinning
+            except Exception as e:  # noqa: BLE001 - the watcher must outlive anything
+                log.debug("msight_fast: Kafka producer poll: %r", e)
+                self._closed.wait(0.2)
+            del p
+            now = time.monotonic()
+            if self._idempotent:
+                self._check_progress(now)
+            if not self._connected and now >= self._probe_at:
+                self._probe_at = now + self.PROBE_INTERVAL_S
+                self._probe()
+            if self._recheck and self._connected and now >= next_create:
+                next_create = now + 1.0
+                self._create_again()
+
+    def _check_progress(self, now: float) -> None:
+        """An idempotent producer that the broker's lost state sent into librdkafka's epoch-bump
+        loop (UNKNOWN_PRODUCER_ID again and again, measured on tansu) reports nothing: it only
+        stops delivering. Nothing leaving its queue for STALL_S while the broker answers marks it
+        for replacement. (Non-idempotent producers are never stuck that way.)"""
+        p = self.producer
+        try:
+            queued = len(p)
+        except Exception:  # noqa: BLE001
             return
+        moved = self._produced - queued
+        if queued <= 0 or moved > self._moved or not self._connected:
+            self._moved, self._moved_at = moved, now
+        elif now - self._moved_at > STALL_S and self._broken is None and p is self.producer:
+            self._broken = (f"nothing delivered for {STALL_S:.0f} s with {queued} messages queued (did the broker "
+                            "lose the producer's state?)")
+
+    def _probe(self) -> None:
+        """Ask the broker for metadata; when it answers, the outage is over: note which of our
+        topics it no longer has (it lost its state) and create them again."""
+        try:
+            md = self._admin.list_topics(timeout=1.0)
+        except Exception:  # noqa: BLE001 - still away; the next probe tries again
+            return
+        now = time.monotonic()
+        with self._lock:
+            gone = {t for t in self._used if t not in md.topics}
+            self._topics = set(md.topics)
+            self._recheck |= gone
+            if gone:
+                self._state_lost += 1
+                if self._idempotent and self._broken is None:
+                    # librdkafka's idempotent producer would retry into UNKNOWN_PRODUCER_ID forever
+                    self._broken = "the broker lost its state (our topics were gone after the outage)"
+            recovered = not self._connected
+            self._connected = True
+            self._up_at = now
+            if recovered:
+                self._reconnects += 1
+                self._last_outage_s = now - self._down_since
+        if recovered:
+            log.warning("msight_fast: Kafka at %s reachable again after %.1f s%s", self._where, self._last_outage_s,
+                        f"; creating lost topics {sorted(gone)}" if gone else "")
+        if gone:
+            self._create_again()
+
+    def _create_again(self) -> None:
+        with self._lock:
+            todo = sorted(self._recheck)
+        for topic in todo:
+            try:
+                self._create(topic)
+            except MsightFastError as e:
+                log.debug("msight_fast: creating %r again: %s", topic, e)
+                continue
+            with self._lock:
+                self._recheck.discard(topic)
+                self._topics.add(topic)
+                self._topics_recreated += 1
+
+    # -- topics
+    def ensure_topic(self, topic: str) -> None:
+        """Create the topic on first use where the broker allows it; else an error naming it.
+
+        A topic that later disappears (the broker lost it) is not created here but by the
+        watcher, so that a publish never waits on it while the broker is away."""
+        if topic in self._limits:
+            return
+        if topic not in self._topics:
+            self._create(topic)
+        with self._lock:
+            self._topics.add(topic)
+            self._used.add(topic)
+        self._limits[topic] = self._topic_limit(topic)
+
+    def _create(self, topic: str) -> None:
         fut = self._admin.create_topics([NewTopic(topic, num_partitions=self.cfg.num_partitions,
                                                   replication_factor=1)])[topic]
         try:
@@ -155,8 +392,6 @@ class KafkaTransport(Transport):
                 raise ConfigError(f"Kafka topic {topic!r} does not exist and could not be created: {err.str()}") from None
         except Exception as e:  # noqa: BLE001 - a timeout of the admin future
             raise BackendUnavailable(f"Kafka: creating topic {topic!r} failed: {e!r}") from None
-        self._topics.add(topic)
-        self._limits[topic] = self._topic_limit(topic)
 
     def _topic_limit(self, topic: str) -> int:
         """The size above which frames on ``topic`` are fragmented (fragment headers included)."""
@@ -179,49 +414,159 @@ class KafkaTransport(Transport):
         return self._limits[topic]
 
     def send(self, msg: Outgoing, deadline: float) -> None:
+        if self._broken is not None:
+            self._replace_producer(msg.topic)
         self.ensure_topic(msg.topic)
         # all fragments of a frame share its key, hence one partition; "publisher" keeps a
         # publisher's frames in order, "frame" spreads them for a consumer group to share
         k = msg.publisher_id if self.cfg.partition_key == "publisher" or not msg.frame_id else msg.frame_id
         # bytes (confluent-kafka takes no views): one copy, whole or in fragments
-        self._produce(msg.topic, msg.messages(), k.to_bytes(8, "little") if k else None)
+        self._produce(msg.topic, msg.messages(), k.to_bytes(8, "little") if k else None, deadline)
 
-    def _produce(self, topic: str, msgs: list, key: Optional[bytes]) -> None:
+    def _produce(self, topic: str, msgs: list, key: Optional[bytes], deadline: float) -> None:
+        p = self.producer
         for m in msgs:
             while True:
                 try:
-                    self.producer.produce(topic, value=m, key=key)
+                    p.produce(topic, value=m, key=key)
+                    self._produced += 1
                     break
                 except BufferError:                               # bound reached: wait for room
-                    self.producer.poll(0.05)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        away = "" if self._connected else "; the broker is unreachable"
+                        raise BackendUnavailable(
+                            f"Kafka at {self._where}: no room in the producer queue (max_in_flight_bytes="
+                            f"{self.cfg.max_in_flight_bytes}) within publish_timeout_s={self.cfg.publish_timeout_s} s"
+                            f"{away}") from None
+                    try:
+                        p.poll(min(0.05, left))
+                    except KafkaException as e:
+                        if _is_fatal(_kafka_error(e)) and self._broken is None:
+                            self._broken = f"fatal error: {e.args[0].str()}"
+                    if self._broken is not None:
+                        self._replace_producer(topic)
+                    p = self.producer
                 except KafkaException as e:
-                    raise PublishError(f"Kafka produce to {topic!r} failed: {e}", [(topic, str(e))]) from None
-        self._produced += 1
-        if self._produced % 64 == 0:
-            self.producer.poll(0)                                 # serve error reports and callbacks
+                    err = _kafka_error(e)
+                    text = err.str() if err is not None else str(e)
+                    if _is_fatal(err) and p is self.producer and self._broken is None:
+                        self._broken = f"fatal error: {self._fatal_cause(p) or text}"
+                    self._replace_producer(topic)
+                    if err is not None and err.code() in _TOPIC_GONE:
+                        self.topic_missing(topic)
+                    raise PublishError(f"Kafka produce to {topic!r} failed: {text}", [(topic, text)]) from None
 
-    def _delivered(self, err: Optional[KafkaError], msg: Any) -> None:
-        if err is not None:
-            self._failures.append((msg.topic() if msg is not None else "?", err.str()))
+    @staticmethod
+    def _fatal_cause(p: Producer) -> Optional[str]:
+        """produce() says only "Local: Fatal error"; poll() raises the error behind it."""
+        try:
+            p.poll(0)
+        except KafkaException as e:
+            err = _kafka_error(e)
+            return err.str() if err is not None else str(e)
+        except Exception:  # noqa: BLE001
+            pass
+        return None
+
+    def _replace_producer(self, topic: str) -> None:
+        """Swap in a new producer for one librdkafka gave up on and raise PublishError; returns
+        quietly when another thread (a flush) has just done it."""
+        with self._lock:
+            if self._broken is None:
+                return
+            reason, self._broken = self._broken, None
+            old = self.producer
+            self._gen += 1
+            self.producer = self._new_producer()
+            self._produced = self._moved = 0
+            self._moved_at = time.monotonic()
+            self._recreated += 1
+            lost_before = self._lost
+        # the old one's messages come back as failed delivery reports (counted in lost): purge,
+        # then serve them for a bounded moment; librdkafka's teardown goes to a thread
+        try:
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+            old.flush(1.0)
+        except Exception:  # noqa: BLE001 - a failed producer may refuse even that
+            pass
+        with self._lock:
+            lost = self._lost - lost_before
+        threading.Thread(target=_retire, args=(old,), name="msight_fast-kafka-retire", daemon=True).start()
+        del old
+        log.warning("msight_fast: Kafka producer replaced (%s); %d queued messages lost", reason, lost)
+        raise PublishError(f"Kafka producer at {self._where} failed ({reason}); a new producer takes the next "
+                           f"publish; {lost} messages it still held were lost", [(topic, reason)])
+
+    def _delivered(self, gen: int, err: Optional[KafkaError], msg: Any) -> None:
+        if err is None:
+            return
+        topic = msg.topic() if msg is not None else "?"
+        with self._lock:
+            self._lost += 1
+            if gen == self._gen and len(self._failures) < MAX_FAILURES_KEPT:
+                self._failures.append((topic, err.str()))
+        if err.code() in _TOPIC_GONE:
+            self.topic_missing(topic)
 
     def flush(self, timeout: Optional[float]) -> None:
-        left = self.producer.flush(-1 if timeout is None else timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        left = 0
+        while True:
+            p = self.producer
+            step = 0.5 if end is None else max(0.0, min(0.5, end - time.monotonic()))
+            try:
+                left = p.flush(step)
+            except KafkaException as e:
+                if _is_fatal(_kafka_error(e)) and self._broken is None:
+                    self._broken = f"fatal error: {e.args[0].str()}"
+                left = len(p)
+            if self._broken is not None:
+                self._replace_producer("*")
+            if not left or (end is not None and time.monotonic() >= end):
+                break
         if left:
             raise PublishError(f"{left} Kafka messages undelivered after {timeout} s",
                                [("?", "timeout")] * left)
-        if self._failures:
+        with self._lock:
             failures, self._failures = self._failures, []
+        if failures:
             raise PublishError(f"{len(failures)} Kafka deliveries failed: {failures[0][1]}", failures)
 
     def open(self, topic: str, group_id: Optional[str], from_beginning: bool) -> Source:
         self.ensure_topic(topic)
         return KafkaSource(self, topic, group_id, from_beginning)
 
+    def link_stats(self) -> Dict[str, Any]:
+        with self._lock:
+            return {"connected": self._connected, "disconnects": self._disconnects, "reconnects": self._reconnects,
+                    "last_outage_s": self._last_outage_s}
+
+    def stats(self) -> Dict[str, Any]:
+        """connected, disconnects, reconnects, last_outage_s; lost (messages whose delivery failed
+        or that a replaced producer still held); producer_recreated; topics_recreated and
+        broker_state_lost (recoveries that found this transport's topics gone); queued."""
+        out = self.link_stats()
+        with self._lock:
+            out.update({"lost": self._lost, "producer_recreated": self._recreated,
+                        "topics_recreated": self._topics_recreated, "broker_state_lost": self._state_lost,
+                        "idempotent": self._idempotent})
+        try:
+            out["queued"] = len(self.producer)
+        except Exception:  # noqa: BLE001
+            out["queued"] = None
+        return out
+
     def close(self) -> None:
+        if self._closed.is_set():
+            return
         try:
             self.producer.flush(5)
         except Exception:  # noqa: BLE001
             pass
+        self._closed.set()
+        if threading.current_thread() is not self._watcher:
+            self._watcher.join(5)
 
 
 class KafkaSource(Source):
@@ -233,6 +578,8 @@ class KafkaSource(Source):
     """
 
     ASSIGN_TIMEOUT_S = 60.0
+    LAG_INTERVAL_S = 1.0
+    LOG_EVERY_S = 10.0
 
     def __init__(self, t: KafkaTransport, topic: str, group_id: Optional[str], from_beginning: bool) -> None:
         self.t = t
@@ -243,20 +590,24 @@ class KafkaSource(Source):
         conf.update({
             "group.id": group_id or f"msight_fast-{uuid.uuid4().hex}",
             "enable.auto.commit": True, "enable.auto.offset.store": False, "auto.commit.interval.ms": 1000,
-            "auto.offset.reset": "earliest" if from_beginning else "latest",
+            # where a partition starts is decided in _on_assign; this applies only to a position
+            # outside the log: past its end (a broker that lost the log) or before its start
+            # (retention); either way the oldest frame still there is the next one to deliver
+            "auto.offset.reset": "earliest",
             # tansu and small clusters: fast group joins, and no long-poll wait for latency
             "session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "fetch.wait.max.ms": 10,
             "fetch.max.bytes": max(52428800, (cfg.max_message_bytes or 0) * 2),
             "max.partition.fetch.bytes": max(1048576, (cfg.max_message_bytes or 0) + 4096),
             "receive.message.max.bytes": max(100_000_000, (cfg.max_message_bytes or 0) * 2 + 4096),
             "queued.max.messages.kbytes": max(1024, cfg.max_pending_bytes // 1024 // 4),
-            "error_cb": t._on_error,
+            "error_cb": self._on_error,
         })
         conf.update(cfg.consumer_config)
         self.c = Consumer(conf)
         self._max_bytes = cfg.max_pending_bytes
         self._mutex = threading.Lock()                  # taken directly on per-message paths
         self._lock = threading.Condition(self._mutex)
+        self._stop = threading.Event()
         self._q: Deque[Tuple[list, int]] = collections.deque()   # fetched batches, bytes
         self._q_bytes = 0
         # the batch the application's thread is taking messages from, without the lock; a
@@ -268,12 +619,29 @@ class KafkaSource(Source):
         self._since_store = 0
         self._paused = False
         self._assigned: Optional[List[int]] = None
+        self._ever_assigned = False
+        self._owned_before: Set[int] = set()            # the partitions of the last revoked assignment
         self._seen: Dict[int, Deque[int]] = {}          # partition -> offsets taken, in order
         self._done: Dict[int, Set[int]] = {}            # partition -> offsets whose frame is released
         self._handed: List[Tuple[int, int]] = []        # released at the next next() / ack()
         self._to_store: List[TopicPartition] = []      # for the poll thread to store
         self._commit_req: List[threading.Event] = []   # for the poll thread to commit
+        # repeats: the highest offset this member took per partition (kept across assignments),
+        # the last one taken in the current assignment, and, for partitions taken over from
+        # another member, the end of the log when first fetched (what that member may have had)
+        self._high: Dict[int, int] = {}
+        self._last: Dict[int, int] = {}
+        self._replay_bound: Dict[int, int] = {}
+        self._replay_wait: Set[int] = set()             # taken over, bound not known yet (poll thread)
         self.redelivered = 0
+        self.replayed = 0
+        self.offset_resets = 0
+        self.log_lost = 0
+        self._unread: Dict[int, int] = {}               # per partition, at the last lag measurement
+        self.assignments = 0
+        self.errors = 0
+        self._lag: Optional[int] = None
+        self._logged_at = -1e9
         self._closed = False
         self.c.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._thread = threading.Thread(target=self._run, name=f"msight_fast-kafka-{topic}", daemon=True)
@@ -288,20 +656,53 @@ class KafkaSource(Source):
         # the only thread that touches the consumer: confluent-kafka calls made from two threads
         # at once were seen to deadlock (store_offsets against consume)
         c = self.c
+        next_lag = 0.0
         try:
             while not self._closed:
-                self._serve_requests()
-                # consume(n, t) waits out all of t unless n messages come (100 ms of latency
-                # per idle frame, measured); poll() returns on the first message, and then
-                # consume(n, 0) takes whatever else is already fetched, without waiting
-                m = c.poll(0.1)
-                self._take([m] + c.consume(255, 0) if m is not None else [])
+                try:
+                    self._serve_requests()
+                    # consume(n, t) waits out all of t unless n messages come (100 ms of latency
+                    # per idle frame, measured); poll() returns on the first message, and then
+                    # consume(n, 0) takes whatever else is already fetched, without waiting
+                    m = c.poll(0.1)
+                    self._take([m] + c.consume(255, 0) if m is not None else [])
+                    now = time.monotonic()
+                    if now >= next_lag:
+                        next_lag = now + self.LAG_INTERVAL_S
+                        self._measure_lag()
+                except Exception as e:  # noqa: BLE001 - the subscription outlives any error
+                    self._note_error(f"poll thread: {e!r}")
+                    self._stop.wait(0.1)
         finally:
-            self._serve_requests()
+            try:
+                self._serve_requests()
+            except Exception:  # noqa: BLE001
+                pass
             try:
                 c.close()                    # commits the stored offsets, leaves the group
             except Exception:  # noqa: BLE001
                 pass
+
+    def _note_error(self, text: str) -> None:
+        self.errors += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self.LOG_EVERY_S:
+            self._logged_at = now
+            log.warning("msight_fast: Kafka consumer of %r: %s (%d errors so far)", self.topic, text, self.errors)
+
+    def _on_error(self, err: KafkaError) -> None:
+        self._handle_error(err)
+
+    def _handle_error(self, err: KafkaError) -> None:
+        code = err.code()
+        if code == KafkaError._PARTITION_EOF:
+            return
+        if code in _DOWN:
+            self.t.mark_down(err.str(), code)
+            return
+        if code in _TOPIC_GONE:
+            self.t.topic_missing(self.topic)
+        self._note_error(err.str())
 
     def _serve_requests(self) -> None:
         with self._lock:
@@ -309,18 +710,36 @@ class KafkaSource(Source):
             commits, self._commit_req = self._commit_req, []
         self._store(store)
         for ev in commits:
+            if not self.t.link_stats()["connected"]:
+                # a synchronous commit would wait out the session timeout for the coordinator
+                ev.error = BackendUnavailable(  # type: ignore[attr-defined]
+                    f"Kafka: cannot commit offsets of {self.topic!r}: the broker is unreachable (what was "
+                    "handed stays stored and is committed once it is back)")
+                ev.set()
+                continue
             try:
                 self.c.commit(asynchronous=False)
             except KafkaException as e:
-                if e.args[0].code() != KafkaError._NO_OFFSET:
-                    ev.error = e
+                err = _kafka_error(e)
+                if err is None or err.code() != KafkaError._NO_OFFSET:
+                    ev.error = BackendUnavailable(  # type: ignore[attr-defined]
+                        f"Kafka: committing offsets of {self.topic!r} failed: {err.str() if err else e}")
             ev.set()
 
     def _take(self, msgs: list) -> None:
+        if msgs:
+            good = [m for m in msgs if m.error() is None]
+            if len(good) != len(msgs):
+                for m in msgs:
+                    if m.error() is not None:
+                        self._handle_error(m.error())
+            msgs = good
+            if msgs and self._replay_wait:
+                self._bound_replay(msgs)
         if not msgs and not self._paused:
             return
         # handed over a batch at a time: one lock round per consume() call, not per message
-        nbytes = sum([len(m) for m in msgs if m.error() is None]) if msgs else 0
+        nbytes = sum([len(m) for m in msgs]) if msgs else 0
         with self._lock:
             if msgs:
                 self._q.append((msgs, nbytes))
@@ -340,21 +759,54 @@ class KafkaSource(Source):
         except KafkaException as e:
             log.debug("msight_fast: pause/resume: %s", e)
 
+    def _bound_replay(self, msgs: list) -> None:
+        """For a partition taken over from another member: the log's end when its first messages
+        came (the fetch's high watermark); below it that member may already have handed frames."""
+        for m in msgs:
+            p = m.partition()
+            if p in self._replay_wait:
+                self._replay_wait.discard(p)
+                try:
+                    hi = self.c.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)[1]
+                except KafkaException:
+                    hi = -1
+                with self._mutex:
+                    self._replay_bound[p] = max(hi, m.offset() + 1)
+                if not self._replay_wait:
+                    return
+
+    def _measure_lag(self) -> None:
+        """Messages in the log not yet taken by the application, summed over the assigned
+        partitions: the high watermark (from the last fetch) minus the next offset to take."""
+        with self._lock:
+            parts = list(self._assigned or [])
+            nxt = {p: o + 1 for p, o in self._last.items()}
+        if not parts:
+            self._lag = 0 if self._assigned is not None else None
+            return
+        tps = [TopicPartition(self.topic, p) for p in parts]
+        pos = {tp.partition: tp.offset for tp in self.c.position(tps)}
+        lag = 0
+        for p in parts:
+            hi = self.c.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)[1]
+            at = nxt.get(p, pos.get(p, -1))
+            if hi >= 0 and at >= 0:
+                self._unread[p] = max(0, hi - at)
+                lag += self._unread[p]
+        self._lag = lag
+
     def _on_assign(self, consumer: Any, parts: List[TopicPartition]) -> None:
-        # Resolve where each partition starts now (frames published right after subscribe()
-        # must not be missed) and commit that position for a partition the group has never
-        # committed: otherwise a member that dies before its first auto-commit leaves the
-        # group with no position, and its successor would start at "latest" and skip
-        # everything the dead member had not finished.
-        committed = consumer.committed(parts, timeout=10)
-        fixed, anchor = [], []
-        for tp in committed:
-            if tp.offset < 0:
-                lo, hi = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
-                tp.offset = lo if self.from_beginning else hi
-                anchor.append(TopicPartition(tp.topic, tp.partition, tp.offset))
-            fixed.append(tp)
-        consumer.assign(fixed)
+        first = not self._ever_assigned
+        try:
+            fixed, anchor = self._starting_offsets(consumer, parts, first)
+        except Exception as e:  # noqa: BLE001 - the broker did not answer: let librdkafka decide
+            self._note_error(f"resolving where {len(parts)} partitions start: {e!r}")
+            where = (OFFSET_BEGINNING if self.from_beginning else OFFSET_END) if first else OFFSET_STORED
+            fixed, anchor = [TopicPartition(tp.topic, tp.partition, where) for tp in parts], []
+        try:
+            consumer.assign(fixed)
+        except KafkaException as e:
+            self._note_error(f"assign: {e}")
         if anchor:
             try:
                 consumer.commit(offsets=anchor, asynchronous=False)
@@ -363,7 +815,49 @@ class KafkaSource(Source):
         self._paused = False
         with self._lock:
             self._assigned = [tp.partition for tp in fixed]
+            self._ever_assigned = True
+            self.assignments += 1
             self._lock.notify_all()
+
+    def _starting_offsets(self, consumer: Any, parts: List[TopicPartition],
+                          first: bool) -> Tuple[List[TopicPartition], List[TopicPartition]]:
+        # Resolve where each partition starts now (frames published right after subscribe()
+        # must not be missed) and commit that position for a partition the group has never
+        # committed: otherwise a member that dies before its first auto-commit leaves the
+        # group with no position, and its successor would start at "latest" and skip
+        # everything the dead member had not finished.
+        committed = consumer.committed(parts, timeout=10)
+        fixed, anchor, lost, taken_over = [], [], [], set()
+        for tp in committed:
+            p = tp.partition
+            if tp.offset >= 0:
+                if p not in self._owned_before:
+                    taken_over.add(p)
+            else:
+                lo, hi = consumer.get_watermark_offsets(TopicPartition(tp.topic, p), timeout=10)
+                if first:
+                    tp.offset = lo if self.from_beginning else hi
+                else:
+                    # every assignment commits a start, so the group had an offset here: the
+                    # broker lost it (a restart without its state), and all its log now holds
+                    # was written since: start at the beginning
+                    tp.offset = lo
+                    lost.append(p)
+                anchor.append(TopicPartition(tp.topic, p, tp.offset))
+            fixed.append(tp)
+        with self._mutex:
+            for p in lost:
+                self._high.pop(p, None)             # offsets of the old log are not comparable
+                self.offset_resets += 1
+                self.log_lost += self._unread.pop(p, 0)
+            for tp in fixed:
+                self._last.pop(tp.partition, None)
+                self._replay_bound.pop(tp.partition, None)
+        self._replay_wait = taken_over
+        if lost:
+            log.warning("msight_fast: the broker lost the committed offsets of %r partitions %s; reading them "
+                        "from the start of their log", self.topic, lost)
+        return fixed, anchor
 
     def _on_revoke(self, consumer: Any, parts: List[TopicPartition]) -> None:
         gone = {tp.partition for tp in parts}        # runs in the poll thread, inside consume()
@@ -377,7 +871,7 @@ class KafkaSource(Source):
             for batch, _ in self._q:
                 rest = [m for m in batch if m.partition() not in gone]
                 if rest:
-                    keep.append((rest, sum([len(m) for m in rest if m.error() is None])))
+                    keep.append((rest, sum([len(m) for m in rest])))
             self._q = keep
             self._q_bytes = sum(n for _, n in keep)
             self._gone |= gone
@@ -385,7 +879,11 @@ class KafkaSource(Source):
             for p in gone:
                 self._seen.pop(p, None)
                 self._done.pop(p, None)
+                self._last.pop(p, None)
+                self._replay_bound.pop(p, None)
+            self._owned_before = set(self._assigned or []) | gone
             self._assigned = [p for p in (self._assigned or []) if p not in gone]
+        self._replay_wait -= gone
         try:
             consumer.commit(asynchronous=False)
         except KafkaException:
@@ -402,17 +900,10 @@ class KafkaSource(Source):
             if self._li < len(self._local):
                 m = self._local[self._li]
                 self._li += 1
-                err = m.error()
-                if err is not None:
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        log.warning("msight_fast: Kafka consumer error on %r: %s", self.topic, err.str())
-                    continue
                 p, o = m.partition(), m.offset()
                 with self._mutex:
-                    seen = self._seen.setdefault(p, collections.deque())
-                    if seen and o <= seen[-1]:
-                        self.redelivered += 1
-                    seen.append(o)
+                    self._count_repeats(p, o)
+                    self._seen.setdefault(p, collections.deque()).append(o)
                     self._since_store += 1
                     if self._since_store >= 64:         # store released offsets now and then
                         self._since_store = 0
@@ -428,6 +919,26 @@ class KafkaSource(Source):
                 self._q_bytes -= n
                 self._li = 0
                 self._local_gen = self._gen
+
+    def _count_repeats(self, p: int, o: int) -> None:
+        """Called with the lock held, for each message taken, in order."""
+        last = self._last.get(p)
+        high = self._high.get(p, -1)
+        if last is not None and o <= last:
+            # backwards within one assignment: the position fell outside the log and went to its
+            # start (a broker that lost the log): these are new messages, not repeats
+            self.offset_resets += 1
+            high = -1
+        elif o <= high:
+            self.redelivered += 1                   # this member took it before (a rebalance)
+        self._last[p] = o
+        self._high[p] = max(high, o)
+        bound = self._replay_bound.get(p)
+        if bound is not None:
+            if o < bound:
+                self.replayed += 1
+            else:
+                del self._replay_bound[p]
 
     def handed(self, frame: Any, tokens: list) -> None:
         with self._mutex:
@@ -474,9 +985,29 @@ class KafkaSource(Source):
             raise ev.error  # type: ignore[attr-defined]
 
     def stats(self) -> dict:
+        """What one member can tell about loss and repeats, which holds in a group too:
+
+        - ``lag``: messages in the log not yet taken, summed over the assigned partitions (the
+          high watermark of the last fetch minus the next offset to take; None before the first
+          assignment). Frames wait there, they are not lost.
+        - ``redelivered``: messages this member took a second time (after a rebalance gave a
+          partition back from an older committed offset). Exact.
+        - ``replayed``: messages read on partitions taken over from another member (or from an
+          earlier process of the group) at offsets below the log's end when first fetched: that
+          member may have handed them to its application after its last commit. An upper bound
+          on the duplicates no single member can see.
+        - ``offset_resets``: partitions that started over because the broker lost their log or
+          committed offsets; ``log_lost``: of those partitions' messages, how many were still
+          unread at the last lag measurement before (a lower bound: the last second before the
+          loss, and other members' partitions, are not seen).
+        """
         with self._lock:
-            return {"redelivered": self.redelivered, "assigned_partitions": list(self._assigned or []),
-                    "pending_bytes": self._q_bytes, "paused": self._paused, "dropped": 0}
+            out = {"redelivered": self.redelivered, "replayed": self.replayed, "offset_resets": self.offset_resets,
+                   "log_lost": self.log_lost, "lag": self._lag, "assigned_partitions": list(self._assigned or []),
+                   "assignments": self.assignments, "consumer_errors": self.errors, "pending_bytes": self._q_bytes,
+                   "paused": self._paused, "dropped": 0}
+        out.update(self.t.link_stats())
+        return out
 
     def close(self) -> None:
         if self._closed:
@@ -485,5 +1016,6 @@ class KafkaSource(Source):
             self._closed = True
             self._to_store.extend(self._releasable())
             self._lock.notify_all()
+        self._stop.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(30)            # the thread stores, commits and closes the consumer
