@@ -227,8 +227,8 @@ def test_group_members_share_frames_and_report_no_gaps(make_bus, topic):
     pub = make_bus()
     if pub.capabilities.groups is None:
         pytest.skip(f"{pub.backend} has no groups")
-    a = make_bus().subscribe(topic, group_id="workers")
-    b = make_bus().subscribe(topic, group_id="workers")
+    a = make_bus().subscribe(topic, group_id=f"workers-{topic}")
+    b = make_bus().subscribe(topic, group_id=f"workers-{topic}")
     n = 40
     partition_key = {"partition_key": "frame"} if pub.backend == "kafka" else {}
     if partition_key:       # one publisher's frames must spread over the group's partitions
