@@ -257,8 +257,9 @@ class KafkaTransport(Transport):
     def _on_producer_error(self, gen: int, err: KafkaError) -> None:
         self._remember(err.str())
         if _is_fatal(err):
-            if gen == self._gen and self._broken is None:
-                self._broken = f"fatal error: {err.str()}"
+            with self._lock:
+                if gen == self._gen and self._broken is None:
+                    self._broken = f"fatal error: {err.str()}"
         elif err.code() in _DOWN:
             self.mark_down(err.str(), err.code())
 
@@ -289,22 +290,34 @@ class KafkaTransport(Transport):
                 p.poll(0.2)          # error_cb and delivery reports, also when nobody publishes
             except KafkaException as e:
                 err = _kafka_error(e)
-                if _is_fatal(err) and p is self.producer and self._broken is None:
-                    self._broken = f"fatal error: {err.str()}"   # type: ignore[union-attr]
+                if _is_fatal(err):
+                    self._condemn(p, f"fatal error: {err.str()}")   # type: ignore[union-attr]
                 self._closed.wait(0.2)       # a failed producer raises at once: no spinning
             except Exception as e:  # noqa: BLE001 - the watcher must outlive anything
                 log.debug("msight_fast: Kafka producer poll: %r", e)
                 self._closed.wait(0.2)
-            del p
-            now = time.monotonic()
-            if self._idempotent:
-                self._check_progress(now)
-            if not self._connected and now >= self._probe_at:
-                self._probe_at = now + self.PROBE_INTERVAL_S
-                self._probe()
-            if self._recheck and self._connected and now >= next_create:
-                next_create = now + 1.0
-                self._create_again()
+            del p                            # a replaced producer is not kept alive here
+            # apart from the poll: a producer that raises on every poll must not stop the probes
+            try:
+                now = time.monotonic()
+                if self._idempotent:
+                    self._check_progress(now)
+                if not self._connected and now >= self._probe_at:
+                    self._probe_at = now + self.PROBE_INTERVAL_S
+                    self._probe()
+                if self._recheck and self._connected and now >= next_create:
+                    next_create = now + 1.0
+                    self._create_again()
+            except Exception as e:  # noqa: BLE001 - without the watcher the link would stay "down" for good
+                log.warning("msight_fast: Kafka watcher of %s: %r", self._where, e)
+                self._closed.wait(0.2)
+
+    def _condemn(self, p: Producer, why: str) -> None:
+        """Have ``p`` replaced before the next publish, unless it already was: a late error of
+        a retired producer must not condemn (and purge) its successor."""
+        with self._lock:
+            if p is self.producer and self._broken is None:
+                self._broken = why
 
     def _check_progress(self, now: float) -> None:
         """An idempotent producer that the broker's lost state sent into librdkafka's epoch-bump
@@ -319,9 +332,9 @@ class KafkaTransport(Transport):
         moved = self._produced - queued
         if queued <= 0 or moved > self._moved or not self._connected:
             self._moved, self._moved_at = moved, now
-        elif now - self._moved_at > STALL_S and self._broken is None and p is self.producer:
-            self._broken = (f"nothing delivered for {STALL_S:.0f} s with {queued} messages queued (did the broker "
-                            "lose the producer's state?)")
+        elif now - self._moved_at > STALL_S:
+            self._condemn(p, f"nothing delivered for {STALL_S:.0f} s with {queued} messages queued (did the broker "
+                             "lose the producer's state?)")
 
     def _probe(self) -> None:
         """Ask the broker for metadata; when it answers, the outage is over: note which of our
@@ -442,16 +455,17 @@ class KafkaTransport(Transport):
                     try:
                         p.poll(min(0.05, left))
                     except KafkaException as e:
-                        if _is_fatal(_kafka_error(e)) and self._broken is None:
-                            self._broken = f"fatal error: {e.args[0].str()}"
+                        err = _kafka_error(e)
+                        if _is_fatal(err):
+                            self._condemn(p, f"fatal error: {err.str()}")   # type: ignore[union-attr]
                     if self._broken is not None:
                         self._replace_producer(topic)
                     p = self.producer
                 except KafkaException as e:
                     err = _kafka_error(e)
                     text = err.str() if err is not None else str(e)
-                    if _is_fatal(err) and p is self.producer and self._broken is None:
-                        self._broken = f"fatal error: {self._fatal_cause(p) or text}"
+                    if _is_fatal(err):
+                        self._condemn(p, f"fatal error: {self._fatal_cause(p) or text}")
                     self._replace_producer(topic)
                     if err is not None and err.code() in _TOPIC_GONE:
                         self.topic_missing(topic)
@@ -518,8 +532,9 @@ class KafkaTransport(Transport):
             try:
                 left = p.flush(step)
             except KafkaException as e:
-                if _is_fatal(_kafka_error(e)) and self._broken is None:
-                    self._broken = f"fatal error: {e.args[0].str()}"
+                err = _kafka_error(e)
+                if _is_fatal(err):
+                    self._condemn(p, f"fatal error: {err.str()}")   # type: ignore[union-attr]
                 left = len(p)
             if self._broken is not None:
                 self._replace_producer("*")
@@ -600,7 +615,7 @@ class KafkaSource(Source):
             "max.partition.fetch.bytes": max(1048576, (cfg.max_message_bytes or 0) + 4096),
             "receive.message.max.bytes": max(100_000_000, (cfg.max_message_bytes or 0) * 2 + 4096),
             "queued.max.messages.kbytes": max(1024, cfg.max_pending_bytes // 1024 // 4),
-            "error_cb": self._on_error,
+            "error_cb": self._handle_error,
         })
         conf.update(cfg.consumer_config)
         self.c = Consumer(conf)
@@ -623,7 +638,7 @@ class KafkaSource(Source):
         self._owned_before: Set[int] = set()            # the partitions of the last revoked assignment
         self._seen: Dict[int, Deque[int]] = {}          # partition -> offsets taken, in order
         self._done: Dict[int, Set[int]] = {}            # partition -> offsets whose frame is released
-        self._handed: List[Tuple[int, int]] = []        # released at the next next() / ack()
+        self._handed: List[Tuple[int, int, Deque[int]]] = []   # released at the next next() / ack()
         self._to_store: List[TopicPartition] = []      # for the poll thread to store
         self._commit_req: List[threading.Event] = []   # for the poll thread to commit
         # repeats: the highest offset this member took per partition (kept across assignments),
@@ -690,9 +705,6 @@ class KafkaSource(Source):
             self._logged_at = now
             log.warning("msight_fast: Kafka consumer of %r: %s (%d errors so far)", self.topic, text, self.errors)
 
-    def _on_error(self, err: KafkaError) -> None:
-        self._handle_error(err)
-
     def _handle_error(self, err: KafkaError) -> None:
         code = err.code()
         if code == KafkaError._PARTITION_EOF:
@@ -709,21 +721,23 @@ class KafkaSource(Source):
             store, self._to_store = self._to_store, []
             commits, self._commit_req = self._commit_req, []
         self._store(store)
-        for ev in commits:
-            if not self.t.link_stats()["connected"]:
-                # a synchronous commit would wait out the session timeout for the coordinator
-                ev.error = BackendUnavailable(  # type: ignore[attr-defined]
-                    f"Kafka: cannot commit offsets of {self.topic!r}: the broker is unreachable (what was "
-                    "handed stays stored and is committed once it is back)")
-                ev.set()
-                continue
-            try:
+        if not commits:
+            return
+        error: Optional[BackendUnavailable] = None
+        if not self.t.link_stats()["connected"]:
+            # a synchronous commit would wait out the session timeout for the coordinator
+            error = BackendUnavailable(f"Kafka: cannot commit offsets of {self.topic!r}: the broker is unreachable "
+                                       "(what was handed stays stored and is committed once it is back)")
+        else:
+            try:                             # one commit answers every ack() waiting: all was stored above
                 self.c.commit(asynchronous=False)
             except KafkaException as e:
                 err = _kafka_error(e)
                 if err is None or err.code() != KafkaError._NO_OFFSET:
-                    ev.error = BackendUnavailable(  # type: ignore[attr-defined]
+                    error = BackendUnavailable(
                         f"Kafka: committing offsets of {self.topic!r} failed: {err.str() if err else e}")
+        for ev in commits:
+            ev.error = error  # type: ignore[attr-defined]
             ev.set()
 
     def _take(self, msgs: list) -> None:
@@ -902,13 +916,19 @@ class KafkaSource(Source):
                 self._li += 1
                 p, o = m.partition(), m.offset()
                 with self._mutex:
+                    if self._local_gen != self._gen:    # revoked since the check above: drop it there
+                        self._li -= 1
+                        continue
                     self._count_repeats(p, o)
-                    self._seen.setdefault(p, collections.deque()).append(o)
+                    seen = self._seen.setdefault(p, collections.deque())
+                    seen.append(o)
                     self._since_store += 1
                     if self._since_store >= 64:         # store released offsets now and then
                         self._since_store = 0
                         self._to_store.extend(self._releasable())
-                return m.value(), (p, o)
+                # the token names the run of offsets it belongs to: once a revocation or a log
+                # that started over has ended that run, the same offset is another message
+                return m.value(), (p, o, seen)
             with self._lock:
                 self._to_store.extend(self._releasable())   # the poll thread stores them
                 self._since_store = 0
@@ -926,9 +946,12 @@ class KafkaSource(Source):
         high = self._high.get(p, -1)
         if last is not None and o <= last:
             # backwards within one assignment: the position fell outside the log and went to its
-            # start (a broker that lost the log): these are new messages, not repeats
+            # start (a broker that lost the log): these are new messages, not repeats, and the
+            # old log's offsets, released or not, can no longer be stored
             self.offset_resets += 1
             high = -1
+            self._seen[p] = collections.deque()
+            self._done.pop(p, None)
         elif o <= high:
             self.redelivered += 1                   # this member took it before (a rebalance)
         self._last[p] = o
@@ -952,8 +975,9 @@ class KafkaSource(Source):
         """
         if not self._handed:
             return []
-        for p, o in self._handed:
-            self._done.setdefault(p, set()).add(o)
+        for p, o, run in self._handed:
+            if self._seen.get(p) is run:             # else an earlier run's: nothing to store
+                self._done.setdefault(p, set()).add(o)
         self._handed.clear()
         store = []
         for p, done in self._done.items():
@@ -974,9 +998,12 @@ class KafkaSource(Source):
                 log.debug("msight_fast: store_offsets: %s", e)
 
     def ack(self) -> None:
+        """Commit what was handed so far; after ``close`` (which commits it) a no-op."""
         ev = threading.Event()
         ev.error = None  # type: ignore[attr-defined]
         with self._lock:
+            if self._closed:                 # the poll thread serves no more requests
+                return
             self._to_store.extend(self._releasable())
             self._commit_req.append(ev)
         if not ev.wait(30):
