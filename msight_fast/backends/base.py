@@ -76,7 +76,7 @@ class Source(abc.ABC):
         dropped, ``frame`` None): at-least-once backends may release them."""
 
     def ack(self) -> None:
-        """Everything handed so far is done with (Kafka commits it)."""
+        """Everything handed so far is done with (Kafka commits it); after ``close`` a no-op."""
 
     def stats(self) -> Dict[str, Any]:
         return {}
@@ -124,7 +124,8 @@ class Transport(abc.ABC):
 
     def stats(self) -> Dict[str, Any]:
         """Publisher-side counters: ``connected``, ``disconnects``, ``reconnects`` and ``lost``
-        (frames a publish accepted that a cut or a failure then lost)."""
+        (messages a publish accepted that a cut or a failure then lost: a frame, or a fragment
+        where the backend cannot tell which frame a message belonged to)."""
         return {}
 
     def close(self) -> None:
