@@ -335,7 +335,7 @@ def tcp_ceiling(seconds: float = 3.0, size: int = 6_220_800) -> Dict[str, float]
 
 
 def run_quick(backend: Optional[str], payload: str, seconds: float) -> str:
-    from .config import backend_name
+    from .registry import backend_name
     name = backend_name(backend)
     payload = {"4k": "4k", "1080p": "1080p"}.get(payload, payload)
     rows = []

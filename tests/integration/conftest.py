@@ -15,11 +15,11 @@ from urllib.parse import urlparse
 import pytest
 
 import msight_fast
-from msight_fast import brokers
+from msight_fast import brokers, registry
 
 from ..contract import collect  # noqa: F401 - the integration tests import it from here
 
-BACKENDS = ["redis", "nats", "kafka"]
+BACKENDS = list(registry.with_broker())
 
 
 class BrokerInfo:
