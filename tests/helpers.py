@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -42,3 +43,14 @@ def camera_sequence() -> List[bytes]:
 
 def raw_frame(h: int = 1080, w: int = 1920, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def wait_for(cond, what, timeout=30.0, interval=0.02):
+    """Poll ``cond`` until it is true, or fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(interval)                 # polling state that another thread or process changes

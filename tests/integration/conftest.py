@@ -10,6 +10,7 @@ deployment:
 import ast
 import os
 import uuid
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -18,6 +19,7 @@ import msight_fast
 from msight_fast import brokers, registry
 
 from ..contract import collect  # noqa: F401 - the integration tests import it from here
+from ..helpers import wait_for  # noqa: F401 - likewise
 
 BACKENDS = list(registry.with_broker())
 
@@ -123,13 +125,20 @@ def own_broker():
         b.stop()
 
 
-def wait_for(cond, what, timeout=30.0, interval=0.02):
-    """Poll ``cond`` until it is true, or fail naming ``what`` after ``timeout`` seconds."""
-    import time
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(interval)                 # polling state that another thread or process changes
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spawn_member(backend, opts, topic, out, group="", sleep_s=0.0, max_pending=0, seconds=60.0):
+    """A subscriber in a process of its own (tests/integration/stress_child.py), which writes the
+    seqs it gets to ``out``; returns once it has subscribed."""
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.stress_child", backend, json.dumps(opts), topic,
+                             group, str(out), str(sleep_s), str(max_pending), str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    ready = Path(str(out) + ".ready")
+    wait_for(lambda: ready.exists() or proc.poll() is not None, "the child to subscribe", timeout=90)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    return proc

@@ -466,30 +466,18 @@ def test_stall_mid_frame(rig: Rig, topic: str, side: str) -> None:
     rig.finish(t, f"a {STALL_S} s stall on the {side} side")
 
 
-def test_publish_bounded_while_refused(rig: Rig, topic: str) -> None:
-    """The publisher's connections are reset and new ones refused for a while."""
+@pytest.mark.parametrize("side", SIDES)
+def test_bounded_while_refused(rig: Rig, topic: str, side: str) -> None:
+    """One side's connections are reset and new ones refused for a while."""
     pub, sub = rig.pair(topic)
-    proxy = rig.proxy("pub")
+    proxy = rig.proxy(side)
     t = rig.traffic(pub, sub, topic)
     t.flowing()
-    _through(proxy, "pub")
+    _through(proxy, side)
     proxy.refuse(REFUSE_S)
     proxy.cut()
     wait_for(lambda: not proxy.stats()["refusing"], "refusing to end", timeout=REFUSE_S + 30)
-    rig.finish(t, f"a cut and {REFUSE_S} s of refused connections on the pub side")
-
-
-def test_recv_bounded_while_refused(rig: Rig, topic: str) -> None:
-    """The subscriber's connections are reset and new ones refused for a while."""
-    pub, sub = rig.pair(topic)
-    proxy = rig.proxy("sub")
-    t = rig.traffic(pub, sub, topic)
-    t.flowing()
-    _through(proxy, "sub")
-    proxy.refuse(REFUSE_S)
-    proxy.cut()
-    wait_for(lambda: not proxy.stats()["refusing"], "refusing to end", timeout=REFUSE_S + 30)
-    rig.finish(t, f"a cut and {REFUSE_S} s of refused connections on the sub side")
+    rig.finish(t, f"a cut and {REFUSE_S} s of refused connections on the {side} side")
 
 
 def _publish_and_collect(pub: Any, sub: Any, topic: str, sizes: List[int]) -> None:

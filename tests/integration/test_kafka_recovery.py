@@ -8,15 +8,11 @@ speed beyond bounds that prove no call hangs.
 """
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -25,10 +21,9 @@ import msight_fast
 from msight_fast import BackendUnavailable, MsightFastError, PublishError
 
 from ..helpers import raw_frame
-from .conftest import wait_for
+from .conftest import spawn_member, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 SLACK_S = 4.0                    # on top of publish_timeout_s: a loaded 2-core box, never a hang
 
 
@@ -268,17 +263,6 @@ def test_fatal_idempotent_producer_is_replaced(own_broker, topic):
         bus.close()
 
 
-def _child(opts: Dict, topic: str, out: Path, group: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.stress_child", "kafka", json.dumps(opts), topic,
-                             group, str(out), "0", "0", "120"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
-    ready = Path(str(out) + ".ready")
-    wait_for(lambda: ready.exists() or proc.poll() is not None, "the child to subscribe", timeout=90)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    return proc
-
-
 def _seqs(path: Path) -> List[int]:
     # the last line may be half written when the child is killed
     return [int(x) for x in path.read_text().split("\n")[:-1] if x] if path.exists() else []
@@ -293,7 +277,7 @@ def test_group_member_killed_survivor_delivers_everything(own_broker, topic, tmp
     child = None
     try:
         sub = mine.subscribe(topic, group_id="pair")
-        child = _child(opts, topic, out, "pair")
+        child = spawn_member("kafka", opts, topic, out, group="pair", seconds=120)
         wait_for(lambda: _recv_rebalanced(sub), "the group to share the partitions", timeout=90)
         rx = Receiver(sub)
         stop = threading.Event()

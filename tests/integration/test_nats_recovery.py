@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -27,10 +24,9 @@ from msight_fast.backends import nats as nats_backend
 from msight_fast.errors import BackendUnavailable, MsightFastError, PublishError
 
 from ..helpers import raw_frame
-from .conftest import collect, wait_for
+from .conftest import collect, spawn_member, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 SLACK = 4.0                     # seconds a bounded call may overrun its bound on a loaded machine
 
 
@@ -396,17 +392,6 @@ def test_a_stalled_server_holding_unsent_frames_is_left_for_another(own_broker, 
         sub_bus.close()
 
 
-def _child_member(opts: dict, topic: str, group: str, out: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.stress_child", "nats", json.dumps(opts), topic,
-                             group, str(out), "0", "0", "120"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
-    wait_for(lambda: Path(str(out) + ".ready").exists() or proc.poll() is not None, "the member to subscribe",
-             timeout=90, interval=0.05)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    return proc
-
-
 def _lines(path: Path) -> List[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
@@ -423,7 +408,7 @@ def test_queue_group_member_lost_survivor_keeps_receiving(broker_pool, topic, tm
     s2 = None
     try:
         if how == "kill":
-            proc = _child_member(info.options, topic, "workers", out)
+            proc = spawn_member("nats", info.options, topic, out, group="workers", seconds=120)
         else:
             other_bus = msight_fast.connect("nats", **info.options)
             s2 = other_bus.subscribe(topic, group_id="workers")

@@ -1,10 +1,7 @@
 """Raw frames at full size on every backend: fragmentation over broker limits, crashes,
 slow subscribers and bounded memory (issue 4). Real brokers, real processes, real signals."""
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,31 +11,9 @@ import msight_fast
 from msight_fast import brokers
 
 from ..helpers import raw_frame
-from .conftest import collect
+from .conftest import collect, spawn_member, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _child(backend, opts, topic, out, group="", sleep_s=0.0, max_pending=0, seconds=60.0):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.stress_child", backend, json.dumps(opts), topic,
-                             group, str(out), str(sleep_s), str(max_pending), str(seconds)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
-    ready = Path(str(out) + ".ready")
-    deadline = time.monotonic() + 90
-    while not ready.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "child never subscribed"
-        time.sleep(0.05)                     # polling a file another process creates
-    return proc
-
-
-def _wait_for(cond, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)                     # polling state another process changes
 
 
 def _pause_until_dropped(child, out, pub, topic, frame, n_flood, dropped):
@@ -46,12 +21,12 @@ def _pause_until_dropped(child, out, pub, topic, frame, n_flood, dropped):
     publish (paced) until it gets frames past the flood. Returns the child's stdout and stderr."""
     pub.publish(topic, frame)
     pub.flush(10)
-    _wait_for(lambda: _seqs(out) == [1], "the first frame")
+    wait_for(lambda: _seqs(out) == [1], "the first frame")
     child.send_signal(signal.SIGSTOP)
     for _ in range(n_flood):
         pub.publish(topic, frame)
     pub.flush(10)
-    _wait_for(dropped, "the server to drop the paused subscriber")
+    wait_for(dropped, "the server to drop the paused subscriber")
     child.send_signal(signal.SIGCONT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(s > n_flood + 1 for s in _seqs(out)):
@@ -98,7 +73,7 @@ def test_kafka_consumer_killed_mid_stream_loses_nothing(broker_pool, topic, tmp_
     info = broker_pool("kafka")
     n = 40
     out1, out2 = tmp_path / "c1.txt", tmp_path / "c2.txt"
-    c1 = _child("kafka", info.options, topic, out1, group="crashers", sleep_s=0.05)
+    c1 = spawn_member("kafka", info.options, topic, out1, group="crashers", sleep_s=0.05)
     pub = msight_fast.connect("kafka", **info.options)
     try:
         for i in range(n):
@@ -112,7 +87,7 @@ def test_kafka_consumer_killed_mid_stream_loses_nothing(broker_pool, topic, tmp_
         c1.communicate(timeout=30)
         first = _seqs(out1)
         assert 5 <= len(first) < n + 1
-        c2 = _child("kafka", info.options, topic, out2, group="crashers", seconds=45)
+        c2 = spawn_member("kafka", info.options, topic, out2, group="crashers", seconds=45)
         deadline = time.monotonic() + 60
         while set(first) | set(_seqs(out2)) != set(range(1, n + 2)) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -133,7 +108,7 @@ def test_redis_subscriber_paused_until_dropped_reconnects_and_reports_the_gap(tm
         # a small limit so that a few frames overflow it, as 32 MB does for raw 1080p
         assert c.call(b"CONFIG", b"SET", b"client-output-buffer-limit", b"pubsub 4mb 2mb 60") == b"OK"
         out = tmp_path / "seqs.txt"
-        child = _child("redis", opts, topic, out, seconds=40)
+        child = spawn_member("redis", opts, topic, out, seconds=40)
         pub = msight_fast.connect("redis", **opts)
         _, err = _pause_until_dropped(child, out, pub, topic, raw_frame(480, 640), 40,
                                       lambda: c.call(b"CLIENT", b"LIST", b"TYPE", b"pubsub") == b"")
@@ -152,7 +127,7 @@ def test_slow_subscriber_memory_stays_bounded(broker_pool, topic, tmp_path, kind
     bound = 48 << 20
     out = tmp_path / "seqs.txt"
     # NATS: 20 frames/s taken; Kafka, whose producer is slower here: 5 frames/s, so a backlog builds
-    child = _child(kind, info.options, topic, out, sleep_s=0.05 if kind == "nats" else 0.2,
+    child = spawn_member(kind, info.options, topic, out, sleep_s=0.05 if kind == "nats" else 0.2,
                    max_pending=bound, seconds=12)
     pub = msight_fast.connect(kind, **info.options)
     frame = raw_frame(1080, 1920)
@@ -192,7 +167,7 @@ def test_nats_slow_consumer_dropped_by_server_reconnects_and_reports(tmp_path, t
     try:
         opts = b.options()
         out = tmp_path / "seqs.txt"
-        child = _child("nats", opts, topic, out, seconds=40)
+        child = spawn_member("nats", opts, topic, out, seconds=40)
         pub = msight_fast.connect("nats", **opts)
         stdout, err = _pause_until_dropped(child, out, pub, topic, raw_frame(480, 640), 20, lambda: subscribers() == 0)
         assert stdout.strip(), err[-3000:]

@@ -3,7 +3,7 @@
 import pytest
 
 import msight_fast
-from msight_fast import ConfigError, config, registry
+from msight_fast import ConfigError, registry
 from msight_fast.backends.base import BoundedQueue
 from msight_fast.stats import SeqTracker
 

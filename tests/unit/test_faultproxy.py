@@ -5,12 +5,12 @@ import os
 import socket
 import socketserver
 import threading
-import time
 from typing import Iterator, List, Tuple
 
 import pytest
 
 from ..faultproxy import BOTH, DOWN, UP, FaultProxy
+from ..helpers import wait_for
 
 IO_TIMEOUT_S = 20.0
 
@@ -98,16 +98,6 @@ def _echo_through(s: socket.socket, data: bytes) -> bytes:
         assert not t.is_alive() and not err, f"sending failed: {err}"
 
 
-def _wait_for(cond, what: str, timeout: float = IO_TIMEOUT_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.01)               # polling the proxy's counters, changed by its own thread
-
-
 def _ends_with_reset(s: socket.socket) -> bool:
     """Read until the connection ends; True if it ended with a reset, False on an orderly EOF."""
     try:
@@ -133,7 +123,7 @@ def test_bytes_pass_intact_including_6mb_frames(proxy: FaultProxy) -> None:
     with _client(proxy) as s:
         assert _echo_through(s, b"hello") == b"hello"
         assert _echo_through(s, data) == data
-    st = _wait_for(lambda: (lambda x: x if x["active"] == 0 else None)(proxy.stats()), "the connection to end")
+    st = wait_for(lambda: (lambda x: x if x["active"] == 0 else None)(proxy.stats()), "the connection to end")
     assert st["upstream_bytes"] == st["downstream_bytes"] == len(data) + 5
     assert st["accepted"] == 1 and st["cut"] == 0 and st["refused"] == 0
 
@@ -183,7 +173,7 @@ def test_cut_resets_every_connection_and_new_ones_work(proxy: FaultProxy, echo: 
     st = proxy.stats()
     assert st["cut"] == 2 and st["active"] == 0
     # the server's side was reset too
-    _wait_for(lambda: all(c.fileno() == -1 for c in echo.connections), "the echo server to see the reset")
+    wait_for(lambda: all(c.fileno() == -1 for c in echo.connections), "the echo server to see the reset")
     with _client(proxy) as c:
         assert _echo_through(c, b"again") == b"again"
 
@@ -200,7 +190,7 @@ def test_cut_after_bytes_cuts_mid_stream(proxy: FaultProxy) -> None:
                     raise ConnectionError("EOF")
                 got += len(chunk)
         assert got <= 1000              # a reset may also discard what the client had not read yet
-    st = _wait_for(lambda: (lambda x: x if x["cut"] else None)(proxy.stats()), "the cut")
+    st = wait_for(lambda: (lambda x: x if x["cut"] else None)(proxy.stats()), "the cut")
     assert st["downstream_bytes"] == 1000 and st["cut"] == 1
 
 
@@ -236,7 +226,7 @@ def test_stall_after_bytes_holds_the_rest(proxy: FaultProxy) -> None:
         s.sendall(data)
         assert _recv_exactly(s, 1234) == data[:1234]
         # the trigger counts one direction; the whole link freezes
-        _wait_for(lambda: proxy.stats()["stalled"] == {UP: True, DOWN: True}, "the stall")
+        wait_for(lambda: proxy.stats()["stalled"] == {UP: True, DOWN: True}, "the stall")
         s.settimeout(0.5)
         with pytest.raises(socket.timeout):
             s.recv(1)
@@ -260,7 +250,7 @@ def test_refuse_then_accept(proxy: FaultProxy) -> None:
 def test_refuse_for_seconds_accepts_again_by_itself(proxy: FaultProxy) -> None:
     proxy.refuse(seconds=0.3)
     assert proxy.stats()["refusing"]
-    _wait_for(lambda: not proxy.stats()["refusing"], "refusing to end")
+    wait_for(lambda: not proxy.stats()["refusing"], "refusing to end")
     with _client(proxy) as s:
         assert _echo_through(s, b"ok") == b"ok"
 
