@@ -91,24 +91,37 @@ def _bool(var: str, value: Any) -> bool:
         return True
     if v in ("", "0", "false", "no", "off"):
         return False
-    raise ConfigError(f"{var}={value!r} is not a boolean; use true or false (e.g. {var}=true)")
+    raise ConfigError(f"{var}={_short(value)} is not a boolean; use true or false (e.g. {var}=true)")
+
+
+MAX_TEXT = 64 << 10        # longest variable or option text parsed (literal_eval's cost grows with it)
 
 
 def _int(var: str, value: Any, lo: int, hi: int, example: str) -> int:
+    # strict: 6379.5, True and b"6379" are mistakes, not 6379, 1 and an error deep in a socket call
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and len(value) > 64):
+        raise ConfigError(f"{var}={_short(value)} is not an integer (e.g. {var}={example})")
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{var}={value!r} is not an integer (e.g. {var}={example})") from None
+        raise ConfigError(f"{var}={_short(value)} is not an integer (e.g. {var}={example})") from None
     if not lo <= n <= hi:
         raise ConfigError(f"{var}={n} is out of range [{lo}, {hi}] (e.g. {var}={example})")
     return n
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
 def _float(var: str, value: Any, example: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (isinstance(value, str) and len(value) > 64):
+        raise ConfigError(f"{var}={_short(value)} is not a number (e.g. {var}={example})")
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{var}={value!r} is not a number (e.g. {var}={example})") from None
+        raise ConfigError(f"{var}={_short(value)} is not a number (e.g. {var}={example})") from None
     if not 0 < x <= 86400:                 # also refuses nan and inf
         raise ConfigError(f"{var}={x} must be a positive number of seconds up to 86400 (e.g. {var}={example})")
     return x
@@ -118,27 +131,45 @@ def _servers(var: str, value: Any, example: str) -> List[str]:
     if isinstance(value, (list, tuple)):
         items = list(value)
     else:
-        text = str(value).strip()
+        if not isinstance(value, str) or len(value) > MAX_TEXT:
+            raise ConfigError(f"{var}={_short(value)} must be a list literal of at most {MAX_TEXT} characters "
+                              f"(e.g. {var}=\"{example}\")")
+        text = value.strip()
         if text.startswith(("[", "(", "{", "'", "\"")):
             try:
                 items = ast.literal_eval(text)      # a Python list literal, never eval()
-            except (ValueError, SyntaxError):
-                raise ConfigError(f"{var}={value!r} is not a list literal (e.g. {var}=\"{example}\")") from None
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                raise ConfigError(f"{var}={_short(value)} is not a list literal (e.g. {var}=\"{example}\")") from None
             if not isinstance(items, (list, tuple)):
-                raise ConfigError(f"{var}={value!r} is not a list (e.g. {var}=\"{example}\")")
+                raise ConfigError(f"{var}={_short(value)} is not a list (e.g. {var}=\"{example}\")")
         else:
             items = [s for s in text.split(",")]
     items = [s.strip() if isinstance(s, str) else s for s in items]
     if not items or not all(isinstance(s, str) and s for s in items):
-        raise ConfigError(f"{var}={value!r} must be a non-empty list of server addresses (e.g. {var}=\"{example}\")")
+        raise ConfigError(f"{var}={_short(value)} must be a non-empty list of server addresses (e.g. {var}=\"{example}\")")
     return items
 
 
+def _text(var: str, value: Any, secret: bool) -> str:
+    """A str that can go on the wire (UTF-8), never echoing a secret in the error."""
+    shown = "(hidden)" if secret else _short(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{var}={shown} must be a str, not {type(value).__name__}")
+    if len(value) > MAX_TEXT:
+        raise ConfigError(f"{var} is longer than {MAX_TEXT} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeError:
+        raise ConfigError(f"{var}={shown} is not valid UTF-8") from None
+    return value
+
+
 def _file(var: str, value: Any) -> Optional[str]:
-    if value in (None, ""):
+    if value is None or value == "":
         return None
+    value = _text(var, value, secret=False)          # an int would be taken as a file descriptor
     if not os.path.isfile(value):
-        raise ConfigError(f"{var}={value!r}: no such file (e.g. {var}=/etc/msight/tls/ca.pem)")
+        raise ConfigError(f"{var}={_short(value)}: no such file (e.g. {var}=/etc/msight/tls/ca.pem)")
     return str(value)
 
 
@@ -285,19 +316,24 @@ def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str
         elif name == "sasl_mechanism":
             value = str(value).upper()
             if value not in _SASL:
-                raise ConfigError(f"{var}={value!r} is not supported; use one of {', '.join(_SASL)} (e.g. {var}=SCRAM-SHA-512)")
+                raise ConfigError(f"{var}={_short(value)} is not supported; use one of {', '.join(_SASL)} (e.g. {var}=SCRAM-SHA-512)")
         elif name == "partition_key":
             if value not in ("publisher", "frame"):
-                raise ConfigError(f"{var}={value!r}: use publisher (ordered) or frame (balanced over partitions)")
+                raise ConfigError(f"{var}={_short(value)}: use publisher (ordered) or frame (balanced over partitions)")
         elif name == "drop_policy":
             if value not in ("drop_oldest", "keep_latest"):
-                raise ConfigError(f"{var}={value!r}: use drop_oldest or keep_latest")
+                raise ConfigError(f"{var}={_short(value)}: use drop_oldest or keep_latest")
         elif name in ("producer_config", "consumer_config"):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{var} must be a dict of librdkafka properties, e.g. {{'linger.ms': 10}}")
             value = dict(value)
         elif name == "unix_socket_path" or isinstance(default, (str, type(None))):
-            value = None if value is None else str(value)
+            value = None if value is None else _text(var, value, secret=name in SECRET_KEYS)
+            if name == "host":
+                try:
+                    value.encode("idna")
+                except UnicodeError:
+                    raise ConfigError(f"{var}={_short(value)} is not a host name (e.g. {var}=localhost)") from None
         setattr(cfg, name, value)
     if getattr(cfg, "sasl_mechanism", None):
         if cfg.sasl_mechanism == "OAUTHBEARER":
