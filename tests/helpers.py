@@ -1,10 +1,12 @@
-"""Test data: the real Mcity frames when ../shared/data exists, synthetic frames of the same shape otherwise."""
+"""Test data (the real Mcity frames when the sample data folder, MSIGHT_DATA_DIR, exists; synthetic
+frames of the same shape otherwise) and small helpers the suites share."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -54,3 +56,35 @@ def wait_for(cond, what, timeout=30.0, interval=0.02):
             return v
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         time.sleep(interval)                 # polling state that another thread or process changes
+
+
+class Receiver:
+    """Receives from one subscription in a thread, noting (seq, arrival time) of every frame."""
+
+    def __init__(self, sub) -> None:
+        self.sub = sub
+        self.got: List[Tuple[int, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="receiver", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            f = self.sub.recv(timeout=0.2)
+            if f is not None:
+                self.got.append((f.seq, time.monotonic()))
+
+    def seqs(self) -> List[int]:
+        return [s for s, _ in list(self.got)]
+
+    def seq_set(self) -> Set[int]:
+        return {s for s, _ in list(self.got)}
+
+    def first_after(self, seq: int) -> Optional[float]:
+        """Arrival time of the first frame numbered above ``seq``."""
+        return next((t for s, t in list(self.got) if s > seq), None)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "recv() hung"

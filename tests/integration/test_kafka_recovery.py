@@ -20,7 +20,7 @@ import pytest
 import msight_fast
 from msight_fast import BackendUnavailable, MsightFastError, PublishError
 
-from ..helpers import raw_frame
+from ..helpers import Receiver, raw_frame
 from .conftest import spawn_member, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -65,31 +65,6 @@ class Streamer:
         assert not self.thread.is_alive()
 
 
-class Receiver:
-    """Receives in a thread, noting (seq, time) of every frame."""
-
-    def __init__(self, sub: msight_fast.Subscription) -> None:
-        self.sub = sub
-        self.got: List[Tuple[int, float]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            f = self.sub.recv(timeout=0.2)
-            if f is not None:
-                self.got.append((f.seq, time.monotonic()))
-
-    def seqs(self) -> set:
-        return {s for s, _ in list(self.got)}
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        assert not self.thread.is_alive()
-
-
 def test_broker_killed_mid_stream_and_restarted(own_broker, topic):
     """kill -9 under 1 KB and 6 MB frames, restart on the same port: the same Bus and Subscription
     carry on, and every frame published is received or counted (gap or lost)."""
@@ -113,21 +88,21 @@ def test_broker_killed_mid_stream_and_restarted(own_broker, topic):
         wait_for(lambda: bus.stats()["connected"], "the Bus to see the broker back", timeout=30)
         wait_for(lambda: any(t > t_up for _, t in tx.ok), "a publish after the restart", timeout=30)
         first_new = min(s for s, t in tx.ok if t > t_up)
-        wait_for(lambda: first_new in rx.seqs(), "the first frame published after the restart", timeout=60)
+        wait_for(lambda: first_new in rx.seq_set(), "the first frame published after the restart", timeout=60)
         _measure("kafka restart: first frame published after the restart received after",
                  dict(rx.got)[first_new] - t_up)
         wait_for(lambda: len([1 for _, t in rx.got if t > t_up]) >= 1000, "the stream to flow again", timeout=60)
         tx.finish()
         bus.flush(60)
         last = tx.ok[-1][0]
-        wait_for(lambda: last in rx.seqs(), "the last frame", timeout=60)
+        wait_for(lambda: last in rx.seq_set(), "the last frame", timeout=60)
         rx.finish()
 
         published = [s for s, _ in tx.ok]
         assert published == list(range(1, last + 1))         # a refused publish leaves no gap
         assert not [e for e in tx.errors if e[2].startswith("RAW")], tx.errors
         assert all(d < 2.0 + SLACK_S for _, d, _ in tx.errors), tx.errors   # bounded by publish_timeout_s
-        received = rx.seqs()
+        received = rx.seq_set()
         missing = set(published) - received
         st, bst = sub.stats(), bus.stats()
         print(f"MEASURE kafka kill: published {last}, received {len(received)}, missing {len(missing)}, "
@@ -252,13 +227,13 @@ def test_fatal_idempotent_producer_is_replaced(own_broker, topic):
         with msight_fast.connect("kafka", servers=[b.address]) as reader:
             rx = Receiver(reader.subscribe(topic, from_beginning=True))
             try:
-                wait_for(lambda: on_new <= rx.seqs(), "every frame published on the new producer", timeout=60)
-                wait_for(lambda: len(after_up - rx.seqs()) <= bus.stats()["lost"],
+                wait_for(lambda: on_new <= rx.seq_set(), "every frame published on the new producer", timeout=60)
+                wait_for(lambda: len(after_up - rx.seq_set()) <= bus.stats()["lost"],
                          "every frame published after the restart received or counted lost", timeout=30)
             finally:
                 rx.finish()
         print(f"MEASURE kafka fatal: after the restart {len(after_up)} accepted, "
-              f"{len(after_up - rx.seqs())} not in the log, lost {bus.stats()['lost']}", flush=True)
+              f"{len(after_up - rx.seq_set())} not in the log, lost {bus.stats()['lost']}", flush=True)
     finally:
         bus.close()
 
@@ -309,10 +284,10 @@ def test_group_member_killed_survivor_delivers_everything(own_broker, topic, tmp
         pub.flush(60)
         everything = set(sent)
         assert sorted(sent) == list(range(1, len(sent) + 1))
-        wait_for(lambda: everything <= set(_seqs(out)) | rx.seqs(), "every frame to be delivered", timeout=90)
+        wait_for(lambda: everything <= set(_seqs(out)) | rx.seq_set(), "every frame to be delivered", timeout=90)
         _measure("kafka group: every frame delivered after the kill in", time.monotonic() - t_kill)
         rx.finish()
-        theirs, ours = set(_seqs(out)), rx.seqs()
+        theirs, ours = set(_seqs(out)), rx.seq_set()
         both = theirs & ours
         st = sub.stats()
         print(f"MEASURE kafka group: sent {len(sent)}, child {len(theirs)}, survivor {len(ours)}, "

@@ -23,7 +23,7 @@ from msight_fast import brokers
 from msight_fast.backends import nats as nats_backend
 from msight_fast.errors import BackendUnavailable, MsightFastError, PublishError
 
-from ..helpers import raw_frame
+from ..helpers import Receiver, raw_frame
 from .conftest import collect, spawn_member, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -84,36 +84,7 @@ def _stop(*workers: object) -> None:
             w.thread.join(30)
 
 
-class Reader:
-    """A thread that receives from one subscription, noting (seq, arrival time)."""
-
-    def __init__(self, sub: msight_fast.Subscription) -> None:
-        self.sub = sub
-        self.got: List[Tuple[int, float]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="reader", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            f = self.sub.recv(timeout=0.2)
-            if f is not None:
-                self.got.append((f.seq, time.monotonic()))
-
-    def first_after(self, seq: int) -> Optional[float]:
-        """Arrival time of the first frame numbered above ``seq``."""
-        return next((t for s, t in list(self.got) if s > seq), None)
-
-    def seqs(self) -> List[int]:
-        return [s for s, _ in self.got]
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "recv() hung"
-
-
-def _drain_and_account(stream: Stream, readers: Dict[str, Reader], pub: msight_fast.Bus) -> Dict[str, int]:
+def _drain_and_account(stream: Stream, readers: Dict[str, Receiver], pub: msight_fast.Bus) -> Dict[str, int]:
     """Stop publishing, let the tail arrive, and check that every frame published is either
     received (once) or counted as a gap; frames the publisher counted lost are among the gaps."""
     stream.finish()
@@ -152,10 +123,10 @@ def test_kill_9_and_restart_mid_stream(own_broker, topic, caplog, tmp_path):
     sub_bus = msight_fast.connect("nats", **b.options(), max_pending_bytes=1 << 30)
     pub = msight_fast.connect("nats", **b.options())
     stream = None
-    readers: Dict[str, Reader] = {}
+    readers: Dict[str, Receiver] = {}
     try:
         small, big = topic + ".small", topic + ".big"
-        readers = {small: Reader(sub_bus.subscribe(small)), big: Reader(sub_bus.subscribe(big))}
+        readers = {small: Receiver(sub_bus.subscribe(small)), big: Receiver(sub_bus.subscribe(big))}
         stream = Stream(pub, small, big)
         wait_for(lambda: len(readers[small].got) >= 200 and len(readers[big].got) >= 3, "frames before the kill")
 
@@ -216,11 +187,11 @@ def test_cluster_failover(own_broker, topic, caplog, tmp_path):
     others = [n for n in nodes if n is not victim]
     sub_bus = msight_fast.connect("nats", servers=[n.address for n in others], max_pending_bytes=1 << 30)
     stream = None
-    readers: Dict[str, Reader] = {}
+    readers: Dict[str, Receiver] = {}
     try:
         assert sub_bus._t.nc.connected_url.port != victim.port
         small, big = topic + ".small", topic + ".big"
-        readers = {small: Reader(sub_bus.subscribe(small)), big: Reader(sub_bus.subscribe(big))}
+        readers = {small: Receiver(sub_bus.subscribe(small)), big: Receiver(sub_bus.subscribe(big))}
         stream = Stream(pub, small, big)
         # a second of stream first: nats-py waits reconnect_time_wait before retrying a server it
         # connected to less than that long ago, which would add 0.5 s to this measurement
