@@ -335,13 +335,10 @@ class RedisTransport(Transport):
     def send(self, msg: Outgoing, deadline: float) -> None:
         if msg.fragments is not None:              # only with a max_message, which Redis has not
             items = [(f, b"", len(f)) for f in msg.fragments]
-        elif len(msg.parts) == 2:
+        elif len(msg.parts) == 2:                   # a frame: header and payload view
             items = [(msg.parts[0], msg.parts[1], msg.nbytes)]
-        elif len(msg.parts) == 1:
+        else:                                       # the drop-in's bytes, as one part
             items = [(msg.parts[0], b"", memoryview(msg.parts[0]).nbytes)]
-        else:
-            data = msg.joined()
-            items = [(data, b"", len(data))]
         if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise BackendUnavailable(f"Redis at {_where(self.cfg)}: the publisher connection stayed busy "
                                      "(a flush or close) until the publish deadline")
