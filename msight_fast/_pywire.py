@@ -264,11 +264,7 @@ def decode(buf: Any) -> Frame:
         if len(sv) % 8 or len(sv) // 8 > S.MAX_NDIM:
             raise FrameError(f"shape record of {len(sv)} bytes at offset {soff} (ndim limit {S.MAX_NDIM})")
         shape = struct.unpack(f"<{len(sv) // 8}Q", sv)
-        count = 1
-        for d in shape:
-            count *= d
-        if count * dt.itemsize != plen:
-            raise FrameError(f"shape {shape} x itemsize {dt.itemsize} != payload length {plen} (shape at offset {soff})")
+        count = S.check_shape(shape, dt.itemsize, plen, soff)
         f.array = np.frombuffer(payload, dtype=dt, count=count).reshape(shape)
     elif dtype_b is not None or shape_b is not None:
         raise FrameError("dtype or shape record on a bytes frame")

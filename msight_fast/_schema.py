@@ -6,9 +6,10 @@ code runs once per distinct dtype, never per frame.
 """
 from __future__ import annotations
 
-import itertools
+import array
 import os
 import struct
+import threading
 import time
 from typing import Any, Dict, Mapping, Tuple, Union
 
@@ -42,7 +43,10 @@ MAX_ENCODING_BYTES = 64
 MAX_NDIM = 32
 MAX_DTYPE_BYTES = 16384
 MAX_DTYPE_DEPTH = 8
-MAX_DTYPE_FIELDS = 512
+MAX_DTYPE_FIELDS = 512         # per struct
+MAX_DTYPE_FIELDS_TOTAL = 1024  # in the whole descriptor, nested structs included
+MAX_ITEMSIZE = 0x7FFFFFFF      # numpy keeps an itemsize in a C int
+MAX_ARRAY_BYTES = (1 << 63) - 1   # numpy's limit on any array's size in bytes, even an empty one's
 MAX_META_BYTES = 4096
 MAX_META_ENTRIES = 64
 MAX_META_KEY_BYTES = 64
@@ -67,14 +71,16 @@ def align_up(n: int) -> int:
 
 
 # ---------------------------------------------------------------- frame ids
-_id_counter = itertools.count()
-_id_base = int.from_bytes(os.urandom(8), "little")
+# Frame ids are drawn from the OS's random source, a batch at a time: a receiver keys fragments by
+# (publisher_id, frame_id), and an id that an attacker can predict (a base plus a counter) lets a
+# fragment forged in advance claim a frame that has not been sent yet.
+_ID_BATCH = 512
+_id_pool: list = []
+_id_lock = threading.Lock()
 
 
 def _reseed_ids() -> None:
-    global _id_base, _id_counter
-    _id_base = int.from_bytes(os.urandom(8), "little")
-    _id_counter = itertools.count()
+    del _id_pool[:]
 
 
 if hasattr(os, "register_at_fork"):
@@ -82,12 +88,17 @@ if hasattr(os, "register_at_fork"):
 
 
 def new_frame_id() -> int:
-    """A 64-bit id, unique within the process and, with overwhelming probability, across processes.
+    """A random 64-bit id: unpredictable, and distinct from every other with overwhelming probability.
 
-    A random per-process base (re-drawn in a forked child) plus a counter: unlike a millisecond
-    snowflake it never repeats within one millisecond.
+    ``list.pop`` hands each pooled id to exactly one caller, whatever the threads.
     """
-    return (_id_base + next(_id_counter)) & 0xFFFFFFFFFFFFFFFF
+    while True:
+        try:
+            return _id_pool.pop()
+        except IndexError:
+            with _id_lock:
+                if not _id_pool:
+                    _id_pool.extend(array.array("Q", os.urandom(8 * _ID_BATCH)))
 
 
 def new_publisher_id() -> int:
@@ -105,18 +116,23 @@ def _check_dtype(dt: np.dtype) -> None:
         raise FrameError(f"dtype {dt!r} has itemsize 0 and cannot be sent")
 
 
-def _enc_dtype(dt: np.dtype, out: list, depth: int) -> None:
+def _enc_dtype(dt: np.dtype, out: list, depth: int, fields: list) -> None:
     if depth > MAX_DTYPE_DEPTH:
         raise FrameError(f"dtype nesting deeper than {MAX_DTYPE_DEPTH}")
+    if dt.itemsize > MAX_ITEMSIZE:
+        raise FrameError(f"dtype {dt!r} has itemsize {dt.itemsize} (limit {MAX_ITEMSIZE})")
     if dt.subdtype is not None:
         base, shape = dt.subdtype
         if not 1 <= len(shape) <= MAX_NDIM:
             raise FrameError(f"sub-array field of {len(shape)} dimensions")
         out.append(struct.pack(f"<BB{len(shape)}I", _D_SUBARRAY, len(shape), *shape))
-        _enc_dtype(base, out, depth + 1)
+        _enc_dtype(base, out, depth + 1, fields)
     elif dt.names is not None:
         if len(dt.names) > MAX_DTYPE_FIELDS:
             raise FrameError(f"structured dtype with more than {MAX_DTYPE_FIELDS} fields")
+        fields[0] += len(dt.names)
+        if fields[0] > MAX_DTYPE_FIELDS_TOTAL:
+            raise FrameError(f"dtype with more than {MAX_DTYPE_FIELDS_TOTAL} fields in all")
         out.append(struct.pack("<BIH", _D_STRUCT, dt.itemsize, len(dt.names)))
         for name in dt.names:
             if len(dt.fields[name]) > 2:
@@ -126,7 +142,7 @@ def _enc_dtype(dt: np.dtype, out: list, depth: int) -> None:
             if not nb or len(nb) > 255:
                 raise FrameError(f"field name {name!r} must be 1 to 255 bytes of UTF-8")
             out.append(struct.pack("<H", len(nb)) + nb + struct.pack("<I", off))
-            _enc_dtype(fdt, out, depth + 1)
+            _enc_dtype(fdt, out, depth + 1, fields)
     else:
         s = dt.str
         kind = s[1]
@@ -139,14 +155,14 @@ def dtype_to_wire(dt: np.dtype) -> bytes:
     """Serialize a numpy dtype into the binary descriptor of docs/wire-format.md."""
     _check_dtype(dt)
     out: list = []
-    _enc_dtype(dt, out, 0)
+    _enc_dtype(dt, out, 0, [0])
     blob = b"".join(out)
     if len(blob) > MAX_DTYPE_BYTES:
         raise FrameError(f"dtype descriptor of {len(blob)} bytes exceeds {MAX_DTYPE_BYTES}")
     return blob
 
 
-def _dec_dtype(b: bytes, pos: int, depth: int, base: int) -> Tuple[np.dtype, int]:
+def _dec_dtype(b: bytes, pos: int, depth: int, base: int, fields: list) -> Tuple[np.dtype, int]:
     if depth > MAX_DTYPE_DEPTH:
         raise FrameError(f"dtype nesting deeper than {MAX_DTYPE_DEPTH} at offset {base + pos}")
     if pos >= len(b):
@@ -156,7 +172,7 @@ def _dec_dtype(b: bytes, pos: int, depth: int, base: int) -> Tuple[np.dtype, int
         if code == _D_SCALAR:
             _, bo, kind, size = struct.unpack_from("<BccI", b, pos)
             bo_s, kind_s = bo.decode("latin-1"), kind.decode("latin-1")
-            if kind_s not in _SCALAR_KINDS or bo_s not in "<>|" or size == 0:
+            if kind_s not in _SCALAR_KINDS or bo_s not in "<>|" or not 0 < size <= MAX_ITEMSIZE:
                 raise FrameError(f"bad scalar dtype {bo!r}{kind!r}{size} at offset {base + pos}")
             if kind_s == "U":
                 if size % 4:
@@ -178,6 +194,12 @@ def _dec_dtype(b: bytes, pos: int, depth: int, base: int) -> Tuple[np.dtype, int
             pos += 7
             if nfields > MAX_DTYPE_FIELDS:
                 raise FrameError(f"{nfields} dtype fields (limit {MAX_DTYPE_FIELDS}) at offset {base + pos}")
+            if not 0 < itemsize <= MAX_ITEMSIZE:
+                raise FrameError(f"structured dtype itemsize {itemsize} out of range [1, {MAX_ITEMSIZE}] "
+                                 f"at offset {base + pos - 6}")
+            fields[0] += nfields
+            if fields[0] > MAX_DTYPE_FIELDS_TOTAL:
+                raise FrameError(f"more than {MAX_DTYPE_FIELDS_TOTAL} dtype fields in all at offset {base + pos}")
             names, formats, offsets = [], [], []
             for _ in range(nfields):
                 (nlen,) = struct.unpack_from("<H", b, pos)
@@ -191,7 +213,7 @@ def _dec_dtype(b: bytes, pos: int, depth: int, base: int) -> Tuple[np.dtype, int
                 pos += nlen
                 (off,) = struct.unpack_from("<I", b, pos)
                 pos += 4
-                fdt, pos = _dec_dtype(b, pos, depth + 1, base)
+                fdt, pos = _dec_dtype(b, pos, depth + 1, base, fields)
                 if off + fdt.itemsize > itemsize:
                     raise FrameError(f"dtype field {names[-1]!r} ends past the itemsize {itemsize}")
                 formats.append(fdt)
@@ -209,11 +231,11 @@ def _dec_dtype(b: bytes, pos: int, depth: int, base: int) -> Tuple[np.dtype, int
                 raise FrameError(f"sub-array of {ndim} dimensions at offset {base + pos}")
             dims = struct.unpack_from(f"<{ndim}I", b, pos + 2)
             pos += 2 + 4 * ndim
-            sub, pos = _dec_dtype(b, pos, depth + 1, base)
+            sub, pos = _dec_dtype(b, pos, depth + 1, base, fields)
             n = 1
             for d in dims:
                 n *= d
-            if n == 0 or n * sub.itemsize > 0x7FFFFFFF:
+            if n == 0 or n * sub.itemsize > MAX_ITEMSIZE:
                 raise FrameError(f"sub-array shape {dims} is empty or too large at offset {base + pos}")
             try:
                 return np.dtype((sub, dims)), pos
@@ -228,10 +250,36 @@ def dtype_from_wire(b: bytes, base: int = 0) -> np.dtype:
     """Parse a binary dtype descriptor; ``base`` is its offset in the frame, for error messages."""
     if len(b) > MAX_DTYPE_BYTES:
         raise FrameError(f"dtype descriptor of {len(b)} bytes exceeds {MAX_DTYPE_BYTES} at offset {base}")
-    dt, end = _dec_dtype(bytes(b), 0, 0, base)
+    b = bytes(b)
+    if b[:1] == bytes([_D_SUBARRAY]):
+        # numpy folds a top-level sub-array into the array's shape, so the header's shape would lie
+        raise FrameError(f"a sub-array dtype is allowed only inside a struct (at offset {base})")
+    dt, end = _dec_dtype(b, 0, 0, base, [0])
     if end != len(b):
         raise FrameError(f"{len(b) - end} trailing bytes after the dtype descriptor at offset {base + end}")
     return dt
+
+
+def check_shape(shape: Tuple[int, ...], itemsize: int, payload_len: int, where: int) -> int:
+    """The element count of ``shape``, after the checks numpy would otherwise fail with ValueError.
+
+    The product of the non-zero dimensions times the itemsize must stay within numpy's limit on an
+    array's size (even an empty array's), and the product of all of them times the itemsize must
+    equal the payload length.
+    """
+    nonzero = itemsize
+    count = 1
+    for d in shape:
+        count *= d
+        if d:
+            nonzero *= d
+    if nonzero > MAX_ARRAY_BYTES:
+        raise FrameError(f"shape {list(shape)} x itemsize {itemsize} is too large for an array "
+                         f"(shape at offset {where})")
+    if count * itemsize != payload_len:
+        raise FrameError(f"shape {list(shape)} x itemsize {itemsize} != payload length {payload_len} "
+                         f"(shape at offset {where})")
+    return count
 
 
 # ---------------------------------------------------------------- user map

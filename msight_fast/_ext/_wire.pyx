@@ -31,7 +31,7 @@ outside the caller's buffer, whatever the header says.
 """
 cimport cython
 cimport numpy as cnp
-from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release, PyBUF_READ
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -93,6 +93,7 @@ cdef enum:
     FLAG_NDARRAY = 2
     NOGIL_BYTES = 65536       # below this, releasing the GIL costs more than it saves
     DTYPE_CACHE_MAX = 1024
+    DTYPE_CACHE_MAX_BYTES_ = 262144
 
 # the twin and this core must agree on every constant
 assert (S.FIXED_LEN, S.FRAG_HEADER_LEN, S.ALIGN, S.MAX_HEADER_LEN, S.MAX_NDIM, S.FLAG_PAYLOAD_CRC,
@@ -106,18 +107,32 @@ cdef str EMPTY = ""
 
 HARDWARE_CRC32C = bool(msf_crc_hw)
 
-# descriptor bytes -> dtype, and dtype -> descriptor bytes: each distinct dtype is parsed once
+# descriptor bytes -> dtype, and dtype -> descriptor bytes: each distinct dtype is parsed once.
+# Bounded in entries and in descriptor bytes: a parsed dtype takes at most ~12x its descriptor's
+# size (measured), so forged descriptors can pin at most a few MB here.
+DTYPE_CACHE_MAX_ENTRIES = DTYPE_CACHE_MAX
+DTYPE_CACHE_MAX_BYTES = DTYPE_CACHE_MAX_BYTES_
 cdef dict _dtype_from_blob = {}
+cdef Py_ssize_t _dtype_cache_nbytes = 0
 cdef dict _blob_from_dtype = {}
 
 
+def _dtype_cache_bytes():
+    """Descriptor bytes held by the decode-side dtype cache (for the tests of its bound)."""
+    return _dtype_cache_nbytes
+
+
 cdef object _dtype_for(bytes blob, Py_ssize_t where):
+    global _dtype_cache_nbytes
     dt = _dtype_from_blob.get(blob)
     if dt is None:
         dt = S.dtype_from_wire(blob, where)
-        if len(_dtype_from_blob) >= DTYPE_CACHE_MAX:
+        if len(_dtype_from_blob) >= DTYPE_CACHE_MAX or \
+                _dtype_cache_nbytes + len(blob) > DTYPE_CACHE_MAX_BYTES_:
             _dtype_from_blob.clear()       # forged descriptors cannot grow the cache without bound
+            _dtype_cache_nbytes = 0
         _dtype_from_blob[blob] = dt
+        _dtype_cache_nbytes += len(blob)
     return dt
 
 
@@ -148,6 +163,9 @@ cdef class _View:
     cdef Py_ssize_t n
 
     def __getbuffer__(self, Py_buffer* view, int flags):
+        if flags & PyBUF_WRITABLE:
+            # the bytes belong to an immutable object or a received message: never writable
+            raise BufferError("msight_fast frame buffers are read-only")
         view.buf = <void*>self.ptr
         view.obj = self
         view.len = self.n
@@ -540,7 +558,8 @@ def decode(buf):
 
     cdef cnp.npy_intp dims[MAX_NDIM]
     cdef int ndim, k
-    cdef uint64_t count = 1, d
+    cdef uint64_t nonzero, d
+    cdef bint empty = False, too_big = False
     cdef cnp.dtype dt
     if flags & FLAG_NDARRAY:
         if blob is None or not (seen & (1u << 5)):
@@ -549,19 +568,28 @@ def decode(buf):
         if sh_len % 8 or sh_len // 8 > MAX_NDIM:
             raise FrameError(f"shape record of {sh_len} bytes at offset {sh_off} (ndim limit {MAX_NDIM})")
         ndim = sh_len // 8
+        # the rule of _schema.check_shape: the non-zero dimensions times the itemsize within
+        # numpy's limit on an array's size (2**63 - 1), and all of them times it == payload_len
+        nonzero = <uint64_t>dt.itemsize
         for k in range(ndim):
             d = msf_ld64(b + sh_off + 8 * k)
             dims[k] = <cnp.npy_intp>d
-            if d > <uint64_t>0x7FFFFFFFFFFFFFFF or (d and count > <uint64_t>0x7FFFFFFFFFFFFFFF // d):
-                count = 0xFFFFFFFFFFFFFFFF   # overflow: can never equal a real payload length
+            if d == 0:
+                empty = True
+            elif d > <uint64_t>0x7FFFFFFFFFFFFFFF // nonzero:
+                too_big = True
                 break
-            count *= d
-        if count == 0xFFFFFFFFFFFFFFFF or (dt.itemsize and count > <uint64_t>0x7FFFFFFFFFFFFFFF // <uint64_t>dt.itemsize) \
-                or count * <uint64_t>dt.itemsize != plen:
+            else:
+                nonzero *= d
+        if too_big or (0 if empty else nonzero) != plen:
             shape = []
             for k in range(ndim):
                 shape.append(msf_ld64(b + sh_off + 8 * k))
-            raise FrameError(f"shape {shape} x itemsize {dt.itemsize} != payload length {plen} (shape at offset {sh_off})")
+            if too_big:
+                raise FrameError(f"shape {shape} x itemsize {dt.itemsize} is too large for an array "
+                                 f"(shape at offset {sh_off})")
+            raise FrameError(f"shape {shape} x itemsize {dt.itemsize} != payload length {plen} "
+                             f"(shape at offset {sh_off})")
         cnp.Py_INCREF(dt)                 # PyArray_NewFromDescr steals it
         arr = PyArray_NewFromDescr(<void*>cnp.ndarray, dt, ndim, dims, NULL,
                                        <void*>(b + poff), 0, NULL)   # flags 0: read-only

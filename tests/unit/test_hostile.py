@@ -115,9 +115,9 @@ def _replace_record(enc, tag, value=None, rlen=None):
 
 
 @pytest.mark.parametrize("tag,value,match", [
-    (S.TAG_SHAPE, struct.pack("<3Q", 1 << 32, 1 << 32, 1), "payload length"),     # product overflows
-    (S.TAG_SHAPE, struct.pack("<2Q", 1 << 63, 2), "payload length"),
-    (S.TAG_SHAPE, struct.pack("<2Q", (1 << 64) - 1, (1 << 64) - 1), "payload length"),
+    (S.TAG_SHAPE, struct.pack("<3Q", 1 << 32, 1 << 32, 1), "too large"),     # product overflows
+    (S.TAG_SHAPE, struct.pack("<2Q", 1 << 63, 2), "too large"),
+    (S.TAG_SHAPE, struct.pack("<2Q", (1 << 64) - 1, (1 << 64) - 1), "too large"),
     (S.TAG_SHAPE, struct.pack("<3Q", 0, 4, 5), "payload length"),
     (S.TAG_SHAPE, struct.pack("<3Q", 3, 4, 6), "payload length"),
     (S.TAG_SHAPE, struct.pack("<33Q", *([1] * 32 + [60])), "ndim"),
@@ -137,9 +137,11 @@ def _replace_record(enc, tag, value=None, rlen=None):
      "past the itemsize"),
     (S.TAG_DTYPE, struct.pack("<BIH", 2, 2, 1) + b"\x01\x00\xff\0\0\0\0" + struct.pack("<BccI", 1, b"<", b"u", 2),
      "UTF-8"),
-    (S.TAG_DTYPE, b"\x03\x01" + struct.pack("<I", 1) * 1 + b"\x03\x01\x01\0\0\0" * 9 + struct.pack("<BccI", 1, b"<", b"u", 2),
-     "nesting"),
-    (S.TAG_DTYPE, b"\x03\x01\xff\xff\xff\xff" + struct.pack("<BccI", 1, b"<", b"u", 2), "sub-array"),
+    (S.TAG_DTYPE, struct.pack("<BIH", 2, 2, 1) + b"\x01\x00a\0\0\0\0" + b"\x03\x01\x01\0\0\0" * 9
+     + struct.pack("<BccI", 1, b"<", b"u", 2), "nesting"),
+    (S.TAG_DTYPE, struct.pack("<BIH", 2, 2, 1) + b"\x01\x00a\0\0\0\0" + b"\x03\x01\xff\xff\xff\xff"
+     + struct.pack("<BccI", 1, b"<", b"u", 2), "sub-array"),
+    (S.TAG_DTYPE, b"\x03\x01\x02\0\0\0" + struct.pack("<BccI", 1, b"<", b"u", 2), "only inside a struct"),
     (S.TAG_SENSOR_NAME, b"\xff\xfe", "UTF-8"),
     (S.TAG_SENSOR_NAME, b"a" * 256, "exceeds"),
     (S.TAG_META, b"\xff\xff", "entries"),
