@@ -24,6 +24,7 @@ VERSION_MINOR = 0
 
 FIXED_LEN = 88                # size of the fixed part of a v1.0 frame header
 FRAG_HEADER_LEN = 64          # size of a v1.0 fragment header
+MAX_FRAGMENT_COUNT = 65536    # most fragments one frame may have: bounds a receiver's per-frame map
 ALIGN = 64                    # payload offset alignment
 MAX_HEADER_LEN = 65536
 

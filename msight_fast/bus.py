@@ -58,6 +58,7 @@ class Subscription:
         self._src = source
         self._whole_stream = whole_stream
         self._reasm = Reassembler(max_frame_bytes=cfg.max_frame_bytes, max_pending=8, timeout_s=10.0)
+        self._abandoned_seen = 0               # frames the reassembler gave up on, as of the last check
         self._seq = SeqTracker()
         self._lat = LatencyWindow()
         self._tokens: Dict[Tuple[int, int], list] = {}
@@ -87,6 +88,8 @@ class Subscription:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             got = self._src.next(left)
             if got is None:
+                if self._tokens:               # the reaper may have expired frames meanwhile
+                    self._check_abandoned()
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
                 continue
@@ -97,22 +100,24 @@ class Subscription:
                 self.bytes += frame.nbytes
                 self._src.handed(frame, [] if token is None else [token])
                 return frame
-            expired = self._reasm.expired
             frag = is_fragment(buf)
             try:
                 frame = self._reasm.feed(buf)
-            except FrameError as e:
+            except Exception as e:             # FrameError; anything else is a bug, but no message may end the stream
                 self.rejected += 1
-                if self.rejected == 1 or self.rejected % 1000 == 0:
+                if not isinstance(e, FrameError):
+                    log.error("msight_fast: a message on %r raised %r; dropped (please report this)",
+                              self.topic, e, exc_info=True)
+                elif self.rejected == 1 or self.rejected % 1000 == 0:
                     log.warning("msight_fast: dropped a malformed message on %r (%d so far): %s", self.topic, self.rejected, e)
                 if token is not None:          # done with it: it must not hold back the offsets
                     self._src.handed(None, [token])
                 continue
             if token is not None and frag:       # held until the whole frame is handed over
                 self._tokens.setdefault(fragment_key(buf), []).append(token)
-            if self._reasm.expired != expired and self._tokens:
-                self._release_abandoned()
             if frame is None:
+                if self._tokens:
+                    self._check_abandoned()
                 continue
             self.received += 1
             self.bytes += frame.nbytes
@@ -121,12 +126,25 @@ class Subscription:
             if frame.publisher_id:
                 self._seq.see(frame.publisher_id, frame.seq)
             if frag:
-                tokens = self._tokens.pop((frame.publisher_id, frame.frame_id), [])
+                tokens = self._tokens.pop(fragment_key(buf), [])   # the ids its fragments were held under
             else:
                 tokens = [] if token is None else [token]
+            if self._tokens:                   # after taking this frame's own tokens out
+                self._check_abandoned()
             self._src.handed(frame, tokens)
             return frame
         return None
+
+    def _check_abandoned(self) -> None:
+        """Release the tokens of frames given up on since the last check (expired, also by the
+        reaper thread between calls; evicted; refused; late copies of completed frames)."""
+        r = self._reasm
+        if r.pending:
+            r.expire()                         # frames past their time now, not at the reaper's next wake
+        n = r.expired + r.evicted + r.refused + r.duplicates
+        if n != self._abandoned_seen:
+            self._abandoned_seen = n
+            self._release_abandoned()
 
     def _release_abandoned(self) -> None:
         """Fragments of frames the reassembler gave up on: release their tokens (the frame is lost)."""
@@ -155,7 +173,9 @@ class Subscription:
                                "duplicates": self._seq.duplicates + self._reasm.duplicates,
                                "publishers": self._seq.publishers,
                                "rejected": self.rejected, "dropped": 0,
-                               "fragments_expired": self._reasm.expired}
+                               "fragments_expired": self._reasm.expired,
+                               "fragments_evicted": self._reasm.evicted,
+                               "fragments_refused": self._reasm.refused}
         out.update(self._lat.summary())
         out.update(self._src.stats())
         return out

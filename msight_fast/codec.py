@@ -1,15 +1,25 @@
-"""Frame codec: encode/decode sensor frames, split them into fragments and put them back together."""
+"""Frame codec: encode/decode sensor frames, split them into fragments and put them back together.
+
+The ``Reassembler`` holds a hard memory bound whatever arrives (see its docstring); one daemon
+thread per process, started with the first fragmented frame, drops timed-out frames on time.
+"""
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
+import weakref
 from collections import OrderedDict
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from . import _schema as S
 from ._impl import HAS_EXTENSIONS, impl
 from .errors import FrameError
+
+log = logging.getLogger("msight_fast")
 
 Frame = impl.Frame
 encode = impl.encode
@@ -65,8 +75,11 @@ def fragment(frame_bytes: Any, max_size: int) -> List[Any]:
         raise ValueError(f"max_size {max_size} leaves no room after the {S.FRAG_HEADER_LEN}-byte fragment header")
     chunk = min(chunk, 0xFFFFFFFF)
     count = -(-total // chunk)
-    if count > 0xFFFFFFFF:
-        raise FrameError(f"{count} fragments exceed the 32-bit fragment count")
+    if count > S.MAX_FRAGMENT_COUNT:
+        # receivers reject more (their per-frame map of received chunks is bounded by it)
+        least = -(-total // S.MAX_FRAGMENT_COUNT) + S.FRAG_HEADER_LEN
+        raise FrameError(f"a frame of {total} bytes would need {count} fragments of at most {max_size} bytes, "
+                         f"over the {S.MAX_FRAGMENT_COUNT} allowed; max_size must be at least {least}")
     frame_id, pub_id = _frame_ids(parts[0] if len(parts[0]) >= S.FIXED_LEN else memoryview(b"".join(parts)))
     out = []
     k, pos = 0, 0                       # current part, position in it
@@ -87,30 +100,86 @@ def fragment(frame_bytes: Any, max_size: int) -> List[Any]:
     return out
 
 
+_Key = Tuple[int, int, int, int, int]        # publisher_id, frame_id, count, total, chunk_size
+
+# Upper bounds used by Reassembler.memory_bound, in bytes. Per pending frame, besides its buffer
+# and its map of received chunks: the numpy array and view, the memoryview, the bytearray header,
+# the entry and its key (under 2 KiB together), and the page the buffer's allocation may round up to.
+_ENTRY_OVERHEAD = 8192
+# One key remembered by the LRUs of completed and abandoned frames: tuple, 64-bit ints, the dict's
+# slot and its share of the table, the order link (about 530 measured with the largest ids).
+_KEY_COST = 1024
+
+
 class _Pending:
-    __slots__ = ("buf", "view", "got", "remaining", "count", "total", "chunk", "deadline")
+    __slots__ = ("buf", "view", "got", "remaining", "deadline")
+    buf: np.ndarray
+    view: memoryview
+    got: bytearray
+    remaining: int
+    deadline: float
 
 
 class Reassembler:
     """Puts fragmented frames back together; whole frames pass straight through to ``decode``.
 
-    Memory is bounded whatever arrives: a frame larger than ``max_frame_bytes`` is rejected at its
-    first fragment, at most ``max_pending`` frames are held (the oldest is dropped, and counted as
-    expired, to make room), and a frame not complete ``timeout_s`` after its first fragment is
-    dropped and counted. Each chunk is copied once, into a 64-byte-aligned buffer that the
-    decoded frame then views.
+    Every fragment is checked whole (CRC, then geometry: ``1 <= total <= max_frame_bytes``,
+    ``count == ceil(total / chunk_size) <= MAX_FRAGMENT_COUNT``, index, offset and length that
+    tile the frame) before anything is allocated; a rejected fragment leaves nothing behind.
+    Frames are keyed by ``(publisher_id, frame_id, count, total, chunk_size)``, so a forged
+    fragment that reuses a real frame's ids with another geometry gets an entry of its own and
+    cannot spoil the real frame.
+
+    Room: at most ``max_pending`` frames are pending, at most ``max_pending_per_publisher`` of
+    one publisher. A publisher at its quota, or holding frames when every slot is taken, makes
+    room by evicting its own oldest frame (``evicted``); a new frame finding every slot held by
+    other publishers is refused
+    (``refused``), so no sender can push out another's frames. A frame not complete
+    ``timeout_s`` after its first fragment is dropped on the clock by a shared daemon thread,
+    even if nothing else arrives (``expired``). Fragments that arrive after their frame was
+    refused, evicted or expired are dropped and counted in ``refused``.
+
+    Memory held is at most ``memory_bound`` bytes, whatever arrives::
+
+        max_pending x (max_frame_bytes + 64 + MAX_FRAGMENT_COUNT + 8192)
+          + 2 x (4 x max_pending + 64) x 1024
+
+    (per pending frame: its buffer, total + 64 bytes, whose pages are only touched as chunks
+    arrive; its map of received chunks, count <= 65536 bytes; 8 KiB of objects and allocation
+    rounding. Then the two bounded LRUs of recently completed and abandoned frame keys.) A
+    completed frame's buffer belongs to the Frame returned, outside the bound. Each chunk is
+    copied once, into a 64-byte-aligned buffer that the decoded frame then views.
+
+    ``feed`` is called by one thread at a time (the Subscription's receiving thread);
+    ``expire``, ``stats`` and ``pending_keys`` may be called from any thread.
     """
 
-    def __init__(self, max_frame_bytes: int = 256 << 20, max_pending: int = 8, timeout_s: float = 5.0) -> None:
+    def __init__(self, max_frame_bytes: int = 256 << 20, max_pending: int = 8, timeout_s: float = 5.0, *,
+                 max_pending_per_publisher: Optional[int] = None) -> None:
         if max_frame_bytes <= 0 or max_pending <= 0 or timeout_s <= 0:
             raise ValueError("max_frame_bytes, max_pending and timeout_s must be positive")
         self.max_frame_bytes = int(max_frame_bytes)
         self.max_pending = int(max_pending)
         self.timeout_s = float(timeout_s)
-        self._pending: "OrderedDict[tuple, _Pending]" = OrderedDict()
-        self._done: "OrderedDict[tuple, None]" = OrderedDict()   # recently completed keys
+        per_pub = max(1, self.max_pending // 2) if max_pending_per_publisher is None \
+            else int(max_pending_per_publisher)
+        if not 1 <= per_pub <= self.max_pending:
+            raise ValueError(f"max_pending_per_publisher must be between 1 and max_pending ({self.max_pending})")
+        self.max_pending_per_publisher = per_pub
+        self._keep = 4 * self.max_pending + 64              # keys each LRU remembers
+        # guards _pending, _per_pub, _abandoned, _done, _watched and the counters expire() touches;
+        # the whole-frame path of feed() never takes it
+        self._lock = threading.Lock()
+        self._pending: "OrderedDict[_Key, _Pending]" = OrderedDict()   # oldest first: deadline order
+        self._per_pub: Dict[int, int] = {}
+        self._done: "OrderedDict[_Key, None]" = OrderedDict()        # recently completed
+        self._abandoned: "OrderedDict[_Key, None]" = OrderedDict()   # recently refused, evicted, expired
+        self._ref = weakref.ref(self)
+        self._watched = False                               # by the reaper thread
         self.completed = 0
         self.expired = 0
+        self.evicted = 0
+        self.refused = 0
         self.duplicates = 0
         self.rejected = 0
 
@@ -118,34 +187,35 @@ class Reassembler:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def memory_bound(self) -> int:
+        """The most bytes this reassembler holds, whatever arrives (see the class docstring)."""
+        return (self.max_pending * (self.max_frame_bytes + S.ALIGN + S.MAX_FRAGMENT_COUNT + _ENTRY_OVERHEAD)
+                + 2 * self._keep * _KEY_COST)
+
     def pending_keys(self) -> List[tuple]:
         """(publisher_id, frame_id) of every frame still being put together."""
-        return list(self._pending)
+        with self._lock:
+            return list(dict.fromkeys(k[:2] for k in self._pending))
 
     def stats(self) -> dict:
-        return {"completed": self.completed, "expired": self.expired, "duplicates": self.duplicates,
-                "rejected": self.rejected, "pending": len(self._pending)}
+        return {"completed": self.completed, "expired": self.expired, "evicted": self.evicted,
+                "refused": self.refused, "duplicates": self.duplicates, "rejected": self.rejected,
+                "pending": len(self._pending)}
 
     def expire(self, now: Optional[float] = None) -> int:
         """Drop the pending frames whose time is up; returns how many."""
+        if not self._pending:
+            return 0
         now = time.monotonic() if now is None else now
-        n = 0
-        while self._pending:
-            key, p = next(iter(self._pending.items()))
-            if p.deadline > now:
-                break          # insertion order is deadline order
-            del self._pending[key]
-            n += 1
-        self.expired += n
-        return n
+        with self._lock:
+            return self._expire_locked(now)
 
     def feed(self, buf: Any) -> Optional[Any]:
         """Take one message: returns the decoded Frame once it is whole, else None.
 
         Raises FrameError for a malformed whole frame or fragment (counted in ``rejected``).
         """
-        if self._pending:
-            self.expire()
         if not is_fragment(buf):
             n = len(buf) if type(buf) is bytes else memoryview(buf).nbytes
             if n > self.max_frame_bytes:
@@ -160,52 +230,28 @@ class Reassembler:
             return f
         try:
             frame_id, pub_id, index, count, total, offset, chunk_size, chunk = impl.parse_fragment_header(buf)
+            self._check_geometry(frame_id, index, count, total, offset, chunk_size, len(chunk))
         except FrameError:
             self.rejected += 1
             raise
-        key = (pub_id, frame_id)
-        p = self._pending.get(key)
-        if p is None:
-            if key in self._done:
+        key = (pub_id, frame_id, count, total, chunk_size)
+        with self._lock:
+            p = self._pending.get(key)
+            if p is None:
+                p = self._admit(key)
+                if p is None:
+                    return None
+            if p.got[index]:
                 self.duplicates += 1
                 return None
-            err = self._check_geometry(count, total, chunk_size)
-            if err:
-                self.rejected += 1
-                raise FrameError(err)
-            while len(self._pending) >= self.max_pending:
-                self._pending.popitem(last=False)
-                self.expired += 1
-            p = _Pending()
-            # over-allocate by one alignment unit, then start the frame on a 64-byte boundary
-            raw = np.empty(total + S.ALIGN, dtype=np.uint8)
-            start = (-raw.ctypes.data) % S.ALIGN
-            p.buf = raw[start:start + total]
-            p.view = memoryview(p.buf)
-            p.got = bytearray(count)
-            p.remaining, p.count, p.total, p.chunk = count, count, total, chunk_size
-            p.deadline = time.monotonic() + self.timeout_s
-            self._pending[key] = p
-        elif (count, total, chunk_size) != (p.count, p.total, p.chunk):
-            self.rejected += 1
-            raise FrameError(f"fragment {index} of frame {frame_id} disagrees with the frame's geometry")
-        expect_len = min(chunk_size, total - index * chunk_size) if index < count else -1
-        if index >= count or offset != index * chunk_size or len(chunk) != expect_len:
-            self.rejected += 1
-            raise FrameError(f"fragment {index}/{count} of frame {frame_id}: offset {offset} or length "
-                             f"{len(chunk)} does not fit chunk size {chunk_size} and total {total}")
-        if p.got[index]:
-            self.duplicates += 1
-            return None
-        p.view[offset:offset + len(chunk)] = chunk
-        p.got[index] = 1
-        p.remaining -= 1
-        if p.remaining:
-            return None
-        del self._pending[key]
-        self._done[key] = None
-        if len(self._done) > 4 * self.max_pending + 64:
-            self._done.popitem(last=False)
+            p.view[offset:offset + len(chunk)] = chunk
+            p.got[index] = 1
+            p.remaining -= 1
+            if p.remaining:
+                return None
+            self._drop(key)
+            self._remember(self._done, key)
+        p.buf.flags.writeable = False          # the frame views it read-only, whatever the codec
         try:
             f = decode(p.buf)
         except FrameError:
@@ -214,9 +260,197 @@ class Reassembler:
         self.completed += 1
         return f
 
-    def _check_geometry(self, count: int, total: int, chunk_size: int) -> str:
+    def _check_geometry(self, frame_id: int, index: int, count: int, total: int, offset: int,
+                        chunk_size: int, chunk_len: int) -> None:
         if total > self.max_frame_bytes:
-            return f"fragmented frame of {total} bytes exceeds max_frame_bytes {self.max_frame_bytes}"
-        if chunk_size == 0 or total == 0 or count != -(-total // chunk_size):
-            return f"fragment geometry count={count} total={total} chunk_size={chunk_size} is inconsistent"
-        return ""
+            raise FrameError(f"fragmented frame of {total} bytes exceeds max_frame_bytes {self.max_frame_bytes}")
+        if total < 1 or chunk_size < 1 or count != -(-total // chunk_size):
+            raise FrameError(f"fragment geometry count={count} total={total} chunk_size={chunk_size} "
+                             "is inconsistent")
+        if count > S.MAX_FRAGMENT_COUNT:
+            raise FrameError(f"fragment geometry count={count} exceeds the {S.MAX_FRAGMENT_COUNT} fragments a "
+                             f"frame may have (chunk_size {chunk_size} is too small for total {total})")
+        if index >= count or offset != index * chunk_size or chunk_len != min(chunk_size, total - offset):
+            raise FrameError(f"fragment {index}/{count} of frame {frame_id}: offset {offset} or length "
+                             f"{chunk_len} does not fit chunk size {chunk_size} and total {total}")
+
+    def _admit(self, key: _Key) -> Optional[_Pending]:
+        """A new pending frame for ``key``, room made within the quotas; None when it is not taken."""
+        if key in self._done:
+            self.duplicates += 1               # a late copy of a frame already handed over
+            return None
+        if key in self._abandoned:
+            self._abandoned.move_to_end(key)   # its missing part is gone: it can never complete
+            self.refused += 1
+            return None
+        now = time.monotonic()
+        self._expire_locked(now)               # a frame past its time holds no room, reaper or not
+        pub = key[0]
+        held = self._per_pub.get(pub, 0)
+        if held >= self.max_pending_per_publisher or (held and len(self._pending) >= self.max_pending):
+            # the publisher's newest frame is worth more than its own stalest one
+            oldest = next(k for k in self._pending if k[0] == pub)
+            self._drop(oldest)
+            self._remember(self._abandoned, oldest)
+            self.evicted += 1
+        elif len(self._pending) >= self.max_pending:
+            self._remember(self._abandoned, key)
+            self.refused += 1
+            return None
+        pub_id, frame_id, count, total, chunk_size = key
+        p = _Pending()
+        # np.empty leaves the pages untouched until chunks land in them; over-allocate by one
+        # alignment unit, then start the frame on a 64-byte boundary
+        raw = np.empty(total + S.ALIGN, dtype=np.uint8)
+        start = (-raw.ctypes.data) % S.ALIGN
+        p.buf = raw[start:start + total]
+        p.view = memoryview(p.buf)
+        p.got = bytearray(count)
+        p.remaining = count
+        p.deadline = now + self.timeout_s
+        self._pending[key] = p
+        self._per_pub[pub] = self._per_pub.get(pub, 0) + 1
+        if not self._watched:
+            # watched, this reassembler's earliest deadline is already in the reaper's wait
+            self._watched = _REAPER.watch(self, p.deadline)
+        return p
+
+    def _drop(self, key: _Key) -> None:
+        del self._pending[key]
+        n = self._per_pub[key[0]] - 1
+        if n:
+            self._per_pub[key[0]] = n
+        else:
+            del self._per_pub[key[0]]
+
+    def _remember(self, lru: "OrderedDict[_Key, None]", key: _Key) -> None:
+        lru[key] = None
+        lru.move_to_end(key)
+        if len(lru) > self._keep:
+            lru.popitem(last=False)
+
+    def _expire_locked(self, now: float) -> int:
+        n = 0
+        while self._pending:
+            key, p = next(iter(self._pending.items()))
+            if p.deadline > now:
+                break          # insertion order is deadline order
+            self._drop(key)
+            self._remember(self._abandoned, key)
+            n += 1
+        self.expired += n
+        return n
+
+    def _reap(self, now: float) -> Optional[float]:
+        """The reaper's visit: expire, then the next deadline; None once nothing is pending (and
+        the reaper stops watching, atomically with the check, so a new frame re-registers)."""
+        with self._lock:
+            self._expire_locked(now)
+            if self._pending:
+                return next(iter(self._pending.values())).deadline
+            self._watched = False
+            _REAPER.unwatch(self)
+            return None
+
+
+class _Reaper:
+    """The process's one daemon thread that drops timed-out frames on the clock.
+
+    It holds Reassemblers by weak reference (a dropped one is collected as usual), watches only
+    those with frames pending, and sleeps until the earliest deadline, at most ``MAX_WAIT`` s
+    at a time. The thread does not survive fork: the child starts its own.
+    """
+
+    MAX_WAIT = 1.0
+
+    def __init__(self) -> None:
+        self._watched: Dict[int, "weakref.ref[Reassembler]"] = {}
+        self._new_locks()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_in_parent,
+                                after_in_child=self._after_fork_in_child)
+
+    def _new_locks(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._sweeping = threading.Lock()          # held through a sweep, so a fork never splits one
+        self._held_for_fork = False
+        self._thread: Optional[threading.Thread] = None
+        self._wake = float("inf")                  # when the thread next looks; inf while it looks
+        self._kicked = False
+
+    def watch(self, r: Reassembler, deadline: float) -> bool:
+        """Expire ``r``'s frames on time from now on (``r._lock`` held); False if no thread could start."""
+        with self._cond:
+            self._watched[id(r)] = r._ref
+            if self._thread is None:
+                return self._start()
+            if deadline < self._wake:
+                self._kicked = True
+                self._cond.notify()
+        return True
+
+    def unwatch(self, r: Reassembler) -> None:
+        with self._cond:
+            if self._watched.get(id(r)) is r._ref:
+                del self._watched[id(r)]
+
+    def _start(self) -> bool:
+        t = threading.Thread(target=self._run, name="msight-fast-reaper", daemon=True)
+        try:
+            t.start()
+        except RuntimeError as e:              # out of threads: frames still expire when fragments arrive
+            log.warning("msight_fast: could not start the fragment reaper thread (%s); timed-out frames "
+                        "are dropped only when more fragments arrive", e)
+            return False
+        self._thread = t
+        return True
+
+    def _run(self) -> None:
+        while True:
+            try:
+                nxt = self._sweep()
+            except Exception:                  # a bug here must not stop expiry for the whole process
+                log.exception("msight_fast: fragment reaper sweep failed")
+                nxt = float("inf")
+            with self._cond:
+                now = time.monotonic()
+                self._wake = min(nxt, now + self.MAX_WAIT)
+                if not self._kicked:
+                    self._cond.wait(max(0.0, self._wake - now))
+                self._kicked = False
+                self._wake = float("inf")
+
+    def _sweep(self) -> float:
+        """Expire every watched reassembler's due frames; returns the earliest deadline left."""
+        nxt = float("inf")
+        with self._sweeping:
+            with self._cond:
+                watched = list(self._watched.items())
+            now = time.monotonic()
+            for rid, ref in watched:
+                r = ref()
+                if r is None:
+                    with self._cond:
+                        if self._watched.get(rid) is ref:
+                            del self._watched[rid]
+                    continue
+                d = r._reap(now)
+                if d is not None and d < nxt:
+                    nxt = d
+        return nxt                             # returning drops the last strong reference taken
+
+    def _before_fork(self) -> None:
+        self._held_for_fork = self._sweeping.acquire(timeout=self.MAX_WAIT)
+
+    def _after_fork_in_parent(self) -> None:
+        if self._held_for_fork:
+            self._held_for_fork = False
+            self._sweeping.release()
+
+    def _after_fork_in_child(self) -> None:
+        self._new_locks()                      # the parent's thread is gone; so may be a lock holder
+        if self._watched:
+            self._start()
+
+
+_REAPER = _Reaper()

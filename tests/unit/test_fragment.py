@@ -34,7 +34,8 @@ def test_fragments_fit_and_reassemble_in_any_order(max_size):
     g = out[-1]
     assert np.array_equal(g.array, arr)
     assert g.array.ctypes.data % 64 == 0            # payload lands 64-byte aligned
-    assert r.stats() == {"completed": 1, "expired": 0, "duplicates": 0, "rejected": 0, "pending": 0}
+    assert r.stats() == {"completed": 1, "expired": 0, "evicted": 0, "refused": 0, "duplicates": 0,
+                         "rejected": 0, "pending": 0}
 
 
 @pytest.mark.parametrize("max_size", [65, 97, 300, 4096, 64 * 1024])
@@ -45,6 +46,11 @@ def test_fragments_gathered_from_parts_equal_those_of_the_joined_frame(max_size,
     frame = Frame.from_array(arr, sensor_name="cam")
     parts = encode_parts(frame)
     whole = encode(frame)
+    if -(-len(whole) // (max_size - S.FRAG_HEADER_LEN)) > S.MAX_FRAGMENT_COUNT:
+        for src in (parts, whole):             # too many fragments: refused the same way
+            with pytest.raises(FrameError, match="max_size must be at least"):
+                fragment(src, max_size)
+        return
     assert [bytes(f) for f in fragment(parts, max_size)] == [bytes(f) for f in fragment(whole, max_size)]
     # the parts split at arbitrary points (a header in pieces, empty pieces) give the same too
     cut = [whole[:7], b"", whole[7:200], memoryview(whole)[200:]]
@@ -102,11 +108,23 @@ def test_missing_fragment_expires_and_is_counted():
 
 
 def test_pending_frames_are_bounded():
-    r = Reassembler(max_pending=3)
+    r = Reassembler(max_pending=3, max_pending_per_publisher=3)
     for seed in range(10):
         _, enc = _enc(seed=seed)
         r.feed(fragment(enc, 64 * 1024)[0])
-    assert r.pending == 3 and r.expired == 7
+    # one publisher (id 0): it makes room by evicting its own oldest, not counted as timed out
+    assert r.pending == 3 and r.evicted == 7 and r.expired == 0
+
+
+def test_a_frame_needing_more_than_the_most_fragments_is_refused_naming_the_least_max_size():
+    _, enc = _enc(70_000)
+    least = -(-len(enc) // S.MAX_FRAGMENT_COUNT) + S.FRAG_HEADER_LEN
+    with pytest.raises(FrameError, match=f"max_size must be at least {least}"):
+        fragment(enc, least - 1)
+    frags = fragment(enc, least)
+    assert len(frags) <= S.MAX_FRAGMENT_COUNT
+    r = Reassembler()
+    assert [g for g in map(r.feed, frags) if g is not None][0].nbytes == 70_000
 
 
 def test_forged_total_cannot_allocate_past_the_limit():
