@@ -138,6 +138,8 @@ class Reassembler:
     ``timeout_s`` after its first fragment is dropped on the clock by a shared daemon thread,
     even if nothing else arrives (``expired``). Fragments that arrive after their frame was
     refused, evicted or expired are dropped and counted in ``refused``.
+    Two different copies of one fragment drop the frame (``rejected``): one of them is forged,
+    and a frame partly made of forged bytes must not be handed over.
 
     Memory held is at most ``memory_bound`` bytes, whatever arrives::
 
@@ -242,8 +244,17 @@ class Reassembler:
                 if p is None:
                     return None
             if p.got[index]:
-                self.duplicates += 1
-                return None
+                n = len(chunk)
+                if np.array_equal(p.buf[offset:offset + n], np.frombuffer(chunk, np.uint8, n)):
+                    self.duplicates += 1
+                    return None
+                # two different chunks for one place: one is forged, and which cannot be told;
+                # drop the frame rather than hand over bytes that may be partly forged
+                self._drop(key)
+                self._remember(self._abandoned, key)
+                self.rejected += 1
+                raise FrameError(f"fragment {index}/{count} of frame {frame_id} came twice with different "
+                                 "bytes; the frame is dropped")
             p.view[offset:offset + len(chunk)] = chunk
             p.got[index] = 1
             p.remaining -= 1

@@ -279,3 +279,44 @@ def test_subscription_releases_the_tokens_of_a_frame_the_reaper_expired_between_
     assert sub.recv(0) is None                            # nothing arrives: the offsets go anyway
     assert src.handed_tokens == [("p", 0), ("p", 1)] and not sub._tokens
     assert sub.stats()["fragments_expired"] == 1
+
+
+def test_a_publisher_holding_frames_makes_room_from_its_own_when_every_slot_is_taken():
+    r = Reassembler(max_pending=4)                        # 2 per publisher
+    a1, a2, b1 = _frame(A, seed=1), _frame(A, seed=2), _frame(B, seed=3)
+    for _, frags in (a1, b1, a2):
+        r.feed(frags[0])
+    c1 = _frame(C, seed=4)
+    r.feed(c1[1][0])                                      # the fourth slot
+    b2 = _frame(B, seed=5)
+    assert r.feed(b2[1][0]) is None                       # B holds one, all four taken: B's own goes
+    assert r.evicted == 1 and r.refused == 0 and r.pending == 4
+    assert {k[0] for k in r.pending_keys()} == {A, B, C}
+    for arr, frags in (a1, a2, c1, b2):
+        assert _intact([r.feed(f) for f in frags[1:]], arr)
+
+
+def _same_geometry_forgery(genuine: bytes) -> bytes:
+    """A fragment with the genuine one's ids and geometry and other bytes: what an attacker who
+    watches the wire can race against the genuine fragment."""
+    fid, pub, index, count, total, offset, chunk_size, chunk = codec.impl.parse_fragment_header(genuine)
+    bad = bytes(b ^ 0xFF for b in bytes(chunk))
+    return codec.impl.pack_fragment_header(fid, pub, index, count, total, offset, chunk_size, bad) + bad
+
+
+@pytest.mark.parametrize("forgery_first", [True, False])
+def test_two_different_copies_of_one_fragment_drop_the_frame_rather_than_mix_it(forgery_first):
+    arr, frags = _frame(A)
+    fake = _same_geometry_forgery(frags[1])
+    r = Reassembler()
+    order = [frags[0], fake, frags[1]] if forgery_first else [frags[0], frags[1], fake]
+    assert r.feed(order[0]) is None and r.feed(order[1]) is None
+    with pytest.raises(FrameError, match="different bytes"):
+        r.feed(order[2])
+    assert r.rejected == 1 and r.pending == 0
+    assert all(r.feed(f) is None for f in frags[2:])       # the rest is dropped, never delivered
+    assert r.completed == 0 and r.refused == len(frags) - 2
+    # an identical copy is a plain duplicate
+    arr2, frags2 = _frame(A, seed=9)
+    assert r.feed(frags2[0]) is None and r.feed(frags2[0]) is None and r.duplicates == 1
+    assert _intact([r.feed(f) for f in frags2[1:]], arr2)
