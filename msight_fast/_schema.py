@@ -45,6 +45,7 @@ MAX_NDIM = 32
 MAX_DTYPE_BYTES = 16384
 MAX_DTYPE_DEPTH = 8
 MAX_DTYPE_FIELDS = 512         # per struct
+MAX_FIELD_NAME_BYTES = 255
 MAX_DTYPE_FIELDS_TOTAL = 1024  # in the whole descriptor, nested structs included
 MAX_ITEMSIZE = 0x7FFFFFFF      # numpy keeps an itemsize in a C int
 MAX_ARRAY_BYTES = (1 << 63) - 1   # numpy's limit on any array's size in bytes, even an empty one's
@@ -65,6 +66,14 @@ assert FRAG.size == FRAG_HEADER_LEN
 _SCALAR_KINDS = frozenset("biufcSUV")
 _D_SCALAR, _D_STRUCT, _D_SUBARRAY = 1, 2, 3
 _META_STR, _META_INT, _META_FLOAT = 1, 2, 3
+
+
+def utf8(s: str, what: str) -> bytes:
+    """``s`` as UTF-8; a str that has none (a lone surrogate) is a FrameError, not a UnicodeError."""
+    try:
+        return s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FrameError(f"{what} is not encodable as UTF-8 (it holds a lone surrogate)") from None
 
 
 def align_up(n: int) -> int:
@@ -139,9 +148,9 @@ def _enc_dtype(dt: np.dtype, out: list, depth: int, fields: list) -> None:
             if len(dt.fields[name]) > 2:
                 raise FrameError(f"field {name!r} of {dt!r} has a title; titles are not carried on the wire")
             fdt, off = dt.fields[name][:2]
-            nb = name.encode("utf-8")
-            if not nb or len(nb) > 255:
-                raise FrameError(f"field name {name!r} must be 1 to 255 bytes of UTF-8")
+            nb = utf8(name, f"field name {name!r}")
+            if not nb or len(nb) > MAX_FIELD_NAME_BYTES:
+                raise FrameError(f"field name {name!r} must be 1 to {MAX_FIELD_NAME_BYTES} bytes of UTF-8")
             out.append(struct.pack("<H", len(nb)) + nb + struct.pack("<I", off))
             _enc_dtype(fdt, out, depth + 1, fields)
     else:
@@ -205,7 +214,7 @@ def _dec_dtype(b: bytes, pos: int, depth: int, base: int, fields: list) -> Tuple
             for _ in range(nfields):
                 (nlen,) = struct.unpack_from("<H", b, pos)
                 pos += 2
-                if nlen == 0 or pos + nlen > len(b):
+                if not 1 <= nlen <= MAX_FIELD_NAME_BYTES or pos + nlen > len(b):
                     raise FrameError(f"bad dtype field name length {nlen} at offset {base + pos}")
                 try:
                     names.append(b[pos:pos + nlen].decode("utf-8"))
@@ -297,12 +306,12 @@ def meta_to_wire(meta: Mapping[str, Any]) -> bytes:
     for k, v in meta.items():
         if not isinstance(k, str):
             raise FrameError(f"meta key {k!r} is not a str")
-        kb = k.encode("utf-8")
+        kb = utf8(k, f"meta key {k!r}")
         if not kb or len(kb) > MAX_META_KEY_BYTES:
             raise FrameError(f"meta key {k!r} must be 1 to {MAX_META_KEY_BYTES} bytes of UTF-8")
         parts.append(struct.pack("<B", len(kb)) + kb)
         if isinstance(v, str):
-            vb = v.encode("utf-8")
+            vb = utf8(v, f"meta value for {k!r}")
             if len(vb) > MAX_META_STR_BYTES:
                 raise FrameError(f"meta value for {k!r} exceeds {MAX_META_STR_BYTES} bytes")
             parts.append(struct.pack("<BH", _META_STR, len(vb)) + vb)
@@ -334,7 +343,7 @@ def meta_from_wire(b: bytes, base: int = 0) -> Dict[str, MetaValue]:
         for _ in range(n):
             klen = b[pos]
             pos += 1
-            if klen == 0 or pos + klen > len(b):
+            if not 1 <= klen <= MAX_META_KEY_BYTES or pos + klen > len(b):
                 raise FrameError(f"bad meta key length {klen} at offset {base + pos - 1}")
             try:
                 key = b[pos:pos + klen].decode("utf-8")
@@ -387,7 +396,7 @@ def encode_str(value: Any, what: str, limit: int) -> bytes:
         return b""
     if not isinstance(value, str):
         raise FrameError(f"{what} must be a str, not {type(value).__name__}")
-    b = value.encode("utf-8")
+    b = utf8(value, what)
     if len(b) > limit:
         raise FrameError(f"{what} is {len(b)} bytes of UTF-8 (limit {limit})")
     return b

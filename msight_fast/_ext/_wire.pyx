@@ -238,7 +238,7 @@ cdef bytes _str_utf8(object s, str what, Py_ssize_t limit):
         return b""
     if type(s) is not str and not isinstance(s, str):
         raise FrameError(f"{what} must be a str, not {type(s).__name__}")
-    b = (<str>s).encode("utf-8")
+    b = S.utf8(s, what)
     if len(b) > limit:
         raise FrameError(f"{what} is {len(b)} bytes of UTF-8 (limit {limit})")
     return b
@@ -431,7 +431,11 @@ cdef bytes _header(Frame f, bint checksum, Py_ssize_t* out_len):
 cdef const char* _utf8_of(object s, str what, Py_ssize_t limit, Py_ssize_t* n) except NULL:
     if not isinstance(s, str):
         raise FrameError(f"{what} must be a str, not {type(s).__name__}")
-    cdef const char* c = PyUnicode_AsUTF8AndSize(s, n)    # cached by str itself: no copy
+    cdef const char* c
+    try:
+        c = PyUnicode_AsUTF8AndSize(s, n)    # cached by str itself: no copy
+    except UnicodeEncodeError:
+        raise FrameError(f"{what} is not encodable as UTF-8 (it holds a lone surrogate)") from None
     if n[0] > limit:
         raise FrameError(f"{what} is {n[0]} bytes of UTF-8 (limit {limit})")
     return c
