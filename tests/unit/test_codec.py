@@ -248,3 +248,12 @@ def test_real_jpeg_and_lidar_roundtrip(wire):
 
 def test_limits_are_shared_with_the_spec():
     assert _schema.FIXED.size == _schema.FIXED_LEN == 88 and _schema.FRAG.size == 64
+
+
+def test_frame_ids_cannot_be_predicted_from_the_previous_ones(wire):
+    # a receiver keys fragments by (publisher_id, frame_id): a predictable id (a base plus a
+    # counter, as before) let a fragment be forged in advance for a frame not yet sent
+    ids = [wire.Frame.from_bytes(b"", sensor_name="s", encoding="x").frame_id for _ in range(1000)]
+    steps = {(b - a) % (1 << 64) for a, b in zip(ids, ids[1:])}
+    assert len(steps) > 990
+    assert 20 < sum(bin(i ^ j).count("1") for i, j in zip(ids, ids[1:])) / 999 < 44   # ~32 bits flip

@@ -237,3 +237,30 @@ def test_fuzz_mutations_never_escape_frame_error(wire, edits, cut, kind, seal):
     if f.array is not None:      # whatever was accepted must be readable in full, in bounds
         f.array.tobytes()
     bytes(f.data)
+
+
+def _nested_descriptor(outer: int, inner: int) -> bytes:
+    f4 = struct.pack("<BccI", 1, b"<", b"f", 4)
+
+    def st(fields, itemsize):
+        out = [struct.pack("<BIH", 2, itemsize, len(fields))]
+        for i, (desc, off) in enumerate(fields):
+            name = str(i).encode()
+            out.append(struct.pack("<H", len(name)) + name + struct.pack("<I", off) + desc)
+        return b"".join(out)
+    sub = st([(f4, 4 * j) for j in range(inner)], 4 * inner)
+    return st([(sub, 4 * inner * i) for i in range(outer)], 4 * inner * outer)
+
+
+def test_a_descriptor_has_at_most_1024_fields_in_all(wire):
+    # parse cost grows with the fields; 512 per struct alone allowed 512 x 512 in 16 KiB's worth
+    ok = _nested_descriptor(32, 31)                    # 32 + 992 = 1,024
+    assert S.dtype_from_wire(ok).itemsize == 32 * 31 * 4
+    with pytest.raises(FrameError, match="in all"):
+        S.dtype_from_wire(_nested_descriptor(3, 341))  # 3 + 1,023
+    enc = _frame(wire)
+    with pytest.raises(FrameError, match="in all"):
+        wire.decode(_replace_record(enc, S.TAG_DTYPE, _nested_descriptor(3, 341)))
+    too_many = np.dtype([(f"s{i}", [(f"f{j}", "<f4") for j in range(341)]) for i in range(3)])
+    with pytest.raises(FrameError, match="in all"):
+        wire.Frame.from_array(np.zeros(1, too_many), sensor_name="s")
