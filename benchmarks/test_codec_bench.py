@@ -143,3 +143,38 @@ def test_msight_style_decode(benchmark, name):
     benchmark.extra_info.update(contender="msight.decode", payload=name)
     out = benchmark(msight_style.decode, blob)
     assert out.nbytes == (p.nbytes if isinstance(p, np.ndarray) else len(p))
+
+
+def _struct_descriptor(fields, itemsize):
+    import struct
+    out = [struct.pack("<BIH", 2, itemsize, len(fields))]
+    for i, (desc, off) in enumerate(fields):
+        name = str(i).encode()
+        out.append(struct.pack("<H", len(name)) + name + struct.pack("<I", off) + desc)
+    return b"".join(out)
+
+
+def _descriptors():
+    import struct
+
+    from msight_fast import _schema as S
+    f4 = struct.pack("<BccI", 1, b"<", b"f", 4)
+    inner = _struct_descriptor([(f4, 4 * j) for j in range(31)], 124)
+    return {
+        "lidar": S.dtype_to_wire(np.dtype(PAYLOADS["lidar"][0].dtype)),
+        # 32 structs of 31 float32 fields: 1,024 fields in all, 15 KB; the costliest shape found
+        # within the descriptor limits (flat, nested, sub-array and overlapping fields were tried)
+        "worst": _struct_descriptor([(inner, 124 * i) for i in range(32)], 124 * 32),
+    }
+
+
+@pytest.mark.parametrize("which", ["lidar", "worst"])
+def test_descriptor_parse(benchmark, which):
+    """What a new dtype descriptor costs a receiver: each distinct one is parsed once (the compiled
+    core caches it), so a stream of forged descriptors costs at most this much CPU per frame."""
+    from msight_fast import _schema as S
+    blob = _descriptors()[which]
+    benchmark.group = "descriptor"
+    benchmark.extra_info.update(contender=f"descriptor.{which}", payload="descriptor", nbytes=len(blob))
+    dt = benchmark(S.dtype_from_wire, blob)
+    assert dt.itemsize > 0
