@@ -47,6 +47,8 @@ def _as_bytes_view(obj: Any) -> memoryview:
         raise TypeError(f"a bytes-like object is required, not {type(obj).__name__}") from None
     if not mv.c_contiguous:
         raise FrameError("the buffer is not C-contiguous")
+    if mv.nbytes == 0:
+        return memoryview(b"")                 # cast() refuses a shape with a zero in it
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
     return mv.toreadonly()
@@ -71,10 +73,12 @@ class Frame:
         self.capture_ts_ns = now
         self.creation_ts_ns = now
         self.publish_ts_ns = 0
-        self.meta: Dict[str, Any] = {}
+        self.meta: Dict[str, S.MetaValue] = {}
         self._buf: Any = None
 
-    def _init_common(self, sensor_name, encoding, device_name, frame_id, capture_ts_ns, meta) -> None:
+    def _init_common(self, sensor_name: Optional[str], encoding: Optional[str], device_name: Optional[str],
+                     frame_id: Optional[int], capture_ts_ns: Optional[int],
+                     meta: Optional[Mapping[str, S.MetaValue]]) -> None:
         S.encode_str(sensor_name, "sensor_name", S.MAX_NAME_BYTES)
         S.encode_str(device_name, "device_name", S.MAX_NAME_BYTES)
         S.encode_str(encoding, "encoding", S.MAX_ENCODING_BYTES)
@@ -90,26 +94,29 @@ class Frame:
     @classmethod
     def from_array(cls, arr: np.ndarray, *, sensor_name: str, encoding: Optional[str] = None,
                    device_name: Optional[str] = None, frame_id: Optional[int] = None,
-                   capture_ts_ns: Optional[int] = None, meta: Optional[Mapping[str, Any]] = None) -> "Frame":
+                   capture_ts_ns: Optional[int] = None, meta: Optional[Mapping[str, S.MetaValue]] = None) -> Frame:
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"from_array needs a numpy.ndarray, not {type(arr).__name__}")
         S._check_dtype(arr.dtype)
         S.dtype_to_wire(arr.dtype)
         if arr.ndim > S.MAX_NDIM:
             raise FrameError(f"{arr.ndim} dimensions (limit {S.MAX_NDIM})")
+        sub = S.subarray_ndim(arr.dtype)
+        if arr.ndim + sub > S.MAX_NDIM:
+            raise FrameError(f"{arr.ndim} dimensions plus {sub} from sub-array fields (limit {S.MAX_NDIM})")
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr).reshape(arr.shape)   # the one copy a strided array needs
         f = cls()
         f._init_common(sensor_name, encoding if encoding is not None else S.default_encoding(arr),
                        device_name, frame_id, capture_ts_ns, meta)
         f.array = arr
-        f._payload = memoryview(arr.reshape(-1).view(np.uint8)).toreadonly()
+        f._payload = arr.reshape(-1).view(np.uint8).data.toreadonly()
         return f
 
     @classmethod
     def from_bytes(cls, data: Any, *, sensor_name: str, encoding: str,
                    device_name: Optional[str] = None, frame_id: Optional[int] = None,
-                   capture_ts_ns: Optional[int] = None, meta: Optional[Mapping[str, Any]] = None) -> "Frame":
+                   capture_ts_ns: Optional[int] = None, meta: Optional[Mapping[str, S.MetaValue]] = None) -> Frame:
         mv = _as_bytes_view(data)
         f = cls()
         f._init_common(sensor_name, encoding, device_name, frame_id, capture_ts_ns, meta)
@@ -202,9 +209,11 @@ def decode(buf: Any) -> Frame:
     (magic, major, minor, flags, header_len, hcrc, fixed_len, _res, pcrc, poff, plen, frame_id, seq,
      pub_id, cap_ts, cre_ts, pub_ts) = S.FIXED.unpack_from(mv, 0)
     if major != S.VERSION_MAJOR:
-        raise FrameError(f"unsupported wire format major version {major} at offset 4 (this reader knows {S.VERSION_MAJOR})")
+        raise FrameError(f"unsupported wire format major version {major} at offset 4 "
+                         f"(this reader knows {S.VERSION_MAJOR})")
     if not S.FIXED_LEN <= header_len <= min(n, S.MAX_HEADER_LEN):
-        raise FrameError(f"header length {header_len} at offset 8 out of range [{S.FIXED_LEN}, {min(n, S.MAX_HEADER_LEN)}]")
+        raise FrameError(f"header length {header_len} at offset 8 out of range "
+                         f"[{S.FIXED_LEN}, {min(n, S.MAX_HEADER_LEN)}]")
     if crc32c(mv[16:header_len], crc32c(mv[:12])) != hcrc:
         raise FrameError("header CRC32C mismatch at offset 12")
     if not S.FIXED_LEN <= fixed_len <= header_len:
@@ -258,16 +267,20 @@ def decode(buf: Any) -> Frame:
     f.array = None
     if flags & S.FLAG_NDARRAY:
         if dtype_b is None or shape_b is None:
-            raise FrameError("ndarray frame without a dtype or shape record")
+            raise FrameError("ndarray frame (flags at offset 6) without a dtype or shape record")
         dt = S.dtype_from_wire(*dtype_b)
         sv, soff = shape_b
         if len(sv) % 8 or len(sv) // 8 > S.MAX_NDIM:
             raise FrameError(f"shape record of {len(sv)} bytes at offset {soff} (ndim limit {S.MAX_NDIM})")
+        sub = S.subarray_ndim(dt)
+        if len(sv) // 8 + sub > S.MAX_NDIM:
+            raise FrameError(f"shape of {len(sv) // 8} dimensions at offset {soff} plus {sub} from sub-array "
+                             f"fields exceeds {S.MAX_NDIM}")
         shape = struct.unpack(f"<{len(sv) // 8}Q", sv)
         count = S.check_shape(shape, dt.itemsize, plen, soff)
         f.array = np.frombuffer(payload, dtype=dt, count=count).reshape(shape)
     elif dtype_b is not None or shape_b is not None:
-        raise FrameError("dtype or shape record on a bytes frame")
+        raise FrameError("dtype or shape record on a bytes frame (flags at offset 6)")
     f._payload = payload
     f._buf = buf
     f.frame_id, f.seq, f.publisher_id = frame_id, seq, pub_id

@@ -11,7 +11,7 @@ import os
 import struct
 import threading
 import time
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import numpy as np
 
@@ -85,12 +85,14 @@ def align_up(n: int) -> int:
 # (publisher_id, frame_id), and an id that an attacker can predict (a base plus a counter) lets a
 # fragment forged in advance claim a frame that has not been sent yet.
 _ID_BATCH = 512
-_id_pool: list = []
+_id_pool: List[int] = []
 _id_lock = threading.Lock()
 
 
 def _reseed_ids() -> None:
+    global _id_lock
     del _id_pool[:]
+    _id_lock = threading.Lock()            # a parent thread may have held it at the fork
 
 
 if hasattr(os, "register_at_fork"):
@@ -126,7 +128,7 @@ def _check_dtype(dt: np.dtype) -> None:
         raise FrameError(f"dtype {dt!r} has itemsize 0 and cannot be sent")
 
 
-def _enc_dtype(dt: np.dtype, out: list, depth: int, fields: list) -> None:
+def _enc_dtype(dt: np.dtype, out: List[bytes], depth: int, fields: List[int]) -> None:
     if depth > MAX_DTYPE_DEPTH:
         raise FrameError(f"dtype nesting deeper than {MAX_DTYPE_DEPTH}")
     if dt.itemsize > MAX_ITEMSIZE:
@@ -144,10 +146,11 @@ def _enc_dtype(dt: np.dtype, out: list, depth: int, fields: list) -> None:
         if fields[0] > MAX_DTYPE_FIELDS_TOTAL:
             raise FrameError(f"dtype with more than {MAX_DTYPE_FIELDS_TOTAL} fields in all")
         out.append(struct.pack("<BIH", _D_STRUCT, dt.itemsize, len(dt.names)))
+        by_name: Mapping[str, Tuple[Any, ...]] = dt.fields or {}    # set whenever names is
         for name in dt.names:
-            if len(dt.fields[name]) > 2:
+            if len(by_name[name]) > 2:
                 raise FrameError(f"field {name!r} of {dt!r} has a title; titles are not carried on the wire")
-            fdt, off = dt.fields[name][:2]
+            fdt, off = by_name[name][:2]
             nb = utf8(name, f"field name {name!r}")
             if not nb or len(nb) > MAX_FIELD_NAME_BYTES:
                 raise FrameError(f"field name {name!r} must be 1 to {MAX_FIELD_NAME_BYTES} bytes of UTF-8")
@@ -164,7 +167,7 @@ def _enc_dtype(dt: np.dtype, out: list, depth: int, fields: list) -> None:
 def dtype_to_wire(dt: np.dtype) -> bytes:
     """Serialize a numpy dtype into the binary descriptor of docs/wire-format.md."""
     _check_dtype(dt)
-    out: list = []
+    out: List[bytes] = []
     _enc_dtype(dt, out, 0, [0])
     blob = b"".join(out)
     if len(blob) > MAX_DTYPE_BYTES:
@@ -172,7 +175,7 @@ def dtype_to_wire(dt: np.dtype) -> bytes:
     return blob
 
 
-def _dec_dtype(b: bytes, pos: int, depth: int, base: int, fields: list) -> Tuple[np.dtype, int]:
+def _dec_dtype(b: bytes, pos: int, depth: int, base: int, fields: List[int]) -> Tuple[np.dtype, int]:
     if depth > MAX_DTYPE_DEPTH:
         raise FrameError(f"dtype nesting deeper than {MAX_DTYPE_DEPTH} at offset {base + pos}")
     if pos >= len(b):
@@ -197,7 +200,8 @@ def _dec_dtype(b: bytes, pos: int, depth: int, base: int, fields: list) -> Tuple
             except TypeError as e:
                 raise FrameError(f"bad scalar dtype {spec!r} at offset {base + pos}: {e}") from None
             if dt.itemsize != size:
-                raise FrameError(f"dtype {spec!r} has itemsize {dt.itemsize}, header says {size}, at offset {base + pos}")
+                raise FrameError(f"dtype {spec!r} has itemsize {dt.itemsize}, header says {size}, "
+                                 f"at offset {base + pos}")
             return dt, pos + 7
         if code == _D_STRUCT:
             _, itemsize, nfields = struct.unpack_from("<BIH", b, pos)
@@ -225,7 +229,8 @@ def _dec_dtype(b: bytes, pos: int, depth: int, base: int, fields: list) -> Tuple
                 pos += 4
                 fdt, pos = _dec_dtype(b, pos, depth + 1, base, fields)
                 if off + fdt.itemsize > itemsize:
-                    raise FrameError(f"dtype field {names[-1]!r} ends past the itemsize {itemsize}")
+                    raise FrameError(f"dtype field {names[-1]!r} ends past the itemsize {itemsize} "
+                                     f"(before offset {base + pos})")
                 formats.append(fdt)
                 offsets.append(off)
             try:
@@ -254,6 +259,17 @@ def _dec_dtype(b: bytes, pos: int, depth: int, base: int, fields: list) -> Tuple
     except struct.error:
         raise FrameError(f"dtype descriptor truncated at offset {base + pos}") from None
     raise FrameError(f"unknown dtype descriptor code {code} at offset {base + pos}")
+
+
+def subarray_ndim(dt: np.dtype) -> int:
+    """The most dimensions sub-array fields add along any path through ``dt``: a view of such a
+    field has the array's dimensions plus these, and numpy caps the sum (32 before numpy 2)."""
+    if dt.subdtype is not None:
+        base, shape = dt.subdtype
+        return len(shape) + subarray_ndim(base)
+    if dt.names is not None and dt.fields is not None:
+        return max((subarray_ndim(dt.fields[n][0]) for n in dt.names), default=0)
+    return 0
 
 
 def dtype_from_wire(b: bytes, base: int = 0) -> np.dtype:
@@ -329,7 +345,7 @@ def meta_to_wire(meta: Mapping[str, Any]) -> bytes:
     return blob
 
 
-def meta_from_wire(b: bytes, base: int = 0) -> Dict[str, MetaValue]:
+def meta_from_wire(b: Union[bytes, memoryview], base: int = 0) -> Dict[str, MetaValue]:
     b = bytes(b)
     if len(b) > MAX_META_BYTES:
         raise FrameError(f"meta of {len(b)} bytes exceeds {MAX_META_BYTES} at offset {base}")

@@ -19,7 +19,7 @@ from . import _schema as S
 from . import config as _config
 from . import registry
 from .backends.base import Outgoing, Source, Transport
-from .codec import Frame, Reassembler, encode_parts, fragment, fragment_key, is_fragment
+from .codec import Frame, Reassembler, encode_parts, fragment, frame_key, is_fragment
 from .errors import BackendUnavailable, FrameError, FrameTooLarge, MsightFastError
 from .stats import LatencyWindow, SeqTracker
 
@@ -94,15 +94,19 @@ class Subscription:
                     return None
                 continue
             buf, token = got
+            if buf is None:                    # a Kafka record with no value (a tombstone)
+                buf = b""
             if self._passthrough and not _framed(buf):
                 frame = Frame.from_bytes(bytes(buf), sensor_name=self.topic, encoding="bytes")
                 self.received += 1
                 self.bytes += frame.nbytes
                 self._src.handed(frame, [] if token is None else [token])
                 return frame
-            frag = is_fragment(buf)
+            r = self._reasm
+            skipped = r.duplicates + r.refused
             try:
-                frame = self._reasm.feed(buf)
+                frag = is_fragment(buf)
+                frame = r.feed(buf)
             except Exception as e:             # FrameError; anything else is a bug, but no message may end the stream
                 self.rejected += 1
                 if not isinstance(e, FrameError):
@@ -112,21 +116,26 @@ class Subscription:
                     log.warning("msight_fast: dropped a malformed message on %r (%d so far): %s", self.topic, self.rejected, e)
                 if token is not None:          # done with it: it must not hold back the offsets
                     self._src.handed(None, [token])
+                if self._tokens:               # it may have ended a frame whose fragments are held
+                    self._check_abandoned()
                 continue
-            if token is not None and frag:       # held until the whole frame is handed over
-                self._tokens.setdefault(fragment_key(buf), []).append(token)
+            if token is not None and frag:
+                if frame is None and r.duplicates + r.refused != skipped:
+                    self._src.handed(None, [token])   # a copy or a straggler: no frame needs it
+                else:                          # held until the whole frame is handed over
+                    self._tokens.setdefault(frame_key(buf), []).append(token)
             if frame is None:
                 if self._tokens:
                     self._check_abandoned()
                 continue
             self.received += 1
             self.bytes += frame.nbytes
-            if frame.publish_ts_ns:
+            if frame.publish_ts_ns:          # any i64 from the wire: LatencyWindow drops the absurd
                 self._lat.add(time.time_ns() - frame.publish_ts_ns)
             if frame.publisher_id:
                 self._seq.see(frame.publisher_id, frame.seq)
             if frag:
-                tokens = self._tokens.pop(fragment_key(buf), [])   # the ids its fragments were held under
+                tokens = self._tokens.pop(frame_key(buf), [])   # the key its fragments were held under
             else:
                 tokens = [] if token is None else [token]
             if self._tokens:                   # after taking this frame's own tokens out
@@ -141,14 +150,14 @@ class Subscription:
         r = self._reasm
         if r.pending:
             r.expire()                         # frames past their time now, not at the reaper's next wake
-        n = r.expired + r.evicted + r.refused + r.duplicates
+        n = r.expired + r.evicted + r.refused + r.duplicates + r.rejected
         if n != self._abandoned_seen:
             self._abandoned_seen = n
             self._release_abandoned()
 
     def _release_abandoned(self) -> None:
         """Fragments of frames the reassembler gave up on: release their tokens (the frame is lost)."""
-        live = set(self._reasm.pending_keys())
+        live = set(self._reasm.pending_frames())
         for key in [k for k in self._tokens if k not in live]:
             self._src.handed(None, self._tokens.pop(key))
 

@@ -28,24 +28,46 @@ decode = impl.decode
 crc32c = impl.crc32c
 
 __all__ = ["Frame", "encode", "encode_parts", "decode", "crc32c", "fragment", "Reassembler",
-           "is_fragment", "fragment_key", "HAS_EXTENSIONS", "FrameError"]
+           "is_fragment", "fragment_key", "frame_key", "HAS_EXTENSIONS", "FrameError"]
+
+
+def _head(buf: Any, n: int) -> bytes:
+    """The first ``n`` bytes of any buffer, whatever its shape or item format."""
+    if type(buf) is bytes:
+        return buf[:n]
+    mv = memoryview(buf)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        try:
+            mv = mv.cast("B")
+        except TypeError:                     # not contiguous, or empty with a zero in its shape
+            return b""                        # not a fragment: decode says what is wrong with it
+    return bytes(mv[:n])
 
 
 def is_fragment(buf: Any) -> bool:
     """True when ``buf`` starts with the fragment magic (else it should be a whole frame)."""
     if type(buf) is bytes:                    # what every backend hands over: no view needed
         return buf[:4] == S.FRAG_MAGIC
-    return bytes(memoryview(buf)[:4]) == S.FRAG_MAGIC
+    return _head(buf, 4) == S.FRAG_MAGIC
 
 
-def fragment_key(buf: Any) -> tuple:
-    """(publisher_id, frame_id) of a fragment, unchecked: the key of the frame it belongs to.
+def fragment_key(buf: Any) -> Tuple[int, int]:
+    """(publisher_id, frame_id) of a fragment, unchecked: the ids of the frame it belongs to.
 
     The fragment header's layout is known here only (see docs/wire-format.md); ``buf`` must be
     at least the 64-byte fragment header long (``is_fragment`` said so, or the caller checked).
     """
-    mv = memoryview(buf)
-    return (int.from_bytes(mv[16:24], "little"), int.from_bytes(mv[8:16], "little"))
+    h = _head(buf, S.FRAG_HEADER_LEN)
+    return (int.from_bytes(h[16:24], "little"), int.from_bytes(h[8:16], "little"))
+
+
+def frame_key(buf: Any) -> Tuple[int, int, int, int, int]:
+    """(publisher_id, frame_id, count, total, chunk_size) of a fragment, unchecked: the key under
+    which a Reassembler puts its frame together (two frames may share ids, not the whole key)."""
+    h = _head(buf, S.FRAG_HEADER_LEN)
+    return (int.from_bytes(h[16:24], "little"), int.from_bytes(h[8:16], "little"),
+            int.from_bytes(h[28:32], "little"), int.from_bytes(h[32:40], "little"),
+            int.from_bytes(h[48:52], "little"))
 
 
 def _frame_ids(frame_bytes: memoryview) -> tuple:
@@ -200,6 +222,11 @@ class Reassembler:
         with self._lock:
             return list(dict.fromkeys(k[:2] for k in self._pending))
 
+    def pending_frames(self) -> List[_Key]:
+        """The whole key (``frame_key``) of every frame still being put together."""
+        with self._lock:
+            return list(self._pending)
+
     def stats(self) -> dict:
         return {"completed": self.completed, "expired": self.expired, "evicted": self.evicted,
                 "refused": self.refused, "duplicates": self.duplicates, "rejected": self.rejected,
@@ -274,16 +301,17 @@ class Reassembler:
     def _check_geometry(self, frame_id: int, index: int, count: int, total: int, offset: int,
                         chunk_size: int, chunk_len: int) -> None:
         if total > self.max_frame_bytes:
-            raise FrameError(f"fragmented frame of {total} bytes exceeds max_frame_bytes {self.max_frame_bytes}")
+            raise FrameError(f"fragmented frame of {total} bytes (at offset 32) exceeds max_frame_bytes "
+                             f"{self.max_frame_bytes}")
         if total < 1 or chunk_size < 1 or count != -(-total // chunk_size):
             raise FrameError(f"fragment geometry count={count} total={total} chunk_size={chunk_size} "
-                             "is inconsistent")
+                             "(offsets 28, 32, 48) is inconsistent")
         if count > S.MAX_FRAGMENT_COUNT:
             raise FrameError(f"fragment geometry count={count} exceeds the {S.MAX_FRAGMENT_COUNT} fragments a "
                              f"frame may have (chunk_size {chunk_size} is too small for total {total})")
         if index >= count or offset != index * chunk_size or chunk_len != min(chunk_size, total - offset):
             raise FrameError(f"fragment {index}/{count} of frame {frame_id}: offset {offset} or length "
-                             f"{chunk_len} does not fit chunk size {chunk_size} and total {total}")
+                             f"{chunk_len} (offsets 24, 40, 52) does not fit chunk size {chunk_size} and total {total}")
 
     def _admit(self, key: _Key) -> Optional[_Pending]:
         """A new pending frame for ``key``, room made within the quotas; None when it is not taken."""
@@ -388,6 +416,7 @@ class _Reaper:
         self._thread: Optional[threading.Thread] = None
         self._wake = float("inf")                  # when the thread next looks; inf while it looks
         self._kicked = False
+        self._failed_at: Optional[float] = None    # when a thread last could not start
 
     def watch(self, r: Reassembler, deadline: float) -> bool:
         """Expire ``r``'s frames on time from now on (``r._lock`` held); False if no thread could start."""
@@ -406,12 +435,17 @@ class _Reaper:
                 del self._watched[id(r)]
 
     def _start(self) -> bool:
+        now = time.monotonic()
+        if self._failed_at is not None and now - self._failed_at < 60:
+            return False                       # tried a moment ago: not on every fragmented frame
         t = threading.Thread(target=self._run, name="msight-fast-reaper", daemon=True)
         try:
             t.start()
         except RuntimeError as e:              # out of threads: frames still expire when fragments arrive
-            log.warning("msight_fast: could not start the fragment reaper thread (%s); timed-out frames "
-                        "are dropped only when more fragments arrive", e)
+            if self._failed_at is None:
+                log.warning("msight_fast: could not start the fragment reaper thread (%s); timed-out frames "
+                            "are dropped only when more fragments arrive", e)
+            self._failed_at = now
             return False
         self._thread = t
         return True
@@ -425,9 +459,9 @@ class _Reaper:
                 nxt = float("inf")
             with self._cond:
                 now = time.monotonic()
-                self._wake = min(nxt, now + self.MAX_WAIT)
-                if not self._kicked:
-                    self._cond.wait(max(0.0, self._wake - now))
+                self._wake = min(nxt, now + self.MAX_WAIT) if self._watched else float("inf")
+                if not self._kicked:           # nothing watched: sleep until watch() kicks
+                    self._cond.wait(None if not self._watched else max(0.0, self._wake - now))
                 self._kicked = False
                 self._wake = float("inf")
 
@@ -460,6 +494,10 @@ class _Reaper:
 
     def _after_fork_in_child(self) -> None:
         self._new_locks()                      # the parent's thread is gone; so may be a lock holder
+        for ref in list(self._watched.values()):
+            r = ref()
+            if r is not None:                  # a parent thread may have held it mid-feed
+                r._lock = threading.Lock()
         if self._watched:
             self._start()
 

@@ -16,7 +16,7 @@ class _Pub:
     def __init__(self, seq: int) -> None:
         self.high = seq                  # highest seq seen
         self.low = seq                   # below this nothing is known: neither gap nor duplicate
-        self.holes: "collections.OrderedDict[int, None]" = collections.OrderedDict()
+        self.holes: collections.OrderedDict[int, None] = collections.OrderedDict()
 
 
 class SeqTracker:
@@ -31,7 +31,7 @@ class SeqTracker:
     def __init__(self, max_publishers: int = 1024, max_holes: int = 4096) -> None:
         self.max_publishers = max_publishers
         self.max_holes = max_holes
-        self._pubs: "collections.OrderedDict[int, _Pub]" = collections.OrderedDict()
+        self._pubs: collections.OrderedDict[int, _Pub] = collections.OrderedDict()
         self.gaps = 0
         self.duplicates = 0
         self.forgotten = 0
@@ -82,8 +82,9 @@ class LatencyWindow:
         self._i = 0
 
     def add(self, ns: int) -> None:
-        self._a[self._i % self._n] = ns
-        self._i += 1
+        if -(1 << 63) <= ns < (1 << 63):          # a forged timestamp must not raise here
+            self._a[self._i % self._n] = ns
+            self._i += 1
 
     def summary(self) -> Dict[str, Optional[int]]:
         n = min(self._i, self._n)

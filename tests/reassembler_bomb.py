@@ -2,7 +2,7 @@
 
     python tests/reassembler_bomb.py [MAX_FRAME_BYTES [MAX_PENDING [N_FORGED]]]
         (defaults 268435456 8 10000: the Subscription's reassembler at the default max_frame_bytes)
-    python tests/reassembler_bomb.py fork
+    python tests/reassembler_bomb.py fork [locked]
 
 The first form feeds ``N_FORGED`` forged fragments of varied geometry (huge totals in 1-byte
 chunks, the largest total in the smallest chunks, many chunk sizes, forged and genuine ids,
@@ -25,9 +25,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from msight_fast import Frame, FrameError, Reassembler, encode, fragment
+from msight_fast import Frame, FrameError, Reassembler, codec, encode, fragment
 from msight_fast import _schema as S
-from msight_fast import codec
 
 GENUINE_PUB = 0x5EED_0000_0000_0001
 
@@ -154,15 +153,20 @@ def run(max_frame_bytes: int = 256 << 20, max_pending: int = 8, n_forged: int = 
             "extensions": codec.HAS_EXTENSIONS, "seconds": round(time.monotonic() - t0, 2)}
 
 
-def fork_check() -> int:
-    """0 when a forked child drops timed-out frames with no feed, on its own reaper thread."""
+def fork_check(hold_lock: bool = False) -> int:
+    """0 when a forked child drops timed-out frames with no feed, on its own reaper thread; with
+    ``hold_lock``, also when a parent thread held the reassembler's lock at the fork."""
     def first_fragment(seed: int) -> bytes:
         f = Frame.from_array(np.full(20_000, seed, np.uint8), sensor_name="cam")
         return fragment(encode(f), 4096)[0]
 
     r = Reassembler(timeout_s=1.0)
     r.feed(first_fragment(1))                      # the parent's reaper now runs
+    if hold_lock:
+        r._lock.acquire()                          # as a feed() in another thread would, mid-copy
     pid = os.fork()
+    if pid and hold_lock:
+        r._lock.release()
     if pid == 0:
         code = 3
         try:
@@ -188,6 +192,6 @@ def _wait(cond: Any, timeout: float = 20.0) -> bool:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["fork"]:
-        sys.exit(fork_check())
+        sys.exit(fork_check(hold_lock=sys.argv[2:3] == ["locked"]))
     args = [int(a) for a in sys.argv[1:4]]
     print(json.dumps(run(*args)))

@@ -122,28 +122,32 @@ def _dtype_cache_bytes():
     return _dtype_cache_nbytes
 
 
-cdef object _dtype_for(bytes blob, Py_ssize_t where):
+cdef object _dtype_for(bytes blob, Py_ssize_t where, int* subndim):
+    """The dtype of a descriptor, and the dimensions its sub-array fields add (S.subarray_ndim)."""
     global _dtype_cache_nbytes
-    dt = _dtype_from_blob.get(blob)
-    if dt is None:
+    got = _dtype_from_blob.get(blob)
+    if got is None:
         dt = S.dtype_from_wire(blob, where)
+        got = (dt, S.subarray_ndim(dt))
         if len(_dtype_from_blob) >= DTYPE_CACHE_MAX or \
                 _dtype_cache_nbytes + len(blob) > DTYPE_CACHE_MAX_BYTES_:
             _dtype_from_blob.clear()       # forged descriptors cannot grow the cache without bound
             _dtype_cache_nbytes = 0
-        _dtype_from_blob[blob] = dt
+        _dtype_from_blob[blob] = got
         _dtype_cache_nbytes += len(blob)
-    return dt
+    subndim[0] = (<tuple>got)[1]
+    return (<tuple>got)[0]
 
 
-cdef bytes _blob_for(object dt):
-    blob = _blob_from_dtype.get(dt)
-    if blob is None:
-        blob = S.dtype_to_wire(dt)
+cdef bytes _blob_for(object dt, int* subndim):
+    got = _blob_from_dtype.get(dt)
+    if got is None:
+        got = (S.dtype_to_wire(dt), S.subarray_ndim(dt))
         if len(_blob_from_dtype) >= DTYPE_CACHE_MAX:
             _blob_from_dtype.clear()
-        _blob_from_dtype[dt] = blob
-    return blob
+        _blob_from_dtype[dt] = got
+    subndim[0] = (<tuple>got)[1]
+    return (<tuple>got)[0]
 
 
 cdef inline uint32_t _crc(uint32_t crc, const uint8_t* p, size_t n) noexcept:
@@ -299,9 +303,12 @@ cdef class Frame:
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"from_array needs a numpy.ndarray, not {type(arr).__name__}")
         cdef cnp.ndarray a = arr
-        blob = _blob_for(a.dtype)
+        cdef int subndim
+        blob = _blob_for(a.dtype, &subndim)
         if a.ndim > MAX_NDIM:
             raise FrameError(f"{a.ndim} dimensions (limit {MAX_NDIM})")
+        if a.ndim + subndim > MAX_NDIM:
+            raise FrameError(f"{a.ndim} dimensions plus {subndim} from sub-array fields (limit {MAX_NDIM})")
         if not cnp.PyArray_IS_C_CONTIGUOUS(a):
             a = np.ascontiguousarray(a).reshape(arr.shape)   # the one copy a strided array needs
         cdef Frame f = Frame()
@@ -360,6 +367,7 @@ cdef bytes _header(Frame f, bint checksum, Py_ssize_t* out_len):
     cdef cnp.ndarray a = None
     cdef bytes meta_b = None
     cdef bytes blob = None
+    cdef int subndim
     if f.sensor_name:
         s_sensor = _utf8_of(f.sensor_name, "sensor_name", MAX_NAME_BYTES, &ls)
     if f.device_name:
@@ -372,7 +380,7 @@ cdef bytes _header(Frame f, bint checksum, Py_ssize_t* out_len):
         flags |= FLAG_NDARRAY
         blob = f._dtype_blob
         if blob is None:
-            blob = f._dtype_blob = _blob_for(a.dtype)
+            blob = f._dtype_blob = _blob_for(a.dtype, &subndim)
         lt = len(blob)
         ls_shape = 8 * a.ndim
     if f.meta:
@@ -564,14 +572,18 @@ def decode(buf):
     cdef int ndim, k
     cdef uint64_t nonzero, d
     cdef bint empty = False, too_big = False
+    cdef int subndim = 0
     cdef cnp.dtype dt
     if flags & FLAG_NDARRAY:
         if blob is None or not (seen & (1u << 5)):
-            raise FrameError("ndarray frame without a dtype or shape record")
-        dt = _dtype_for(blob, dt_off)
+            raise FrameError("ndarray frame (flags at offset 6) without a dtype or shape record")
+        dt = _dtype_for(blob, dt_off, &subndim)
         if sh_len % 8 or sh_len // 8 > MAX_NDIM:
             raise FrameError(f"shape record of {sh_len} bytes at offset {sh_off} (ndim limit {MAX_NDIM})")
         ndim = sh_len // 8
+        if ndim + subndim > MAX_NDIM:
+            raise FrameError(f"shape of {ndim} dimensions at offset {sh_off} plus {subndim} from sub-array "
+                             f"fields exceeds {MAX_NDIM}")
         # the rule of _schema.check_shape: the non-zero dimensions times the itemsize within
         # numpy's limit on an array's size (2**63 - 1), and all of them times it == payload_len
         nonzero = <uint64_t>dt.itemsize
@@ -600,7 +612,7 @@ def decode(buf):
         cnp.set_array_base(arr, owner)
         f.array = arr
     elif blob is not None or (seen & (1u << 5)):
-        raise FrameError("dtype or shape record on a bytes frame")
+        raise FrameError("dtype or shape record on a bytes frame (flags at offset 6)")
     else:
         f.array = None
     f._dtype_blob = blob

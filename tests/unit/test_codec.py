@@ -43,6 +43,11 @@ def _same(a, b):
 def test_roundtrip_dtypes_and_shapes(wire, dt, shape):
     dt = np.dtype(dt)
     arr = _fill(shape, dt)
+    if len(shape) + _schema.subarray_ndim(dt) > _schema.MAX_NDIM:
+        # a view of a sub-array field would pass numpy 1's 32 dimensions: refused on the wire
+        with pytest.raises(FrameError, match="sub-array fields"):
+            wire.Frame.from_array(arr, sensor_name="s")
+        return
     f = wire.Frame.from_array(arr, sensor_name="s")
     g = wire.decode(wire.encode(f))
     _same(arr, g.array)

@@ -62,6 +62,10 @@ REPRODUCERS: Dict[str, Tuple[bytes, str]] = {
         frame(None, None, b"jpeg", records=[(S.TAG_META, b"\x01\x00" + bytes([65]) + b"k" * 65 + b"\x02"
                                             + struct.pack("<q", 1))]),
         "accepted by both (section 1.3: key_len 1..64), and neither encoder can send it again"),
+    "sub-array fields adding 64 dimensions to shape (1,)": (
+        frame(struct.pack("<BIH", 2, 4, 1) + struct.pack("<H", 1) + b"a" + struct.pack("<I", 0)
+              + subarray((1,) * 32, subarray((1,) * 32, F4)), (1,), bytes(4)),
+        "accepted by both; f.array['a'] and repr(f.array) raised ValueError (numpy's dimension limit)"),
     "struct field name of 256 bytes": (
         frame(struct.pack("<BIH", 2, 4, 1) + struct.pack("<H", 256) + b"n" * 256 + struct.pack("<I", 0) + F4,
               (1,), bytes(4)),

@@ -12,9 +12,8 @@ import weakref
 import numpy as np
 import pytest
 
-from msight_fast import Frame, FrameError, Reassembler, encode, fragment
+from msight_fast import Frame, FrameError, Reassembler, codec, encode, fragment
 from msight_fast import _schema as S
-from msight_fast import codec
 from msight_fast.backends.base import Source
 from msight_fast.bus import Subscription
 from msight_fast.config import RedisConfig
@@ -217,8 +216,11 @@ def test_the_reaper_holds_reassemblers_weakly():
     assert _reaper_threads()                               # the reaper runs on, for the others
 
 
-def test_a_forked_child_expires_frames_on_its_own_reaper():
-    res = subprocess.run([sys.executable, str(REPO / "tests" / "reassembler_bomb.py"), "fork"],
+@pytest.mark.parametrize("lock", ["", "locked"])
+def test_a_forked_child_expires_frames_on_its_own_reaper(lock):
+    # "locked": a parent thread held the reassembler's lock at the fork; the child's copy must not
+    # stay held forever (its holder does not exist in the child)
+    res = subprocess.run([sys.executable, str(REPO / "tests" / "reassembler_bomb.py"), "fork"] + ([lock] if lock else []),
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
 
