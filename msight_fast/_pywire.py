@@ -106,6 +106,9 @@ class Frame:
             raise FrameError(f"{arr.ndim} dimensions plus {sub} from sub-array fields (limit {S.MAX_NDIM})")
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr).reshape(arr.shape)   # the one copy a strided array needs
+        plan = S.ucs4_plan(arr.dtype)
+        if plan is not None:              # what a receiver would reject is refused here
+            S.check_ucs4(plan, arr, 0)
         f = cls()
         f._init_common(sensor_name, encoding if encoding is not None else S.default_encoding(arr),
                        device_name, frame_id, capture_ts_ns, meta)
@@ -278,6 +281,9 @@ def decode(buf: Any) -> Frame:
                              f"fields exceeds {S.MAX_NDIM}")
         shape = struct.unpack(f"<{len(sv) // 8}Q", sv)
         count = S.check_shape(shape, dt.itemsize, plen, soff)
+        plan = S.ucs4_plan(dt)
+        if plan is not None:
+            S.check_ucs4(plan, payload, poff)
         f.array = np.frombuffer(payload, dtype=dt, count=count).reshape(shape)
     elif dtype_b is not None or shape_b is not None:
         raise FrameError("dtype or shape record on a bytes frame (flags at offset 6)")

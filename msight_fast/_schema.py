@@ -11,7 +11,7 @@ import os
 import struct
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -270,6 +270,56 @@ def subarray_ndim(dt: np.dtype) -> int:
     if dt.names is not None and dt.fields is not None:
         return max((subarray_ndim(dt.fields[n][0]) for n in dt.names), default=0)
     return 0
+
+
+MAX_CODE_POINT = 0x10FFFF
+UCS4Plan = Tuple[np.dtype, List[Tuple[str, ...]]]
+
+
+def _ucs4_shadow(dt: np.dtype, path: Tuple[str, ...], paths: List[Tuple[str, ...]]) -> Any:
+    if dt.subdtype is not None:
+        base, shape = dt.subdtype
+        return (_ucs4_shadow(base, path, paths), shape)
+    if dt.names is not None and dt.fields is not None:
+        return {"names": list(dt.names),
+                "formats": [_ucs4_shadow(dt.fields[n][0], path + (n,), paths) for n in dt.names],
+                "offsets": [dt.fields[n][1] for n in dt.names], "itemsize": dt.itemsize}
+    if dt.kind == "U":
+        paths.append(path)
+        return np.dtype((np.dtype(dt.byteorder.replace("|", "=") + "u4"), (dt.itemsize // 4,)))
+    return np.dtype((np.void, dt.itemsize))
+
+
+def ucs4_plan(dt: np.dtype) -> Optional[UCS4Plan]:
+    """How to check the UCS-4 text in an array of ``dt`` (None: it has none): the same layout with
+    each text field seen as 32-bit integers, and the paths to those fields."""
+    if not _has_ucs4(dt):
+        return None
+    paths: List[Tuple[str, ...]] = []
+    shadow = np.dtype(_ucs4_shadow(dt, (), paths))
+    return shadow, paths
+
+
+def _has_ucs4(dt: np.dtype) -> bool:
+    if dt.subdtype is not None:
+        return _has_ucs4(dt.subdtype[0])
+    if dt.names is not None and dt.fields is not None:
+        return any(_has_ucs4(dt.fields[n][0]) for n in dt.names)
+    return dt.kind == "U"
+
+
+def check_ucs4(plan: UCS4Plan, payload: Any, where: int) -> None:
+    """Every UCS-4 unit of the payload is a code point (<= U+10FFFF): numpy cannot even show a
+    larger one (SystemError from repr, str or an element), so a frame holding one is malformed."""
+    shadow, paths = plan
+    arr = np.frombuffer(payload, dtype=shadow)
+    for path in paths:
+        v = arr
+        for name in path:
+            v = v[name]
+        if v.size and int(v.max()) > MAX_CODE_POINT:
+            raise FrameError(f"text field {'.'.join(path) or 'of the array'} holds a value above U+10FFFF "
+                             f"(payload at offset {where})")
 
 
 def dtype_from_wire(b: bytes, base: int = 0) -> np.dtype:

@@ -122,27 +122,27 @@ def _dtype_cache_bytes():
     return _dtype_cache_nbytes
 
 
-cdef object _dtype_for(bytes blob, Py_ssize_t where, int* subndim):
-    """The dtype of a descriptor, and the dimensions its sub-array fields add (S.subarray_ndim)."""
+cdef tuple _dtype_entry(bytes blob, Py_ssize_t where):
+    """The dtype of a descriptor, the dimensions its sub-array fields add (S.subarray_ndim), and
+    how to check its text fields (S.ucs4_plan; None for most dtypes)."""
     global _dtype_cache_nbytes
     got = _dtype_from_blob.get(blob)
     if got is None:
         dt = S.dtype_from_wire(blob, where)
-        got = (dt, S.subarray_ndim(dt))
+        got = (dt, S.subarray_ndim(dt), S.ucs4_plan(dt))
         if len(_dtype_from_blob) >= DTYPE_CACHE_MAX or \
                 _dtype_cache_nbytes + len(blob) > DTYPE_CACHE_MAX_BYTES_:
             _dtype_from_blob.clear()       # forged descriptors cannot grow the cache without bound
             _dtype_cache_nbytes = 0
         _dtype_from_blob[blob] = got
         _dtype_cache_nbytes += len(blob)
-    subndim[0] = (<tuple>got)[1]
-    return (<tuple>got)[0]
+    return <tuple>got
 
 
 cdef bytes _blob_for(object dt, int* subndim):
     got = _blob_from_dtype.get(dt)
     if got is None:
-        got = (S.dtype_to_wire(dt), S.subarray_ndim(dt))
+        got = (S.dtype_to_wire(dt), S.subarray_ndim(dt), S.ucs4_plan(dt))
         if len(_blob_from_dtype) >= DTYPE_CACHE_MAX:
             _blob_from_dtype.clear()
         _blob_from_dtype[dt] = got
@@ -311,6 +311,9 @@ cdef class Frame:
             raise FrameError(f"{a.ndim} dimensions plus {subndim} from sub-array fields (limit {MAX_NDIM})")
         if not cnp.PyArray_IS_C_CONTIGUOUS(a):
             a = np.ascontiguousarray(a).reshape(arr.shape)   # the one copy a strided array needs
+        plan = (<tuple>_blob_from_dtype[a.dtype])[2] if a.dtype in _blob_from_dtype else S.ucs4_plan(a.dtype)
+        if plan is not None:              # what a receiver would reject is refused here
+            S.check_ucs4(plan, a, 0)
         cdef Frame f = Frame()
         f._init_common(sensor_name, encoding if encoding is not None else S.default_encoding(a),
                        device_name, frame_id, capture_ts_ns, meta)
@@ -577,7 +580,9 @@ def decode(buf):
     if flags & FLAG_NDARRAY:
         if blob is None or not (seen & (1u << 5)):
             raise FrameError("ndarray frame (flags at offset 6) without a dtype or shape record")
-        dt = _dtype_for(blob, dt_off, &subndim)
+        entry = _dtype_entry(blob, dt_off)
+        dt = entry[0]
+        subndim = entry[1]
         if sh_len % 8 or sh_len // 8 > MAX_NDIM:
             raise FrameError(f"shape record of {sh_len} bytes at offset {sh_off} (ndim limit {MAX_NDIM})")
         ndim = sh_len // 8
@@ -610,6 +615,8 @@ def decode(buf):
         arr = PyArray_NewFromDescr(<void*>cnp.ndarray, dt, ndim, dims, NULL,
                                        <void*>(b + poff), 0, NULL)   # flags 0: read-only
         cnp.set_array_base(arr, owner)
+        if entry[2] is not None:          # text fields: numpy cannot even show a unit past U+10FFFF
+            S.check_ucs4(entry[2], arr, poff)
         f.array = arr
     elif blob is not None or (seen & (1u << 5)):
         raise FrameError("dtype or shape record on a bytes frame (flags at offset 6)")

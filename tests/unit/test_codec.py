@@ -30,6 +30,14 @@ def _fill(shape, dt, seed=0):
     rng = np.random.default_rng(seed)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     raw = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    plan = _schema.ucs4_plan(dt)
+    if plan is not None and nbytes:       # text must hold code points: keep each unit below U+10000
+        shadow, paths = plan
+        for path in paths:
+            v = np.ndarray((nbytes // shadow.itemsize,), shadow, raw)
+            for name in path:
+                v = v[name]
+            v &= 0xFFFF
     return raw.view(dt).reshape(shape) if nbytes else np.zeros(shape, dt)
 
 

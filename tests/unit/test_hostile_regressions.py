@@ -66,6 +66,14 @@ REPRODUCERS: Dict[str, Tuple[bytes, str]] = {
         frame(struct.pack("<BIH", 2, 4, 1) + struct.pack("<H", 1) + b"a" + struct.pack("<I", 0)
               + subarray((1,) * 32, subarray((1,) * 32, F4)), (1,), bytes(4)),
         "accepted by both; f.array['a'] and repr(f.array) raised ValueError (numpy's dimension limit)"),
+    "UCS-4 text unit 0x200000": (
+        frame(scalar("<", "U", 4), (1,), struct.pack("<I", 0x200000)),
+        "accepted by both; repr(f.array) and f.array[0] raised SystemError (not a code point)"),
+    "UCS-4 text unit past U+10FFFF in a struct field": (
+        frame(struct.pack("<BIH", 2, 8, 2) + struct.pack("<H", 1) + b"n" + struct.pack("<I", 0) + scalar(">", "U", 4)
+              + struct.pack("<H", 1) + b"x" + struct.pack("<I", 4) + scalar("<", "u", 4), (1,),
+              struct.pack(">I", 0xFFFFFFFF) + bytes(4)),
+        "accepted by both; reading the field raised SystemError"),
     "struct field name of 256 bytes": (
         frame(struct.pack("<BIH", 2, 4, 1) + struct.pack("<H", 256) + b"n" * 256 + struct.pack("<I", 0) + F4,
               (1,), bytes(4)),
@@ -223,3 +231,11 @@ def test_a_name_changed_to_a_lone_surrogate_after_building_is_a_frame_error_at_e
     f.sensor_name = "cam\udcff"
     with pytest.raises(FrameError, match="surrogate"):
         wire.encode(f)
+
+
+def test_text_that_is_not_code_points_is_refused_by_the_writer_too(wire):
+    bad = np.frombuffer(struct.pack("<2I", 65, 0x110000), "<U1")
+    with pytest.raises(FrameError, match="U\\+10FFFF"):
+        wire.Frame.from_array(bad, sensor_name="s")
+    ok = np.array(["a\U0010ffff"], "<U2")
+    assert wire.decode(wire.encode(wire.Frame.from_array(ok, sensor_name="s"))).array[0] == "a\U0010ffff"
