@@ -35,7 +35,7 @@ def _remember(value: Any) -> None:
                 del _secrets[next(iter(_secrets))]
 
 
-def _mask_userinfo(m: "re.Match[str]") -> str:
+def _mask_userinfo(m: re.Match[str]) -> str:
     info = m.group("info")
     user = info.split(":", 1)[0] if ":" in info else "***"
     return f"{m.group('scheme')}{user}:***@" if ":" in info else f"{m.group('scheme')}***@"
@@ -116,7 +116,8 @@ def _short(value: Any) -> str:
 
 
 def _float(var: str, value: Any, example: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (isinstance(value, str) and len(value) > 64):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or \
+            (isinstance(value, str) and len(value) > 64):
         raise ConfigError(f"{var}={_short(value)} is not a number (e.g. {var}={example})")
     try:
         x = float(value)
@@ -146,7 +147,8 @@ def _servers(var: str, value: Any, example: str) -> List[str]:
             items = [s for s in text.split(",")]
     items = [s.strip() if isinstance(s, str) else s for s in items]
     if not items or not all(isinstance(s, str) and s for s in items):
-        raise ConfigError(f"{var}={_short(value)} must be a non-empty list of server addresses (e.g. {var}=\"{example}\")")
+        raise ConfigError(f"{var}={_short(value)} must be a non-empty list of server addresses "
+                          f"(e.g. {var}=\"{example}\")")
     return items
 
 
@@ -252,9 +254,23 @@ class KafkaConfig(BaseConfig):
     max_message_bytes: Optional[int] = None  # frames above it are fragmented; None: the topic's
                                              # max.message.bytes as the broker reports it, else 1,000,000
     num_partitions: int = 4                 # for topics this library creates
+    # -1: the broker's default.replication.factor (KIP-464); a fixed 1 loses data on a real
+    # cluster and makes acks=all fail where min.insync.replicas >= 2
+    replication_factor: int = -1
     partition_key: str = "publisher"        # "publisher": in order per publisher; "frame": spread over partitions
     linger_ms: int = 5
     max_in_flight_bytes: int = 16 << 20     # producer queue bound: latency stays bounded
+    # The longest a fetch waits at the broker for data. Apache Kafka answers as soon as data
+    # comes, whatever this is; tansu (memory) waits most of it out (median latency measured
+    # 10 ms at 10, 33 ms at 100, 153 ms at 500), and tansu on object storage delivered nothing
+    # at 10 (its storage reads take longer than the wait) but everything at 50 and more. 100
+    # keeps both working; raise it (250-500) on a broker whose storage is slow.
+    fetch_wait_max_ms: int = 100
+    session_timeout_ms: int = 6000          # measured good on tansu and small clusters: fast group joins
+    heartbeat_interval_ms: int = 500        # must stay below session_timeout_ms
+    auto_commit_interval_ms: int = 1000     # offsets of released frames are committed this often
+    # librdkafka's default of 10 s between reconnection attempts would add up to 10 s to every recovery
+    reconnect_backoff_max_ms: int = 1000
     producer_config: Dict[str, Any] = field(default_factory=dict)
     consumer_config: Dict[str, Any] = field(default_factory=dict)
 
@@ -269,6 +285,11 @@ class MemoryConfig(BaseConfig):
 
 
 _SASL = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+# Kafka timings in ms: librdkafka's own ranges, except auto-commit (0 would turn the periodic
+# commit off) and the reconnect backoff (librdkafka refuses less than reconnect.backoff.ms, 100)
+_KAFKA_MS = {"fetch_wait_max_ms": (0, 300_000), "session_timeout_ms": (1, 3_600_000),
+             "heartbeat_interval_ms": (1, 3_600_000), "auto_commit_interval_ms": (1, 86_400_000),
+             "reconnect_backoff_max_ms": (100, 3_600_000)}
 
 
 C = TypeVar("C", bound=BaseConfig)
@@ -305,18 +326,27 @@ def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str
             value = None if value is None else _int(var, value, 1024, 1 << 31, "1048576")
         elif name in ("num_partitions", "linger_ms"):
             value = _int(var, value, 0 if name == "linger_ms" else 1, 100_000, str(default))
+        elif name in _KAFKA_MS:
+            lo, hi = _KAFKA_MS[name]
+            value = _int(var, value, lo, hi, str(default))
+        elif name == "replication_factor":
+            value = _int(var, value, -1, 32767, "3")
+            if value == 0:
+                raise ConfigError(f"{var}=0: use -1 (the broker's default replication) or a number of replicas "
+                                  f"(e.g. {var}=3)")
         elif name in ("connect_timeout_s", "publish_timeout_s"):
             value = _float(var, value, "5")
         elif isinstance(default, bool):
             value = _bool(var, value)
         elif name == "servers":
-            value = _servers(var, value, repr(cls().servers))  # type: ignore[attr-defined]
+            value = _servers(var, value, repr(default))
         elif name.endswith("_file") or name == "user_credentials":
             value = _file(var, value)
         elif name == "sasl_mechanism":
             value = str(value).upper()
             if value not in _SASL:
-                raise ConfigError(f"{var}={_short(value)} is not supported; use one of {', '.join(_SASL)} (e.g. {var}=SCRAM-SHA-512)")
+                raise ConfigError(f"{var}={_short(value)} is not supported; use one of {', '.join(_SASL)} "
+                                  f"(e.g. {var}=SCRAM-SHA-512)")
         elif name == "partition_key":
             if value not in ("publisher", "frame"):
                 raise ConfigError(f"{var}={_short(value)}: use publisher (ordered) or frame (balanced over partitions)")
@@ -330,12 +360,14 @@ def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str
         elif name == "unix_socket_path" or isinstance(default, (str, type(None))):
             value = None if value is None else _text(var, value, secret=name in SECRET_KEYS)
             if name == "host":
+                if value is None:
+                    raise ConfigError(f"{var} must name a host (e.g. {var}=localhost)")
                 try:
                     value.encode("idna")
                 except UnicodeError:
                     raise ConfigError(f"{var}={_short(value)} is not a host name (e.g. {var}=localhost)") from None
         setattr(cfg, name, value)
-    if getattr(cfg, "sasl_mechanism", None):
+    if isinstance(cfg, KafkaConfig) and cfg.sasl_mechanism:
         if cfg.sasl_mechanism == "OAUTHBEARER":
             if not cfg.sasl_oauth_token:
                 raise ConfigError("MSIGHT_KAFKA_SASL_MECHANISM=OAUTHBEARER needs MSIGHT_KAFKA_SASL_OAUTH_TOKEN")
@@ -352,6 +384,10 @@ def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str
         for k, v in props.items():
             if _secret_prop(str(k)):
                 _remember(str(v))
+    if isinstance(cfg, KafkaConfig) and cfg.heartbeat_interval_ms >= cfg.session_timeout_ms:
+        raise ConfigError(f"{prefix}HEARTBEAT_INTERVAL_MS={cfg.heartbeat_interval_ms} must be below "
+                          f"{prefix}SESSION_TIMEOUT_MS={cfg.session_timeout_ms} (e.g. 500 and 6000)")
     if (getattr(cfg, "tls_cert_file", None) is None) != (getattr(cfg, "tls_key_file", None) is None):
-        raise ConfigError(f"{prefix}TLS_CERT_FILE and {prefix}TLS_KEY_FILE go together (a client certificate and its key)")
+        raise ConfigError(f"{prefix}TLS_CERT_FILE and {prefix}TLS_KEY_FILE go together "
+                          "(a client certificate and its key)")
     return cfg

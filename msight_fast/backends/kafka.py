@@ -16,6 +16,12 @@ publisher's frames stay in order, as Kafka orders only within a partition) or, w
 ``partition_key="frame"``, the frame id (one publisher's frames spread over the partitions, so a
 consumer group can share one camera; order then holds only per partition).
 
+Topics are created on first use with ``num_partitions`` and ``replication_factor`` (by default
+-1, the broker's own default). A single broker that refuses -1 (older than KIP-464) gets 1; a
+cluster that does is a ``ConfigError``, never a silent guess. A broker that implements no
+CreateTopics creates topics itself on first use (its auto-creation), one without DescribeConfigs
+gets the default message limit: each fallback logs one line.
+
 Recovery: one watcher thread per transport serves the producer's callbacks (also while nobody
 publishes), notices the broker going away (librdkafka's ``_TRANSPORT`` / ``_ALL_BROKERS_DOWN``),
 probes it until it answers, and then creates again every topic this transport uses that the
@@ -43,7 +49,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, NoReturn, Optional, Set, Tuple
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -66,11 +72,12 @@ from ..errors import (
 )
 from .base import Capabilities, Outgoing, Source, Transport
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard
+
 log = logging.getLogger("msight_fast")
 FRAG_SLACK = 512                 # record-batch overhead kept free under the message limit
 DEFAULT_MESSAGE_BYTES = 1_000_000   # Kafka's default max.message.bytes, when the broker won't say
-# librdkafka's default of 10 s between reconnection attempts would add up to 10 s to every recovery
-RECONNECT_BACKOFF_MAX_MS = 1000
 STALE_DOWN_S = 2.0               # connect failures reported this soon after a recovery are the old outage's
 STALL_S = 15.0                   # an idempotent producer with nothing leaving its queue this long is stuck
 MAX_FAILURES_KEPT = 10_000       # delivery failures listed by flush (all of them are counted in lost)
@@ -82,8 +89,9 @@ def limit_from_topic_config(entries: Any) -> Optional[int]:
     """The topic's ``max.message.bytes`` from a DescribeConfigs answer (name -> entry with
     ``.value``), or None when it is absent or not a sane number."""
     entry = (entries or {}).get("max.message.bytes")
+    raw: Any = getattr(entry, "value", None)           # None or junk: not a limit
     try:
-        value = int(getattr(entry, "value", None))
+        value = int(raw)
     except (TypeError, ValueError):
         return None
     return value if 1024 <= value <= 1 << 31 else None
@@ -92,9 +100,10 @@ _AUTH_CODES = {"_AUTHENTICATION", "SASL_AUTHENTICATION_FAILED", "TOPIC_AUTHORIZA
 
 
 def _client_config(cfg: Any) -> Dict[str, Any]:
-    c: Dict[str, Any] = {"bootstrap.servers": ",".join(cfg.servers), "logger": logging.getLogger("msight_fast.librdkafka"),
+    c: Dict[str, Any] = {"bootstrap.servers": ",".join(cfg.servers),
+                         "logger": logging.getLogger("msight_fast.librdkafka"),
                          "socket.connection.setup.timeout.ms": int(cfg.connect_timeout_s * 1000),
-                         "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS}
+                         "reconnect.backoff.max.ms": cfg.reconnect_backoff_max_ms}
     tls = cfg.use_tls or bool(cfg.tls_ca_cert_file)
     if cfg.sasl_mechanism:
         c["security.protocol"] = "SASL_SSL" if tls else "SASL_PLAINTEXT"
@@ -116,7 +125,7 @@ def _client_config(cfg: Any) -> Dict[str, Any]:
     return c
 
 
-def _raise_for(e: Exception, what: str, cfg: Any) -> None:
+def _raise_for(e: Exception, what: str, cfg: Any) -> NoReturn:
     err = _kafka_error(e)
     name = err.name() if err is not None else ""
     where = ", ".join(cfg.servers)
@@ -130,8 +139,25 @@ def _kafka_error(e: BaseException) -> Optional[KafkaError]:
     return e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
 
 
-def _is_fatal(err: Optional[KafkaError]) -> bool:
+def _is_fatal(err: Optional[KafkaError]) -> TypeGuard[KafkaError]:
     return err is not None and (err.fatal() or err.code() == KafkaError._FATAL)
+
+
+def _refuses_default_rf(err: KafkaError) -> bool:
+    """The broker refused replication factor -1: librdkafka refuses it locally with
+    ``_UNSUPPORTED_FEATURE`` when the broker's CreateTopics predates KIP-464 (v4), as it refuses a
+    broker without CreateTopics at all with the same code; only its message tells the two apart."""
+    code = err.code()
+    if code in (KafkaError.INVALID_REPLICATION_FACTOR, KafkaError.INVALID_REQUEST):
+        return True
+    return code in (KafkaError._UNSUPPORTED_FEATURE, KafkaError.UNSUPPORTED_VERSION) and \
+        "replication" in err.str().lower()
+
+
+def _not_implemented(err: KafkaError) -> bool:
+    """The broker does not implement the request (librdkafka knows from its ApiVersions)."""
+    return err.code() in (KafkaError._UNSUPPORTED_FEATURE, KafkaError.UNSUPPORTED_VERSION) and \
+        not _refuses_default_rf(err)
 
 
 def _truthy(value: Any) -> bool:
@@ -146,6 +172,31 @@ def _retire(producer: Producer) -> None:
         producer.flush(5)
     except Exception:  # noqa: BLE001 - it is being thrown away
         pass
+
+
+def _consumer_config(cfg: Any, base: Dict[str, Any], group_id: str, error_cb: Any) -> Dict[str, Any]:
+    """The librdkafka properties of a subscription's consumer; ``consumer_config`` comes last."""
+    conf = dict(base)
+    conf.update({
+        "group.id": group_id,
+        "enable.auto.commit": True, "enable.auto.offset.store": False,
+        "auto.commit.interval.ms": cfg.auto_commit_interval_ms,
+        # where a partition starts is decided in _on_assign; this applies only to a position
+        # outside the log: past its end (a broker that lost the log) or before its start
+        # (retention); either way the oldest frame still there is the next one to deliver
+        "auto.offset.reset": "earliest",
+        # the timings are options (KafkaConfig says why each default); consumer_config,
+        # applied last, still overrides them
+        "session.timeout.ms": cfg.session_timeout_ms, "heartbeat.interval.ms": cfg.heartbeat_interval_ms,
+        "fetch.wait.max.ms": cfg.fetch_wait_max_ms,
+        "fetch.max.bytes": max(52428800, (cfg.max_message_bytes or 0) * 2),
+        "max.partition.fetch.bytes": max(1048576, (cfg.max_message_bytes or 0) + 4096),
+        "receive.message.max.bytes": max(100_000_000, (cfg.max_message_bytes or 0) * 2 + 4096),
+        "queued.max.messages.kbytes": max(1024, cfg.max_pending_bytes // 1024 // 4),
+        "error_cb": error_cb,
+    })
+    conf.update(cfg.consumer_config)
+    return conf
 
 
 class KafkaTransport(Transport):
@@ -181,6 +232,8 @@ class KafkaTransport(Transport):
         self._moved_at = time.monotonic()
         aconf: Dict[str, Any] = dict(self._base)
         aconf["error_cb"] = self._on_admin_error
+        # only asked for one topic's metadata on a broker without CreateTopics (_auto_create_topic)
+        aconf["allow.auto.create.topics"] = True
         self._admin = AdminClient(aconf)
         try:
             md = self._admin.list_topics(timeout=cfg.connect_timeout_s)
@@ -191,6 +244,10 @@ class KafkaTransport(Transport):
         self._topics: Set[str] = set(md.topics)        # topics the broker has, as far as we know
         self._used: Set[str] = set()                    # topics this transport publishes or reads
         self._limits: Dict[str, int] = {}               # topic -> largest message we send
+        self._replication = cfg.replication_factor      # 1 once a single broker refused -1
+        self._auto_create = False                       # the broker implements no CreateTopics
+        self._describe = True                           # False: it implements no DescribeConfigs
+        self._limit_logged = False
         self._pconf = self._producer_config(cfg)
         self._idempotent = _truthy(self._pconf.get("enable.idempotence", False))
         self.producer = self._new_producer()
@@ -291,7 +348,7 @@ class KafkaTransport(Transport):
             except KafkaException as e:
                 err = _kafka_error(e)
                 if _is_fatal(err):
-                    self._condemn(p, f"fatal error: {err.str()}")   # type: ignore[union-attr]
+                    self._condemn(p, f"fatal error: {err.str()}")
                 self._closed.wait(0.2)       # a failed producer raises at once: no spinning
             except Exception as e:  # noqa: BLE001 - the watcher must outlive anything
                 log.debug("msight_fast: Kafka producer poll: %r", e)
@@ -395,30 +452,111 @@ class KafkaTransport(Transport):
         self._limits[topic] = self._topic_limit(topic)
 
     def _create(self, topic: str) -> None:
-        fut = self._admin.create_topics([NewTopic(topic, num_partitions=self.cfg.num_partitions,
-                                                  replication_factor=1)])[topic]
+        """Create ``topic`` with ``num_partitions`` and ``replication_factor``, or have the broker
+        auto-create it when it implements no CreateTopics; a ``ConfigError`` when neither works."""
+        if self._auto_create:
+            self._auto_create_topic(topic)
+            return
+        rf = self._replication
+        err = self._create_topic(topic, rf)
+        if err is not None and rf == -1 and _refuses_default_rf(err):
+            # a broker older than KIP-464: with one broker 1 is all the replication there can
+            # be; on a cluster a guess could lose data (or fail acks=all), so the user decides
+            n = self._broker_count()
+            if n != 1:
+                raise ConfigError(
+                    f"Kafka at {self._where} ({n} brokers) refused to create topic {topic!r} with its default "
+                    f"replication factor: {err.str()}; set MSIGHT_KAFKA_REPLICATION_FACTOR (or replication_factor=, "
+                    "e.g. 3) or create the topic beforehand")
+            refused, err = err, self._create_topic(topic, 1)
+            if err is None:
+                self._replication = 1
+                log.warning("msight_fast: Kafka at %s refused replication_factor=-1 (%s); it has one broker, so "
+                            "topics are created with replication factor 1", self._where, refused.str())
+        if err is None:
+            return
+        if _not_implemented(err):
+            self._auto_create = True
+            log.warning("msight_fast: Kafka at %s does not implement CreateTopics (%s); topics are created by the "
+                        "broker's auto-creation on first use, with its default partitions and replication",
+                        self._where, err.str())
+            self._auto_create_topic(topic)
+            return
+        raise ConfigError(f"Kafka topic {topic!r} does not exist and could not be created: {err.str()}")
+
+    def _create_topic(self, topic: str, rf: int) -> Optional[KafkaError]:
+        """One CreateTopics request: None when the topic exists now, else the broker's error."""
+        new = NewTopic(topic, num_partitions=self.cfg.num_partitions, replication_factor=rf)
         try:
-            fut.result(self.cfg.connect_timeout_s)
+            self._admin.create_topics([new], request_timeout=self.cfg.connect_timeout_s)[topic].result(
+                self.cfg.connect_timeout_s)
         except KafkaException as e:
-            err = e.args[0]
-            if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise ConfigError(f"Kafka topic {topic!r} does not exist and could not be created: {err.str()}") from None
+            err = _kafka_error(e)
+            if err is None:
+                raise BackendUnavailable(f"Kafka: creating topic {topic!r} failed: {e}") from None
+            return None if err.code() == KafkaError.TOPIC_ALREADY_EXISTS else err
         except Exception as e:  # noqa: BLE001 - a timeout of the admin future
             raise BackendUnavailable(f"Kafka: creating topic {topic!r} failed: {e!r}") from None
+        return None
+
+    def _broker_count(self) -> int:
+        try:
+            md = self._admin.list_topics(timeout=self.cfg.connect_timeout_s)
+        except KafkaException as e:
+            _raise_for(e, "the metadata request", self.cfg)
+        return len(md.brokers)
+
+    def _auto_create_topic(self, topic: str) -> None:
+        """Ask for the topic's metadata with auto-creation allowed until it has partitions (a
+        Kafka broker first answers LEADER_NOT_AVAILABLE while it creates the topic)."""
+        deadline = time.monotonic() + self.cfg.connect_timeout_s
+        while True:
+            try:
+                md = self._admin.list_topics(topic=topic, timeout=max(0.1, deadline - time.monotonic()))
+                tm = md.topics.get(topic)
+                if tm is not None and tm.error is None and tm.partitions:
+                    return
+                unknown = tm is None or (tm.error is not None and tm.error.code() in _TOPIC_GONE)
+                why = "no such topic" if tm is None else tm.error.str() if tm.error is not None else "no partitions"
+            except KafkaException as e:
+                err = _kafka_error(e)
+                unknown, why = False, err.str() if err is not None else str(e)
+            if time.monotonic() >= deadline or self._closed.is_set():
+                break
+            self._closed.wait(0.1)                  # the broker creates it meanwhile
+        if unknown:
+            raise ConfigError(f"Kafka topic {topic!r} does not exist: the broker at {self._where} implements no "
+                              f"CreateTopics and did not create it on first use ({why}); create it beforehand or "
+                              "enable the broker's auto-creation (auto.create.topics.enable)")
+        raise BackendUnavailable(f"Kafka at {self._where}: topic {topic!r} was not auto-created within "
+                                 f"{self.cfg.connect_timeout_s} s: {why}")
 
     def _topic_limit(self, topic: str) -> int:
         """The size above which frames on ``topic`` are fragmented (fragment headers included)."""
         if self.cfg.max_message_bytes:
-            return self.cfg.max_message_bytes - FRAG_SLACK
+            configured: int = self.cfg.max_message_bytes
+            return configured - FRAG_SLACK
         limit = None
-        try:
-            res = ConfigResource("topic", topic)
-            fut = self._admin.describe_configs([res], request_timeout=self.cfg.connect_timeout_s)[res]
-            limit = limit_from_topic_config(fut.result(self.cfg.connect_timeout_s))
-        except Exception as e:  # noqa: BLE001 - brokers that do not answer (tansu): the default
-            log.debug("msight_fast: describe_configs of %r: %r", topic, e)
+        level, why = logging.INFO, "its DescribeConfigs answer has no max.message.bytes"   # tansu's answer is empty
+        if self._describe:
+            try:
+                res = ConfigResource("topic", topic)
+                fut = self._admin.describe_configs([res], request_timeout=self.cfg.connect_timeout_s)[res]
+                limit = limit_from_topic_config(fut.result(self.cfg.connect_timeout_s))
+            except KafkaException as e:
+                err = _kafka_error(e)
+                level, why = logging.WARNING, f"DescribeConfigs failed: {err.str() if err is not None else e}"
+                if err is not None and _not_implemented(err):
+                    self._describe = False          # no use asking again
+            except Exception as e:  # noqa: BLE001 - a timeout of the admin future
+                level, why = logging.WARNING, f"DescribeConfigs failed: {e!r}"
         if limit is None:
             limit = DEFAULT_MESSAGE_BYTES
+            if not self._limit_logged:              # one line per transport, not per topic
+                self._limit_logged = True
+                log.log(level, "msight_fast: Kafka at %s did not tell the max.message.bytes of topic %r (%s); "
+                        "frames above %d bytes are fragmented (set max_message_bytes for another limit)",
+                        self._where, topic, why, limit)
         return limit - FRAG_SLACK
 
     # -- publish
@@ -436,7 +574,7 @@ class KafkaTransport(Transport):
         # bytes (confluent-kafka takes no views): one copy, whole or in fragments
         self._produce(msg.topic, msg.messages(), k.to_bytes(8, "little") if k else None, deadline)
 
-    def _produce(self, topic: str, msgs: list, key: Optional[bytes], deadline: float) -> None:
+    def _produce(self, topic: str, msgs: List[bytes], key: Optional[bytes], deadline: float) -> None:
         p = self.producer
         for m in msgs:
             while True:
@@ -457,7 +595,7 @@ class KafkaTransport(Transport):
                     except KafkaException as e:
                         err = _kafka_error(e)
                         if _is_fatal(err):
-                            self._condemn(p, f"fatal error: {err.str()}")   # type: ignore[union-attr]
+                            self._condemn(p, f"fatal error: {err.str()}")
                     if self._broken is not None:
                         self._replace_producer(topic)
                     p = self.producer
@@ -534,7 +672,7 @@ class KafkaTransport(Transport):
             except KafkaException as e:
                 err = _kafka_error(e)
                 if _is_fatal(err):
-                    self._condemn(p, f"fatal error: {err.str()}")   # type: ignore[union-attr]
+                    self._condemn(p, f"fatal error: {err.str()}")
                 left = len(p)
             if self._broken is not None:
                 self._replace_producer("*")
@@ -584,6 +722,14 @@ class KafkaTransport(Transport):
             self._watcher.join(5)
 
 
+class _Commit(threading.Event):
+    """An ``ack()`` waiting for the poll thread's commit, and the error that commit ended with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: Optional[BaseException] = None
+
+
 class KafkaSource(Source):
     """A consumer run by a background poll thread, so the member stays live through rebalances
     whatever the application does; offsets follow the frames handed out.
@@ -601,33 +747,19 @@ class KafkaSource(Source):
         self.topic = topic
         self.from_beginning = from_beginning
         cfg = t.cfg
-        conf = dict(t._base)
-        conf.update({
-            "group.id": group_id or f"msight_fast-{uuid.uuid4().hex}",
-            "enable.auto.commit": True, "enable.auto.offset.store": False, "auto.commit.interval.ms": 1000,
-            # where a partition starts is decided in _on_assign; this applies only to a position
-            # outside the log: past its end (a broker that lost the log) or before its start
-            # (retention); either way the oldest frame still there is the next one to deliver
-            "auto.offset.reset": "earliest",
-            # tansu and small clusters: fast group joins, and no long-poll wait for latency
-            "session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "fetch.wait.max.ms": 10,
-            "fetch.max.bytes": max(52428800, (cfg.max_message_bytes or 0) * 2),
-            "max.partition.fetch.bytes": max(1048576, (cfg.max_message_bytes or 0) + 4096),
-            "receive.message.max.bytes": max(100_000_000, (cfg.max_message_bytes or 0) * 2 + 4096),
-            "queued.max.messages.kbytes": max(1024, cfg.max_pending_bytes // 1024 // 4),
-            "error_cb": self._handle_error,
-        })
-        conf.update(cfg.consumer_config)
+        conf = _consumer_config(cfg, t._base, group_id or f"msight_fast-{uuid.uuid4().hex}", self._handle_error)
         self.c = Consumer(conf)
         self._max_bytes = cfg.max_pending_bytes
         self._mutex = threading.Lock()                  # taken directly on per-message paths
         self._lock = threading.Condition(self._mutex)
         self._stop = threading.Event()
-        self._q: Deque[Tuple[list, int]] = collections.deque()   # fetched batches, bytes
+        # fetched batches and their bytes. Messages are Any: a fetched message always has a partition
+        # and an offset, which confluent-kafka's stubs (Optional for both) cannot say
+        self._q: Deque[Tuple[List[Any], int]] = collections.deque()
         self._q_bytes = 0
         # the batch the application's thread is taking messages from, without the lock; a
         # rebalance bumps _gen and the taker drops what it holds of the revoked partitions
-        self._local: list = []
+        self._local: List[Any] = []
         self._li = 0
         self._gen = self._local_gen = 0
         self._gone: Set[int] = set()
@@ -640,7 +772,7 @@ class KafkaSource(Source):
         self._done: Dict[int, Set[int]] = {}            # partition -> offsets whose frame is released
         self._handed: List[Tuple[int, int, Deque[int]]] = []   # released at the next next() / ack()
         self._to_store: List[TopicPartition] = []      # for the poll thread to store
-        self._commit_req: List[threading.Event] = []   # for the poll thread to commit
+        self._commit_req: List[_Commit] = []            # for the poll thread to commit
         # repeats: the highest offset this member took per partition (kept across assignments),
         # the last one taken in the current assignment, and, for partitions taken over from
         # another member, the end of the log when first fetched (what that member may have had)
@@ -737,10 +869,10 @@ class KafkaSource(Source):
                     error = BackendUnavailable(
                         f"Kafka: committing offsets of {self.topic!r} failed: {err.str() if err else e}")
         for ev in commits:
-            ev.error = error  # type: ignore[attr-defined]
+            ev.error = error
             ev.set()
 
-    def _take(self, msgs: list) -> None:
+    def _take(self, msgs: List[Any]) -> None:
         if msgs:
             good = [m for m in msgs if m.error() is None]
             if len(good) != len(msgs):
@@ -773,7 +905,7 @@ class KafkaSource(Source):
         except KafkaException as e:
             log.debug("msight_fast: pause/resume: %s", e)
 
-    def _bound_replay(self, msgs: list) -> None:
+    def _bound_replay(self, msgs: List[Any]) -> None:
         """For a partition taken over from another member: the log's end when its first messages
         came (the fetch's high watermark); below it that member may already have handed frames."""
         for m in msgs:
@@ -881,7 +1013,7 @@ class KafkaSource(Source):
         self._store(store)
         with self._lock:
             # what was fetched but not handed out belongs to the partitions' next owner now
-            keep: Deque[Tuple[list, int]] = collections.deque()
+            keep: Deque[Tuple[List[Any], int]] = collections.deque()
             for batch, _ in self._q:
                 rest = [m for m in batch if m.partition() not in gone]
                 if rest:
@@ -963,7 +1095,7 @@ class KafkaSource(Source):
             else:
                 del self._replay_bound[p]
 
-    def handed(self, frame: Any, tokens: list) -> None:
+    def handed(self, frame: Any, tokens: List[Any]) -> None:
         with self._mutex:
             self._handed.extend(tokens)
 
@@ -999,8 +1131,7 @@ class KafkaSource(Source):
 
     def ack(self) -> None:
         """Commit what was handed so far; after ``close`` (which commits it) a no-op."""
-        ev = threading.Event()
-        ev.error = None  # type: ignore[attr-defined]
+        ev = _Commit()
         with self._lock:
             if self._closed:                 # the poll thread serves no more requests
                 return
@@ -1008,10 +1139,10 @@ class KafkaSource(Source):
             self._commit_req.append(ev)
         if not ev.wait(30):
             raise BackendUnavailable(f"Kafka: committing offsets of {self.topic!r} did not finish within 30 s")
-        if ev.error is not None:  # type: ignore[attr-defined]
-            raise ev.error  # type: ignore[attr-defined]
+        if ev.error is not None:
+            raise ev.error
 
-    def stats(self) -> dict:
+    def stats(self) -> Dict[str, Any]:
         """What one member can tell about loss and repeats, which holds in a group too:
 
         - ``lag``: messages in the log not yet taken, summed over the assigned partitions (the

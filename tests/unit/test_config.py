@@ -13,7 +13,8 @@ from msight_fast.stats import SeqTracker
     ("redis", {"MSIGHT_REDIS_MESSAGE_BROKER_PORT": "70000"}, "MSIGHT_REDIS_MESSAGE_BROKER_PORT"),
     ("redis", {"MSIGHT_REDIS_MESSAGE_BROKER_DB": "-1"}, "MSIGHT_REDIS_MESSAGE_BROKER_DB"),
     ("redis", {"MSIGHT_REDIS_MESSAGE_BROKER_USE_TLS": "maybe"}, "MSIGHT_REDIS_MESSAGE_BROKER_USE_TLS"),
-    ("redis", {"MSIGHT_REDIS_MESSAGE_BROKER_TLS_CA_CERT_FILE": "/no/such/ca.pem"}, "MSIGHT_REDIS_MESSAGE_BROKER_TLS_CA_CERT_FILE"),
+    ("redis", {"MSIGHT_REDIS_MESSAGE_BROKER_TLS_CA_CERT_FILE": "/no/such/ca.pem"},
+     "MSIGHT_REDIS_MESSAGE_BROKER_TLS_CA_CERT_FILE"),
     ("nats", {"MSIGHT_NATS_SERVERS": "['nats://a:4222'"}, "MSIGHT_NATS_SERVERS"),
     ("nats", {"MSIGHT_NATS_SERVERS": "[1, 2]"}, "MSIGHT_NATS_SERVERS"),
     ("nats", {"MSIGHT_NATS_SERVERS": "[__import__('os').system('true')]"}, "MSIGHT_NATS_SERVERS"),
@@ -48,17 +49,20 @@ def test_environment_is_read_and_options_override_it():
     assert c.password == "s3cr3t" and c.use_tls is True
     c = registry.load_config("nats", {"servers": ["nats://x:1"], "use_tls": False}, env)
     assert c.servers == ["nats://x:1"] and c.use_tls is False
-    r = registry.load_config("redis", {}, {"MSIGHT_REDIS_MESSAGE_BROKER_PORT": "6380", "MSIGHT_REDIS_MESSAGE_BROKER_DB": "2"})
+    r = registry.load_config("redis", {}, {"MSIGHT_REDIS_MESSAGE_BROKER_PORT": "6380",
+                                           "MSIGHT_REDIS_MESSAGE_BROKER_DB": "2"})
     assert (r.host, r.port, r.db) == ("localhost", 6380, 2)
-    k = registry.load_config("kafka", {}, {"MSIGHT_KAFKA_SERVERS": "['b1:9092']", "MSIGHT_KAFKA_SASL_MECHANISM": "scram-sha-512",
-                                  "MSIGHT_KAFKA_SASL_USERNAME": "u", "MSIGHT_KAFKA_SASL_PASSWORD": "p"})
+    k = registry.load_config("kafka", {}, {"MSIGHT_KAFKA_SERVERS": "['b1:9092']",
+                                           "MSIGHT_KAFKA_SASL_MECHANISM": "scram-sha-512",
+                                           "MSIGHT_KAFKA_SASL_USERNAME": "u", "MSIGHT_KAFKA_SASL_PASSWORD": "p"})
     assert k.servers == ["b1:9092"] and k.sasl_mechanism == "SCRAM-SHA-512"
 
 
 def test_kafka_settings_reach_librdkafka():
     from msight_fast.backends.kafka import _client_config
-    k = registry.load_config("kafka", {}, {"MSIGHT_KAFKA_SERVERS": "['b1:9093','b2:9093']", "MSIGHT_KAFKA_SASL_MECHANISM": "PLAIN",
-                                  "MSIGHT_KAFKA_SASL_USERNAME": "u", "MSIGHT_KAFKA_SASL_PASSWORD": "p",
+    k = registry.load_config("kafka", {}, {"MSIGHT_KAFKA_SERVERS": "['b1:9093','b2:9093']",
+                                  "MSIGHT_KAFKA_SASL_MECHANISM": "PLAIN", "MSIGHT_KAFKA_SASL_USERNAME": "u",
+                                  "MSIGHT_KAFKA_SASL_PASSWORD": "p",
                                   "MSIGHT_KAFKA_USE_TLS": "true", "MSIGHT_KAFKA_TLS_VERIFY": "false",
                                   "MSIGHT_KAFKA_TLS_CHECK_HOSTNAME": "false"})
     c = _client_config(k)
@@ -125,3 +129,85 @@ def test_kafka_topic_limit_is_read_from_a_describe_configs_answer():
     assert limit_from_topic_config({"max.message.bytes": E(value="lots")}) is None
     assert limit_from_topic_config({"max.message.bytes": E(value="12")}) is None       # absurd: ignored
     assert limit_from_topic_config({"max.message.bytes": E(value=str(1 << 40))}) is None
+
+
+KAFKA_TIMINGS = ("fetch_wait_max_ms", "session_timeout_ms", "heartbeat_interval_ms", "auto_commit_interval_ms",
+                 "reconnect_backoff_max_ms")
+
+
+def test_kafka_topic_and_timing_defaults_reach_librdkafka():
+    from msight_fast.backends.kafka import _client_config, _consumer_config
+    k = registry.load_config("kafka", {}, {})
+    assert k.replication_factor == -1 and k.num_partitions == 4
+    assert [getattr(k, n) for n in KAFKA_TIMINGS] == [100, 6000, 500, 1000, 1000]
+    base = _client_config(k)
+    assert base["reconnect.backoff.max.ms"] == 1000
+    c = _consumer_config(k, base, "g", None)
+    assert (c["fetch.wait.max.ms"], c["session.timeout.ms"], c["heartbeat.interval.ms"],
+            c["auto.commit.interval.ms"]) == (100, 6000, 500, 1000)
+
+
+def test_kafka_options_from_the_environment_and_keywords_and_raw_properties_win():
+    from msight_fast.backends.kafka import _client_config, _consumer_config
+    env = {"MSIGHT_KAFKA_REPLICATION_FACTOR": "3", "MSIGHT_KAFKA_FETCH_WAIT_MAX_MS": "500",
+           "MSIGHT_KAFKA_SESSION_TIMEOUT_MS": "10000", "MSIGHT_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+           "MSIGHT_KAFKA_AUTO_COMMIT_INTERVAL_MS": "2000", "MSIGHT_KAFKA_RECONNECT_BACKOFF_MAX_MS": "5000"}
+    k = registry.load_config("kafka", {}, env)
+    assert k.replication_factor == 3
+    assert [getattr(k, n) for n in KAFKA_TIMINGS] == [500, 10000, 1000, 2000, 5000]
+    c = _consumer_config(k, _client_config(k), "g", None)
+    assert (c["fetch.wait.max.ms"], c["session.timeout.ms"], c["heartbeat.interval.ms"],
+            c["auto.commit.interval.ms"], c["reconnect.backoff.max.ms"]) == (500, 10000, 1000, 2000, 5000)
+    k = registry.load_config("kafka", {"fetch_wait_max_ms": 0, "replication_factor": -1,
+                                       "consumer_config": {"fetch.wait.max.ms": 250, "session.timeout.ms": 45000}}, env)
+    assert (k.fetch_wait_max_ms, k.replication_factor) == (0, -1)
+    c = _consumer_config(k, _client_config(k), "g", None)
+    assert (c["fetch.wait.max.ms"], c["session.timeout.ms"]) == (250, 45000)     # the raw properties win
+
+
+@pytest.mark.parametrize("var,value", [
+    ("MSIGHT_KAFKA_REPLICATION_FACTOR", "0"),
+    ("MSIGHT_KAFKA_REPLICATION_FACTOR", "-2"),
+    ("MSIGHT_KAFKA_REPLICATION_FACTOR", "32768"),
+    ("MSIGHT_KAFKA_REPLICATION_FACTOR", "3.0"),
+    ("MSIGHT_KAFKA_REPLICATION_FACTOR", "three"),
+    ("MSIGHT_KAFKA_FETCH_WAIT_MAX_MS", "-1"),
+    ("MSIGHT_KAFKA_FETCH_WAIT_MAX_MS", "300001"),
+    ("MSIGHT_KAFKA_FETCH_WAIT_MAX_MS", "100ms"),
+    ("MSIGHT_KAFKA_FETCH_WAIT_MAX_MS", "1e2"),
+    ("MSIGHT_KAFKA_SESSION_TIMEOUT_MS", "0"),
+    ("MSIGHT_KAFKA_SESSION_TIMEOUT_MS", "3600001"),
+    ("MSIGHT_KAFKA_HEARTBEAT_INTERVAL_MS", "0"),
+    ("MSIGHT_KAFKA_HEARTBEAT_INTERVAL_MS", "6000"),          # not below the session timeout
+    ("MSIGHT_KAFKA_AUTO_COMMIT_INTERVAL_MS", "0"),           # would turn the periodic commit off
+    ("MSIGHT_KAFKA_RECONNECT_BACKOFF_MAX_MS", "99"),         # librdkafka refuses it below reconnect.backoff.ms
+    ("MSIGHT_KAFKA_RECONNECT_BACKOFF_MAX_MS", "3600001"),
+])
+def test_bad_kafka_option_values_name_the_variable(var, value):
+    with pytest.raises(ConfigError, match=var):
+        registry.load_config("kafka", {}, {var: value})
+
+
+@pytest.mark.parametrize("name,value", [
+    ("fetch_wait_max_ms", 100.0), ("fetch_wait_max_ms", True), ("replication_factor", b"3"),
+    ("session_timeout_ms", None), ("auto_commit_interval_ms", [1000]), ("heartbeat_interval_ms", 6000),
+])
+def test_bad_kafka_option_types_name_the_option(name, value):
+    with pytest.raises(ConfigError, match=f"(?i){name}"):
+        registry.load_config("kafka", {name: value}, {})
+
+
+def test_kafka_refusals_of_the_default_replication_are_told_from_a_missing_create_topics():
+    from confluent_kafka import KafkaError
+
+    from msight_fast.backends.kafka import _not_implemented, _refuses_default_rf
+
+    # librdkafka's own refusals: one code, told apart by the message only
+    old = KafkaError(KafkaError._UNSUPPORTED_FEATURE, "Default replication factor (KIP-464) not supported by broker")
+    none = KafkaError(KafkaError._UNSUPPORTED_FEATURE, "Topic Admin API (KIP-4) not supported by broker")
+    assert _refuses_default_rf(old) and not _not_implemented(old)
+    assert _not_implemented(none) and not _refuses_default_rf(none)
+    bad = KafkaError(KafkaError.INVALID_REPLICATION_FACTOR, "Replication factor: -1 larger than available brokers")
+    assert _refuses_default_rf(bad) and not _not_implemented(bad)
+    denied = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "denied")
+    assert not _refuses_default_rf(denied) and not _not_implemented(denied)
