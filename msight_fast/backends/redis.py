@@ -28,13 +28,13 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import hiredis
 import numpy as np
 
-from .base import Capabilities, Outgoing, Source, Transport
 from ..errors import AuthError, BackendUnavailable, PublishError
+from .base import Capabilities, Outgoing, Source, Transport
 
 log = logging.getLogger("msight_fast")
 
@@ -129,6 +129,21 @@ def _wait(sock: Any, write: bool, timeout: float) -> bool:
         return bool(r or w)
     except ValueError:                                  # closed by another thread: fd is -1
         raise ConnectionAbortedError("the connection was closed") from None
+
+
+def _nowait(sock: Any, call: Callable[..., int], *args: Any) -> int:
+    """``call(*args)`` without waiting, where the platform has no ``MSG_DONTWAIT`` (Windows): the
+    socket's timeout is 0 for the call, as the flag would make it. A subscribed socket is
+    non-blocking already (``RedisSource._open``), so there this costs nothing; any other socket
+    gets its own timeout back."""
+    t = sock.gettimeout()
+    if t == 0.0:
+        return call(*args)
+    sock.settimeout(0.0)
+    try:
+        return call(*args)
+    finally:
+        sock.settimeout(t)
 
 
 class _Conn:
@@ -661,7 +676,8 @@ class RedisSource(Source):
             conn.close()
             if isinstance(e, BackendUnavailable):
                 raise
-            raise _unavailable(f"Redis at {_where(self.cfg)}: SUBSCRIBE {self.topic!r} failed: {e}", _cause(e)) from None
+            raise _unavailable(f"Redis at {_where(self.cfg)}: SUBSCRIBE {self.topic!r} failed: {e}",
+                               _cause(e)) from None
 
     # RESP helpers over the staging buffer; raise _Incomplete when more bytes are needed
     def _line(self, p: int) -> Tuple[bytes, int]:
@@ -697,10 +713,16 @@ class RedisSource(Source):
         Keeps the connection's health: a PING after ``ping_idle_s`` of silence, and ``_Silent``
         when ``health_timeout_s`` more pass without a byte."""
         conn = self._conn
-        sock = conn.sock
+        sock: socket.socket = conn.sock                # an SSLSocket with TLS
+        dontwait = getattr(socket, "MSG_DONTWAIT", 0)  # 0 on Windows: _nowait instead
         while True:
             try:                                       # data first: a busy stream needs no poll
-                n = sock.recv_into(view) if conn.tls else sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+                if conn.tls:
+                    n = sock.recv_into(view)
+                elif dontwait:
+                    n = sock.recv_into(view, 0, dontwait)
+                else:
+                    n = _nowait(sock, sock.recv_into, view)
             except _WOULD_BLOCK:
                 n = -1
             if n > 0:
@@ -724,7 +746,13 @@ class RedisSource(Source):
         """PING a silent subscription: Redis answers it with a ``pong`` push."""
         conn = self._conn
         try:
-            n = conn.sock.send(_PING) if conn.tls else conn.sock.send(_PING, socket.MSG_DONTWAIT)
+            dontwait = getattr(socket, "MSG_DONTWAIT", 0)
+            if conn.tls:
+                n = conn.sock.send(_PING)
+            elif dontwait:
+                n = conn.sock.send(_PING, dontwait)
+            else:
+                n = _nowait(conn.sock, conn.sock.send, _PING)
         except _WOULD_BLOCK:
             n = 0                                      # the health timeout still runs
         if 0 < n < len(_PING):
@@ -791,7 +819,7 @@ class RedisSource(Source):
             return (b"message", chan, out)
         raw = np.empty(size + 64, dtype=np.uint8)          # 64-byte-aligned destination
         a = (-raw.ctypes.data) % 64
-        dst = memoryview(raw[a:a + size])  # type: ignore[arg-type]  # ndarray has the buffer protocol
+        dst = raw[a:a + size].data
         k = min(have, size)
         dst[:k] = self._mv[p:p + k]                        # what came with the prefix: copied once
         self._s = p + k
