@@ -1,4 +1,4 @@
-"""An MSight-Core-style codec, written here from its description (baselines.md): a msgpack map of
+"""An MSight-Core-style codec, written here from a description of MSight Core 2.0.2: a msgpack map of
 metadata plus ``arr.tobytes()``; point clouds zstd level 3 with a new compressor per frame and the
 dtype as JSON; decode = unpack (+ decompress) + ``np.frombuffer`` + reshape."""
 from __future__ import annotations
@@ -43,8 +43,8 @@ def from_dict(d: dict):
 
 
 # ---------------------------------------------------------------- the MSight-Core-style transport
-# Publisher and subscriber for bench.run_transport(path="core"), written from baselines.md's
-# description of MSight Core's transport: msgpack frames (the codec above); Redis through redis-py
+# Publisher and subscriber for bench.run_transport(path="core"), written from a description of
+# MSight Core's transport: msgpack frames (the codec above); Redis through redis-py
 # (a synchronous publish, its pub/sub reader); NATS through nats-py on an event-loop thread that
 # each publish hands its coroutine to and waits on (run_coroutine_threadsafe(...).result()), a
 # callback doing queue.put to the consuming thread; Kafka produce() then flush() per message and a
@@ -116,7 +116,7 @@ def core_subscriber(backend, opts, topic, rec, stop, ready) -> None:
         import threading
 
         import nats
-        q: "queue.Queue" = queue.Queue()
+        q: queue.Queue = queue.Queue()
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, daemon=True).start()
 
@@ -141,7 +141,8 @@ def core_subscriber(backend, opts, topic, rec, stop, ready) -> None:
         import os
 
         from confluent_kafka import Consumer
-        c = Consumer({"bootstrap.servers": ",".join(opts["servers"]), "group.id": f"core-{os.getpid()}-{time.time_ns()}",
+        c = Consumer({"bootstrap.servers": ",".join(opts["servers"]),
+                      "group.id": f"core-{os.getpid()}-{time.time_ns()}",
                       "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
         c.subscribe([topic], on_assign=lambda *_: ready.set())
         while not stop.is_set():

@@ -1,31 +1,31 @@
-"""The benchmark payloads: real Mcity data when ../shared/data exists, synthetic otherwise."""
+"""The benchmark payloads: real Mcity data from MSIGHT_DATA_DIR when set, else from the sample
+packaged in msight_fast/sample/; synthetic only when neither holds data."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from msight_fast import sample
 from msight_fast.pcd import read_pcd, synthetic_sweep
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MSIGHT_DATA_DIR", REPO.parent / "shared" / "data"))
+DATA: Optional[Path] = sample.data_dir()
 
 Payload = Union[np.ndarray, bytes]
 
 
 def _jpeg() -> bytes:
-    p = DATA / "sample_image.jpg"
-    if p.is_file():
+    p = sample.image_file(DATA) if DATA is not None else None
+    if p is not None:
         return p.read_bytes()
     rng = np.random.default_rng(1)
     return b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 364_255, dtype=np.uint8).tobytes() + b"\xff\xd9"
 
 
 def _lidar() -> np.ndarray:
-    p = DATA / "sample_point_cloud.pcd"
-    return read_pcd(p) if p.is_file() else synthetic_sweep(38_690, seed=2)
+    p = sample.pcd_file(DATA) if DATA is not None else None
+    return read_pcd(p) if p is not None else synthetic_sweep(38_690, seed=2)
 
 
 def load(names=None) -> Dict[str, Tuple[Payload, str]]:

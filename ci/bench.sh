@@ -12,7 +12,7 @@ venv="${MSIGHT_BENCH_VENV:-$here/.venv-bench}"
 vpy="$venv/bin/python"
 "$vpy" -m pip install -q --upgrade pip setuptools
 "$vpy" -m pip install -q "$here[bench]"
-export MSIGHT_DATA_DIR="${MSIGHT_DATA_DIR:-$here/../shared/data}"
+# MSIGHT_DATA_DIR, when set, names other sample data; unset, the sample packaged in msight_fast/sample/ is used
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cp -r "$here/benchmarks" "$work/"

@@ -38,7 +38,7 @@ trap 'rm -rf "$work"' EXIT
 msf_sanitized_build "$here" "$work"
 cd "$work"
 msf_sanitizer_env
-export MSIGHT_DATA_DIR="${MSIGHT_DATA_DIR:-$here/../shared/data}"
+# MSIGHT_DATA_DIR, when set, names other sample data; unset, the sample packaged in msight_fast/sample/ is used
 "$py" -c "import msight_fast._ext._wire as w, sys; print('sanitized core:', w.__file__)"
 MSIGHT_FUZZ_CASES=100000 \
 "$py" -m pytest -q -p no:cacheprovider tests/unit/test_hostile.py tests/unit/test_fragment.py \

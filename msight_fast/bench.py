@@ -14,32 +14,36 @@ import struct
 import tempfile
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 from . import brokers
 
+if TYPE_CHECKING:
+    from .bus import Subscription
+
 PAYLOAD_NAMES = ("1080p", "4k", "jpeg", "lidar", "lidar262k", "1k")
 
 
-def make_payload(name: str):
+def make_payload(name: str) -> Tuple[Union[np.ndarray, bytes], str, int]:
     """(object to publish, encoding, size in bytes)."""
     from .pcd import read_pcd, synthetic_sweep
-    data = Path(os.environ.get("MSIGHT_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    from .sample import data_dir, image_file, pcd_file
+    data = data_dir()
     rng = np.random.default_rng(0)
+    obj: Union[np.ndarray, bytes]
     if name == "1080p":
         obj, enc = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8), "bgr8"
     elif name == "4k":
         obj, enc = rng.integers(0, 256, (2160, 3840, 3), dtype=np.uint8), "bgr8"
     elif name == "jpeg":
-        p = data / "sample_image.jpg"
-        obj = p.read_bytes() if p.is_file() else rng.integers(0, 256, 364_261, dtype=np.uint8).tobytes()
+        p = image_file(data) if data is not None else None
+        obj = p.read_bytes() if p is not None else rng.integers(0, 256, 364_261, dtype=np.uint8).tobytes()
         enc = "jpeg"
     elif name == "lidar":
-        p = data / "sample_point_cloud.pcd"
-        obj, enc = (read_pcd(p) if p.is_file() else synthetic_sweep(38_690)), "pointcloud"
+        p = pcd_file(data) if data is not None else None
+        obj, enc = (read_pcd(p) if p is not None else synthetic_sweep(38_690)), "pointcloud"
     elif name == "lidar262k":
         obj, enc = synthetic_sweep(262_144), "pointcloud"
     elif name == "1k":
@@ -53,8 +57,8 @@ def make_payload(name: str):
 def start_broker(backend: str, raw: bool = False) -> brokers.Broker:
     extra = []
     if backend == "nats" and raw:
-        # max_payload only, as the references were measured (baselines.md); the slow-consumer
-        # bound (max_pending, 64 MB) stays the server's default for every path
+        # max_payload only, the one limit raised when the raw-client references were measured; the
+        # slow-consumer bound (max_pending, 64 MB) stays the server's default for every path
         conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
         conf.write("max_payload: 67108864\n")
         conf.close()
@@ -63,7 +67,7 @@ def start_broker(backend: str, raw: bool = False) -> brokers.Broker:
 
 
 # ---------------------------------------------------------------- publishers (child processes)
-def _pub_msight(backend: str, opts: dict, topic: str, payload: str, seconds: float, ready: Any, go: Any,
+def _pub_msight(backend: str, opts: Dict[str, Any], topic: str, payload: str, seconds: float, ready: Any, go: Any,
                 out: Any) -> None:
     from . import connect
     obj, enc, _ = make_payload(payload)
@@ -89,7 +93,7 @@ def _stamped(body: bytes) -> bytes:
     return struct.pack("<q", time.time_ns()) + body
 
 
-def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float, ready: Any, go: Any,
+def _pub_raw(backend: str, opts: Dict[str, Any], topic: str, payload: str, seconds: float, ready: Any, go: Any,
              out: Any) -> None:
     obj, _, size = make_payload(payload)
     body = (obj.tobytes() if isinstance(obj, np.ndarray) else obj)[8:]
@@ -107,6 +111,7 @@ def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float,
             n += 1
     elif backend == "nats":
         import asyncio
+
         import nats
 
         async def run() -> int:
@@ -146,9 +151,10 @@ def _pub_raw(backend: str, opts: dict, topic: str, payload: str, seconds: float,
 # ---------------------------------------------------------------- subscribers (this process)
 class _Recorder:
     def __init__(self) -> None:
-        self.t: list = []
-        self.lat: list = []
+        self.t: List[float] = []
+        self.lat: List[int] = []
         self.size = 0
+        self.stats: Dict[str, Any] = {}         # the Subscription's, when the path has one
 
     def add(self, lat_ns: int, size: int) -> None:
         self.t.append(time.monotonic())
@@ -156,7 +162,8 @@ class _Recorder:
         self.size = size
 
 
-def _sub_msight(backend: str, opts: dict, topic: str, rec: _Recorder, stop: threading.Event, ready: threading.Event) -> None:
+def _sub_msight(backend: str, opts: Dict[str, Any], topic: str, rec: _Recorder, stop: threading.Event,
+                ready: threading.Event) -> None:
     from . import connect
     bus = connect(backend, **opts)
     sub = bus.subscribe(topic)
@@ -185,13 +192,17 @@ def redis_py_messages(port: int, topic: str, stop: threading.Event, ready: threa
         ps.close()
 
 
-def _sub_raw(backend: str, opts: dict, topic: str, rec: _Recorder, stop: threading.Event, ready: threading.Event) -> None:
-    ts = lambda b: struct.unpack_from("<q", b)[0]
+def _sub_raw(backend: str, opts: Dict[str, Any], topic: str, rec: _Recorder, stop: threading.Event,
+             ready: threading.Event) -> None:
+    def ts(b: bytes) -> int:
+        stamp: int = struct.unpack_from("<q", b)[0]
+        return stamp
     if backend == "redis":
         for data in redis_py_messages(opts["port"], topic, stop, ready):
             rec.add(time.time_ns() - ts(data), len(data))
     elif backend == "nats":
         import asyncio
+
         import nats
 
         async def run() -> None:
@@ -218,7 +229,8 @@ def _sub_raw(backend: str, opts: dict, topic: str, rec: _Recorder, stop: threadi
             m = c.poll(0.2)
             if m is not None and m.error() is None:
                 v = m.value()
-                rec.add(time.time_ns() - ts(v), len(v))
+                if v is not None:
+                    rec.add(time.time_ns() - ts(v), len(v))
         c.close()
 
 
@@ -355,11 +367,11 @@ def run_quick(backend: Optional[str], payload: str, seconds: float) -> str:
 SENSOR_LOAD = (("cam/raw", "1080p", 30.0), ("cam/jpeg", "jpeg", 30.0), ("lidar", "lidar", 10.0))
 
 
-def _pub_sensors(backend: str, opts: dict, seconds: float, ready: Any, go: Any, out: Any) -> None:
+def _pub_sensors(backend: str, opts: Dict[str, Any], seconds: float, ready: Any, go: Any, out: Any) -> None:
     """One bus, three paced streams, as a roadside node would publish them."""
     from . import connect
     bus = connect(backend, **opts)
-    streams = []
+    streams: List[List[Any]] = []                 # [topic, object, encoding, period, next due]
     for topic, payload, hz in SENSOR_LOAD:
         obj, enc, _ = make_payload(payload)
         streams.append([topic, obj, enc, 1.0 / hz, 0.0])
@@ -386,14 +398,14 @@ def _pub_sensors(backend: str, opts: dict, seconds: float, ready: Any, go: Any, 
     bus.close()
 
 
-def run_sustained(backend: str, seconds: float = 20.0) -> list:
+def run_sustained(backend: str, seconds: float = 20.0) -> List[Dict[str, Any]]:
     """Publish the sensor load for ``seconds``; per topic: sent, received, lost, gaps, p50/p99 ms."""
     from . import connect
     b = start_broker(backend)
     try:
         opts = b.options()
         bus = connect(backend, **opts)
-        subs = {}
+        subs: Dict[str, Subscription] = {}
         threads = [threading.Thread(target=lambda t=t: subs.__setitem__(t, bus.subscribe(t)))
                    for t, _, _ in SENSOR_LOAD]
         for th in threads:

@@ -13,11 +13,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from .errors import BackendUnavailable, MsightFastError
+
+if TYPE_CHECKING:
+    from .bus import Bus, Subscription
+    from .codec import Frame
 
 DEMO_TOPICS = ("demo/camera/raw", "demo/camera/jpeg", "demo/lidar")
 
@@ -28,7 +32,7 @@ def _err(msg: str) -> int:
     return 1
 
 
-def _connect(args: argparse.Namespace, **extra: Any):
+def _connect(args: argparse.Namespace, **extra: Any) -> Bus:
     from . import connect
     opts = dict(extra)
     if getattr(args, "timeout", None):
@@ -37,18 +41,19 @@ def _connect(args: argparse.Namespace, **extra: Any):
 
 
 # ---------------------------------------------------------------- sources of frames
-def _load_images(data: Optional[Path]):
+def _load_images(data: Optional[Path]) -> Tuple[List[np.ndarray], List[bytes]]:
     """(raw frames, jpeg bytes) for the demo: the Mcity sequence, or synthetic moving frames."""
     jpegs: List[bytes] = []
     raws: List[np.ndarray] = []
     try:
         from PIL import Image
+        have_pil = True
     except ImportError:
-        Image = None
+        have_pil = False
     if data is not None:
-        files = sorted((data / "camera_seq").glob("*.jpg")) or sorted(data.glob("*.jpg"))
-        jpegs = [f.read_bytes() for f in files]
-        if Image is not None:
+        from .sample import camera_files
+        jpegs = [f.read_bytes() for f in camera_files(data)]
+        if have_pil:
             import io
             for j in jpegs:
                 rgb = np.asarray(Image.open(io.BytesIO(j)).convert("RGB"))
@@ -58,7 +63,7 @@ def _load_images(data: Optional[Path]):
         yy, xx = np.mgrid[0:h, 0:w]
         base = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 255 // (w + h))], -1).astype(np.uint8)
         raws = [np.ascontiguousarray(np.roll(base, 40 * i, axis=1)) for i in range(10)]
-    if not jpegs and Image is not None:
+    if not jpegs and have_pil:
         import io
         for r in raws[:10]:
             buf = io.BytesIO()
@@ -69,11 +74,9 @@ def _load_images(data: Optional[Path]):
 
 def _load_sweep(data: Optional[Path]) -> np.ndarray:
     from .pcd import read_pcd, synthetic_sweep
-    if data is not None:
-        pcds = sorted(data.glob("*.pcd"))
-        if pcds:
-            return read_pcd(pcds[0])
-    return synthetic_sweep(38_690, seed=3)
+    from .sample import pcd_file
+    p = pcd_file(data) if data is not None else None
+    return read_pcd(p) if p is not None else synthetic_sweep(38_690, seed=3)
 
 
 def _publisher(role: str, backend: str, env: Dict[str, str], data: Optional[str], rate: float,
@@ -115,7 +118,7 @@ def _publisher(role: str, backend: str, env: Dict[str, str], data: Optional[str]
 class _Tap:
     """Receives one topic in a thread and keeps its numbers."""
 
-    def __init__(self, bus: Any, topic: str, group_id: Optional[str] = None) -> None:
+    def __init__(self, bus: Bus, topic: str, group_id: Optional[str] = None) -> None:
         self.topic = topic
         self.sub = bus.subscribe(topic, group_id=group_id)
         self.times: List[float] = []
@@ -130,7 +133,7 @@ class _Tap:
                 self.times.append(time.monotonic())
                 self.sizes.append(f.nbytes)
 
-    def window(self, seconds: float):
+    def window(self, seconds: float) -> Tuple[float, float]:
         now = time.monotonic()
         n = 0
         b = 0
@@ -148,7 +151,9 @@ def _fmt_ms(ns: Optional[int]) -> str:
 
 def _table(rows: List[List[str]], header: List[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def line(r: List[str]) -> str:
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
@@ -158,6 +163,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not registry.get(backend).broker:
         return _err(f"the demo runs its sensors in separate processes; the {backend} backend does not cross "
                     f"processes (use one of {', '.join(registry.with_broker())})")
+    # the data is checked before a broker is started, so a bad --data leaves none running
+    from . import sample
+    data = args.data
+    if data and not sample.camera_files(Path(data)):
+        return _err(f"--data {data}: no camera_seq/*.jpg or .jpg files there")
+    if data:
+        source = f"frames from {data}"
+    elif sample.camera_files(sample.DIR):
+        data, source = str(sample.DIR), "the Mcity sample packaged in msight_fast/sample/"
+    else:
+        source = "synthetic frames"
     env: Dict[str, str] = {}
     local = None
     try:
@@ -169,19 +185,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         env = local.env()
         where = f"an embedded {backend} broker at {local.address} (stopped at the end)"
     os.environ.update(env)
-    data = args.data
-    if data and not (Path(data) / "camera_seq").is_dir() and not list(Path(data).glob("*.jpg")):
-        return _err(f"--data {data}: no camera_seq/ folder or .jpg files there")
-    print(f"msight-fast demo: {backend} via {where}; {args.seconds:g} s; "
-          f"{'Mcity data from ' + data if data else 'synthetic frames'}", flush=True)
+    print(f"msight-fast demo: {backend} via {where}; {args.seconds:g} s; {source}", flush=True)
     from . import connect
     bus = connect(backend)
     taps: List[_Tap] = []
     threads = [threading.Thread(target=lambda t=t: taps.append(_Tap(bus, t))) for t in DEMO_TOPICS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     taps.sort(key=lambda t: DEMO_TOPICS.index(t.topic))
     for t in taps:
         t.thread.start()
@@ -248,7 +260,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- topic tools
-def _frames(args: argparse.Namespace):
+def _frames(args: argparse.Namespace) -> Iterator[Tuple[float, Frame, Subscription]]:
     bus = _connect(args)
     sub = bus.subscribe(args.topic, group_id=args.group_id)
     end = None if not args.seconds else time.monotonic() + args.seconds
@@ -264,8 +276,12 @@ def _frames(args: argparse.Namespace):
 def cmd_echo(args: argparse.Namespace) -> int:
     n = 0
     for _, f, _ in _frames(args):
-        shape = f"shape={list(f.array.shape)} dtype={f.array.dtype.str if f.array.dtype.names is None else 'struct' + str(list(f.array.dtype.names))}" \
-            if f.array is not None else "bytes"
+        a = f.array
+        if a is None:
+            shape = "bytes"
+        else:
+            dtype = a.dtype.str if a.dtype.names is None else "struct" + str(list(a.dtype.names))
+            shape = f"shape={list(a.shape)} dtype={dtype}"
         print(f"sensor={f.sensor_name} device={f.device_name or '-'} encoding={f.encoding} {shape} size={f.nbytes} "
               f"seq={f.seq} frame_id={f.frame_id} capture_ts_ns={f.capture_ts_ns} publish_ts_ns={f.publish_ts_ns}"
               + (f" meta={json.dumps(f.meta)}" if f.meta else ""), flush=True)
@@ -275,7 +291,10 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _periodic(args: argparse.Namespace, report) -> int:
+_Report = Callable[[List[float], List[int], "Subscription"], str]
+
+
+def _periodic(args: argparse.Namespace, report: _Report) -> int:
     times: List[float] = []
     sizes: List[int] = []
     last = time.monotonic()
@@ -295,7 +314,7 @@ def _periodic(args: argparse.Namespace, report) -> int:
 
 
 def cmd_hz(args: argparse.Namespace) -> int:
-    def report(times, sizes, sub):
+    def report(times: List[float], sizes: List[int], sub: Subscription) -> str:
         if len(times) < 2:
             return "average rate: - (1 frame)"
         d = np.diff(times)
@@ -305,7 +324,7 @@ def cmd_hz(args: argparse.Namespace) -> int:
 
 
 def cmd_bw(args: argparse.Namespace) -> int:
-    def report(times, sizes, sub):
+    def report(times: List[float], sizes: List[int], sub: Subscription) -> str:
         if len(times) < 2:
             return f"bandwidth: - (1 frame of {sizes[-1]} B)"
         span = times[-1] - times[0]
@@ -315,7 +334,7 @@ def cmd_bw(args: argparse.Namespace) -> int:
 
 
 def cmd_lat(args: argparse.Namespace) -> int:
-    def report(times, sizes, sub):
+    def report(times: List[float], sizes: List[int], sub: Subscription) -> str:
         st = sub.stats()
         return (f"latency p50: {_fmt_ms(st['latency_p50_ns'])} ms  p99: {_fmt_ms(st['latency_p99_ns'])} ms  "
                 f"max: {_fmt_ms(st['latency_max_ns'])} ms  received: {st['received']} gaps: {st['gaps']} "
@@ -325,7 +344,7 @@ def cmd_lat(args: argparse.Namespace) -> int:
 
 def cmd_pub(args: argparse.Namespace) -> int:
     from .pcd import read_pcd
-    items = []
+    items: List[Tuple[Any, Dict[str, str]]] = []      # bytes or an ndarray, and its frame fields
     for name in args.files:
         p = Path(name)
         if not p.is_file():
@@ -429,7 +448,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import registry
     backends, with_broker = list(registry.names()), list(registry.with_broker())
-    p = argparse.ArgumentParser(prog="msight-fast", description="Fast camera and lidar transport over Redis, NATS and Kafka.")
+    p = argparse.ArgumentParser(prog="msight-fast",
+                                description="Fast camera and lidar transport over Redis, NATS and Kafka.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__import__('msight_fast').__version__}")
     sp = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -445,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(q, topic=False)
     q.add_argument("--seconds", type=float, default=15.0)
     q.add_argument("--rate", type=float, default=10.0, help="frames per second per sensor (default 10)")
-    q.add_argument("--data", default=None, help="a folder like shared/data/ (camera_seq/*.jpg, *.pcd)")
+    q.add_argument("--data", default=None, help="a folder of camera_seq/*.jpg (or *.jpg) and a *.pcd sweep "
+                   "(default: the Mcity sample packaged in msight_fast/sample/)")
     q.set_defaults(fn=cmd_demo)
 
     q = sp.add_parser("broker", help="start, stop or show a local broker from the bundled binaries")
@@ -487,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        rc: int = args.fn(args)
+        return rc
     except KeyboardInterrupt:
         return 130
     except (MsightFastError, OSError) as e:

@@ -80,18 +80,22 @@ def load_config(name: str, options: Mapping[str, Any], environ: Optional[Mapping
     return _config.load(get(name).config_cls, options, environ)
 
 
-def transport_class(name: str) -> "Type[Transport]":
-    """Import the backend's module; a missing client library raises ConfigError naming it."""
+def transport_class(name: str) -> Type[Transport]:
+    """Import the backend's module; a missing client library raises ConfigError naming it and its extra."""
     spec = get(name)
     mod, cls = spec.transport.split(":")
     try:
         module = importlib.import_module(f"msight_fast.backends.{mod}")
     except ImportError as e:
-        raise ConfigError(f"the {name} backend needs {' and '.join(spec.client)} ({e}); "
-                          f"pip install {' '.join(spec.client)}") from None
-    return getattr(module, cls)  # type: ignore[no-any-return]
+        if not spec.client:
+            raise
+        # each client is an extra named after its backend, so the core install stays numpy only
+        raise ConfigError(f"the {name} backend needs {' and '.join(spec.client)}: "
+                          f"pip install 'msight_fast[{name}]' ({e})") from None
+    transport: Type[Transport] = getattr(module, cls)
+    return transport
 
 
-def capabilities(name: str) -> "Capabilities":
+def capabilities(name: str) -> Capabilities:
     """What a backend offers, without connecting (largest message: as declared statically)."""
-    return transport_class(name).CAPABILITIES  # type: ignore[attr-defined,no-any-return]
+    return transport_class(name).CAPABILITIES

@@ -1,8 +1,8 @@
-"""Test data (the real Mcity frames when the sample data folder, MSIGHT_DATA_DIR, exists; synthetic
-frames of the same shape otherwise) and small helpers the suites share."""
+"""Test data (real Mcity frames from MSIGHT_DATA_DIR when set, else from the sample packaged in
+msight_fast/sample/; synthetic frames of the same shapes only when neither holds data) and small
+helpers the suites share."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -10,20 +10,22 @@ from typing import List, Optional, Set, Tuple
 
 import numpy as np
 
+from msight_fast import sample
 from msight_fast.pcd import read_pcd, synthetic_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def data_dir() -> Optional[Path]:
-    d = Path(os.environ.get("MSIGHT_DATA_DIR", REPO.parent / "shared" / "data"))
-    return d if (d / "sample_image.jpg").is_file() else None
+    """MSIGHT_DATA_DIR when it holds frames, else the packaged sample, else None."""
+    return sample.data_dir()
 
 
 def real_jpeg() -> bytes:
     d = data_dir()
-    if d is not None:
-        return (d / "sample_image.jpg").read_bytes()
+    p = sample.image_file(d) if d is not None else None
+    if p is not None:
+        return p.read_bytes()
     # a JPEG-shaped blob: SOI marker, random body, EOI marker (the transport never parses it)
     rng = np.random.default_rng(1)
     return b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 364_000, dtype=np.uint8).tobytes() + b"\xff\xd9"
@@ -31,15 +33,16 @@ def real_jpeg() -> bytes:
 
 def real_sweep() -> np.ndarray:
     d = data_dir()
-    if d is not None:
-        return read_pcd(d / "sample_point_cloud.pcd")
+    p = sample.pcd_file(d) if d is not None else None
+    if p is not None:
+        return read_pcd(p)
     return synthetic_sweep(38_690, seed=2)
 
 
 def camera_sequence() -> List[bytes]:
     d = data_dir()
     if d is not None:
-        return [p.read_bytes() for p in sorted((d / "camera_seq").glob("*.jpg"))]
+        return [p.read_bytes() for p in sample.camera_files(d)]
     return [real_jpeg()[: 80_000 + i] for i in range(30)]
 
 

@@ -23,7 +23,8 @@ def test_declared_semantics_match_the_readme():
     caps = {n: registry.capabilities(n) for n in registry.names()}
     assert (caps["redis"].delivery, caps["redis"].groups, caps["redis"].persistence) == ("best_effort", None, False)
     assert (caps["nats"].delivery, caps["nats"].groups, caps["nats"].persistence) == ("best_effort", "queue", False)
-    assert (caps["kafka"].delivery, caps["kafka"].groups, caps["kafka"].persistence) == ("at_least_once", "consumer", True)
+    assert (caps["kafka"].delivery, caps["kafka"].groups, caps["kafka"].persistence) == \
+        ("at_least_once", "consumer", True)
 
 
 def test_unknown_backend_is_a_config_error_listing_the_valid_ones():
@@ -46,6 +47,24 @@ def test_a_missing_client_library_names_the_package(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_nats)
     with pytest.raises(ConfigError, match="nats-py"):
         registry.transport_class("nats")
+
+
+@pytest.mark.parametrize("backend,module,package", [
+    ("redis", "hiredis", "hiredis"),
+    ("nats", "nats", "nats-py"),
+    ("kafka", "confluent_kafka", "confluent-kafka"),
+])
+def test_a_missing_client_names_the_extra_that_installs_it(monkeypatch, backend, module, package):
+    # None in sys.modules makes every import of the client (and of its submodules) fail, as when
+    # the package is not installed
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")] + [module]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, f"msight_fast.backends.{backend}", raising=False)
+    with pytest.raises(ConfigError) as ei:
+        registry.transport_class(backend)
+    msg = str(ei.value)
+    assert f"the {backend} backend needs {package}" in msg
+    assert f"pip install 'msight_fast[{backend}]'" in msg
 
 
 @pytest.mark.parametrize("backend,others", [
