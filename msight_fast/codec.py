@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union, cast, overload
 
 import numpy as np
 
@@ -21,11 +21,20 @@ from .errors import FrameError
 
 log = logging.getLogger("msight_fast")
 
-Frame = impl.Frame
-encode = impl.encode
-encode_parts = impl.encode_parts
-decode = impl.decode
-crc32c = impl.crc32c
+if TYPE_CHECKING:
+    # The compiled core's stub is the typed surface. At run time the names below are impl's own
+    # objects (compiled core or twin), not wrappers: decode is the compiled function itself.
+    from typing_extensions import Buffer
+
+    from ._ext._wire import BufferLike, Frame, crc32c, decode, encode, encode_parts
+else:
+    Frame = impl.Frame
+    encode = impl.encode
+    encode_parts = impl.encode_parts
+    decode = impl.decode
+    crc32c = impl.crc32c
+
+_B = TypeVar("_B", bound="BufferLike")
 
 __all__ = ["Frame", "encode", "encode_parts", "decode", "crc32c", "fragment", "Reassembler",
            "is_fragment", "fragment_key", "frame_key", "HAS_EXTENSIONS", "FrameError"]
@@ -70,14 +79,26 @@ def frame_key(buf: Any) -> Tuple[int, int, int, int, int]:
             int.from_bytes(h[48:52], "little"))
 
 
-def _frame_ids(frame_bytes: memoryview) -> tuple:
+if TYPE_CHECKING:
+    def _view(buf: BufferLike) -> memoryview:
+        # an ndarray is a buffer on every Python; numpy's stubs say so only from 3.12 on
+        return memoryview(cast("Buffer", buf))
+else:
+    _view = memoryview
+
+
+def _frame_ids(frame_bytes: memoryview) -> Tuple[int, int]:
     # frame_id and publisher_id key the fragments; taken unchecked, decode validates the whole
     if len(frame_bytes) >= S.FIXED_LEN and frame_bytes[:4] == S.MAGIC:
         return (int.from_bytes(frame_bytes[40:48], "little"), int.from_bytes(frame_bytes[56:64], "little"))
     return (S.new_frame_id(), 0)
 
 
-def fragment(frame_bytes: Any, max_size: int) -> List[Any]:
+@overload
+def fragment(frame_bytes: Sequence[BufferLike], max_size: int) -> List[bytes]: ...
+@overload
+def fragment(frame_bytes: _B, max_size: int) -> List[Union[bytes, _B]]: ...
+def fragment(frame_bytes: Union[BufferLike, Sequence[BufferLike]], max_size: int) -> List[Any]:
     """Split an encoded frame into self-describing fragments of at most ``max_size`` bytes.
 
     ``frame_bytes`` is the encoded frame, or the list its ``encode_parts`` returned: fragments are
@@ -86,8 +107,8 @@ def fragment(frame_bytes: Any, max_size: int) -> List[Any]:
     Each fragment is a 64-byte header (frame id, publisher id, index, count, total size,
     offset, chunk size, CRC32C) followed by its chunk; see docs/wire-format.md.
     """
-    parts = [memoryview(p).cast("B") for p in frame_bytes] if isinstance(frame_bytes, (list, tuple)) \
-        else [memoryview(frame_bytes).cast("B")]
+    parts = [_view(p).cast("B") for p in frame_bytes] if isinstance(frame_bytes, (list, tuple)) \
+        else [_view(cast("BufferLike", frame_bytes)).cast("B")]
     total = sum(len(p) for p in parts)
     if total <= max_size:
         return [frame_bytes if len(parts) == 1 and not isinstance(frame_bytes, (list, tuple))
@@ -107,7 +128,7 @@ def fragment(frame_bytes: Any, max_size: int) -> List[Any]:
     k, pos = 0, 0                       # current part, position in it
     for i in range(count):
         want = min(chunk, total - i * chunk)
-        pieces = []
+        pieces: List[memoryview] = []
         while want:
             p = parts[k]
             take = min(want, len(p) - pos)
@@ -118,7 +139,7 @@ def fragment(frame_bytes: Any, max_size: int) -> List[Any]:
             if pos == len(p):
                 k, pos = k + 1, 0
         out.append(b"".join([impl.pack_fragment_header(frame_id, pub_id, i, count, total, i * chunk, chunk,
-                                                       pieces)] + pieces))
+                                                       pieces), *pieces]))
     return out
 
 
@@ -159,7 +180,8 @@ class Reassembler:
     (``refused``), so no sender can push out another's frames. A frame not complete
     ``timeout_s`` after its first fragment is dropped on the clock by a shared daemon thread,
     even if nothing else arrives (``expired``). Fragments that arrive after their frame was
-    refused, evicted or expired are dropped and counted in ``refused``.
+    refused, evicted or expired are dropped and counted in ``refused``, but its first fragment
+    again starts it over (a re-delivery, as a Kafka consumer group makes after a rebalance).
     Two different copies of one fragment drop the frame (``rejected``): one of them is forged,
     and a frame partly made of forged bytes must not be handed over.
 
@@ -194,10 +216,10 @@ class Reassembler:
         # guards _pending, _per_pub, _abandoned, _done, _watched and the counters expire() touches;
         # the whole-frame path of feed() never takes it
         self._lock = threading.Lock()
-        self._pending: "OrderedDict[_Key, _Pending]" = OrderedDict()   # oldest first: deadline order
+        self._pending: OrderedDict[_Key, _Pending] = OrderedDict()   # oldest first: deadline order
         self._per_pub: Dict[int, int] = {}
-        self._done: "OrderedDict[_Key, None]" = OrderedDict()        # recently completed
-        self._abandoned: "OrderedDict[_Key, None]" = OrderedDict()   # recently refused, evicted, expired
+        self._done: OrderedDict[_Key, None] = OrderedDict()        # recently completed
+        self._abandoned: OrderedDict[_Key, None] = OrderedDict()   # recently refused, evicted, expired
         self._ref = weakref.ref(self)
         self._watched = False                               # by the reaper thread
         self.completed = 0
@@ -217,7 +239,7 @@ class Reassembler:
         return (self.max_pending * (self.max_frame_bytes + S.ALIGN + S.MAX_FRAGMENT_COUNT + _ENTRY_OVERHEAD)
                 + 2 * self._keep * _KEY_COST)
 
-    def pending_keys(self) -> List[tuple]:
+    def pending_keys(self) -> List[Tuple[int, int]]:
         """(publisher_id, frame_id) of every frame still being put together."""
         with self._lock:
             return list(dict.fromkeys(k[:2] for k in self._pending))
@@ -227,7 +249,7 @@ class Reassembler:
         with self._lock:
             return list(self._pending)
 
-    def stats(self) -> dict:
+    def stats(self) -> Dict[str, int]:
         return {"completed": self.completed, "expired": self.expired, "evicted": self.evicted,
                 "refused": self.refused, "duplicates": self.duplicates, "rejected": self.rejected,
                 "pending": len(self._pending)}
@@ -240,13 +262,13 @@ class Reassembler:
         with self._lock:
             return self._expire_locked(now)
 
-    def feed(self, buf: Any) -> Optional[Any]:
+    def feed(self, buf: BufferLike) -> Optional[Frame]:
         """Take one message: returns the decoded Frame once it is whole, else None.
 
         Raises FrameError for a malformed whole frame or fragment (counted in ``rejected``).
         """
         if not is_fragment(buf):
-            n = len(buf) if type(buf) is bytes else memoryview(buf).nbytes
+            n = len(buf) if type(buf) is bytes else _view(buf).nbytes
             if n > self.max_frame_bytes:
                 self.rejected += 1
                 raise FrameError(f"frame of {n} bytes exceeds max_frame_bytes {self.max_frame_bytes}")
@@ -267,7 +289,7 @@ class Reassembler:
         with self._lock:
             p = self._pending.get(key)
             if p is None:
-                p = self._admit(key)
+                p = self._admit(key, index)
                 if p is None:
                     return None
             if p.got[index]:
@@ -313,15 +335,19 @@ class Reassembler:
             raise FrameError(f"fragment {index}/{count} of frame {frame_id}: offset {offset} or length "
                              f"{chunk_len} (offsets 24, 40, 52) does not fit chunk size {chunk_size} and total {total}")
 
-    def _admit(self, key: _Key) -> Optional[_Pending]:
+    def _admit(self, key: _Key, index: int) -> Optional[_Pending]:
         """A new pending frame for ``key``, room made within the quotas; None when it is not taken."""
         if key in self._done:
             self.duplicates += 1               # a late copy of a frame already handed over
             return None
         if key in self._abandoned:
-            self._abandoned.move_to_end(key)   # its missing part is gone: it can never complete
-            self.refused += 1
-            return None
+            if index:
+                self._abandoned.move_to_end(key)   # a straggler: the frame's missing part is gone
+                self.refused += 1
+                return None
+            # its first fragment again: the frame is sent anew (a Kafka consumer group re-delivers
+            # from the last committed offset after a rebalance), so it may start over
+            del self._abandoned[key]
         now = time.monotonic()
         self._expire_locked(now)               # a frame past its time holds no room, reaper or not
         pub = key[0]
@@ -343,7 +369,7 @@ class Reassembler:
         raw = np.empty(total + S.ALIGN, dtype=np.uint8)
         start = (-raw.ctypes.data) % S.ALIGN
         p.buf = raw[start:start + total]
-        p.view = memoryview(p.buf)
+        p.view = _view(p.buf)
         p.got = bytearray(count)
         p.remaining = count
         p.deadline = now + self.timeout_s
@@ -362,7 +388,7 @@ class Reassembler:
         else:
             del self._per_pub[key[0]]
 
-    def _remember(self, lru: "OrderedDict[_Key, None]", key: _Key) -> None:
+    def _remember(self, lru: OrderedDict[_Key, None], key: _Key) -> None:
         lru[key] = None
         lru.move_to_end(key)
         if len(lru) > self._keep:
@@ -403,7 +429,7 @@ class _Reaper:
     MAX_WAIT = 1.0
 
     def __init__(self) -> None:
-        self._watched: Dict[int, "weakref.ref[Reassembler]"] = {}
+        self._watched: Dict[int, weakref.ref[Reassembler]] = {}
         self._new_locks()
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_in_parent,

@@ -220,8 +220,8 @@ def test_the_reaper_holds_reassemblers_weakly():
 def test_a_forked_child_expires_frames_on_its_own_reaper(lock):
     # "locked": a parent thread held the reassembler's lock at the fork; the child's copy must not
     # stay held forever (its holder does not exist in the child)
-    res = subprocess.run([sys.executable, str(REPO / "tests" / "reassembler_bomb.py"), "fork"] + ([lock] if lock else []),
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, str(REPO / "tests" / "reassembler_bomb.py"), "fork"]
+                         + ([lock] if lock else []), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
 
 
@@ -322,3 +322,15 @@ def test_two_different_copies_of_one_fragment_drop_the_frame_rather_than_mix_it(
     arr2, frags2 = _frame(A, seed=9)
     assert r.feed(frags2[0]) is None and r.feed(frags2[0]) is None and r.duplicates == 1
     assert _intact([r.feed(f) for f in frags2[1:]], arr2)
+
+
+def test_an_expired_frame_sent_again_from_its_first_fragment_starts_over():
+    # a Kafka consumer group re-delivers from the last committed offset after a rebalance: the
+    # fragments of a frame that expired meanwhile come again, from index 0
+    arr, frags = _frame(A)
+    r = Reassembler()
+    assert all(r.feed(f) is None for f in frags[:2])
+    assert r.expire(now=float("inf")) == 1
+    assert r.feed(frags[2]) is None and r.refused == 1      # a straggler of the dropped frame
+    assert _intact([r.feed(f) for f in frags], arr)          # the whole frame again
+    assert r.completed == 1 and r.pending == 0
