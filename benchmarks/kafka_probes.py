@@ -47,7 +47,7 @@ def first_delivery(b: brokers.Broker) -> None:
         if connect_first:
             p.list_topics(timeout=10)
         t0, got = time.monotonic(), {}
-        p.produce(topic, b"x", on_delivery=lambda e, m: got.setdefault("t", time.monotonic()))
+        p.produce(topic, b"x", on_delivery=lambda e, m, got=got: got.setdefault("t", time.monotonic()))
         p.flush(30)
         print(f"2. first delivery, idempotent producer, metadata round trip first={connect_first}: "
               f"{(got['t'] - t0) * 1e3:6.1f} ms")

@@ -43,7 +43,8 @@ def main(path: str) -> int:
         m = med[n]
         if "ext.decode" not in m:
             continue
-        d, p, e, f = m["ext.decode"], m["pickle5_oob.decode"], m["ext.encode_parts"], m["ext.encode"] / m["floor.memcpy"]
+        d, p, e = m["ext.decode"], m["pickle5_oob.decode"], m["ext.encode_parts"]
+        f = m["ext.encode"] / m["floor.memcpy"]
         ok_f = n not in ("raw1080", "raw4k", "lidar262k") or f <= 1.1
         for cond, what in ((d <= 1.5, f"{n} decode {d:.2f} µs"), (d / p <= 0.5, f"{n} decode/pickle {d / p:.2f}"),
                            (e <= 2.0, f"{n} encode_parts {e:.2f} µs"), (ok_f, f"{n} encode/floor {f:.2f}")):

@@ -1,7 +1,8 @@
 """Transport benchmark: every backend x payload, msight_fast against the raw client, plus the
 loopback TCP ceiling, all in one run. Writes benchmarks/results/transport.{json,md,png}.
 
-    python benchmarks/transport.py [--seconds 4] [--backends redis,nats,kafka] [--payloads 1080p,4k,jpeg,lidar,lidar262k,1k]
+    python benchmarks/transport.py [--seconds 4] [--backends redis,nats,kafka] \
+        [--payloads 1080p,4k,jpeg,lidar,lidar262k,1k]
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from msight_fast.bench import PAYLOAD_NAMES, run_sustained, run_transport, tcp_ceiling
 from msight_style import core_publisher, core_subscriber
+
+from msight_fast.bench import PAYLOAD_NAMES, run_sustained, run_transport, tcp_ceiling
 
 PATHS = ("msight", "raw", "core")   # this library, the bare client, the MSight-Core-style pipeline
 
@@ -22,7 +24,8 @@ OUT = Path(__file__).resolve().parent / "results"
 def table(results, ceiling) -> str:
     lines = [f"Loopback TCP ceiling (6 MB messages, sendall/recv_into): {ceiling['GBps']:.2f} GB/s "
              f"({ceiling['msgs_per_s']:.0f} msgs/s)", "",
-             "| backend | payload | path | published | received | lost % | delivered fps | MB/s | p50 ms | p99 ms | vs raw (fps) | vs core (fps) | CPU µs/frame pub / sub / broker |",
+             "| backend | payload | path | published | received | lost % | delivered fps | MB/s | p50 ms | p99 ms "
+             "| vs raw (fps) | vs core (fps) | CPU µs/frame pub / sub / broker |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(r["backend"], r["payload"], r["path"]): r for r in results}
 
@@ -35,10 +38,12 @@ def table(results, ceiling) -> str:
         def per(key, n):
             v = r.get(key)
             return f"{v / n * 1e6:,.0f}" if v is not None and n else "-"
-        return f"{per('pub_cpu_s', r['published'])} / {per('sub_cpu_s', r['received'])} / {per('broker_cpu_s', r['received'])}"
+        return (f"{per('pub_cpu_s', r['published'])} / {per('sub_cpu_s', r['received'])} / "
+                f"{per('broker_cpu_s', r['received'])}")
     for r in results:
         lines.append(f"| {r['backend']} | {r['payload']} | {r['path']} | {r['published']:,} | {r['received']:,} | "
-                     f"{r['loss_pct']:.1f} | {r['fps']:,.1f} | {r['MBps']:,.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['loss_pct']:.1f} | {r['fps']:,.1f} | {r['MBps']:,.1f} | {r['p50_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | "
                      f"{ratio(r, 'raw')} | {ratio(r, 'core')} | {cpu(r)} |")
     return "\n".join(lines)
 
@@ -55,7 +60,8 @@ def plot(results, ceiling, path: Path) -> None:
         styles = (("msight", "tab:blue", "msight_fast"), ("raw", "tab:gray", "raw client"),
                   ("core", "tab:orange", "MSight-Core-style"))
         for k, (pth, color, label) in enumerate(styles):
-            vals = [next((r["MBps"] for r in results if r["backend"] == b and r["payload"] == p and r["path"] == pth), 0)
+            vals = [next((r["MBps"] for r in results
+                          if r["backend"] == b and r["payload"] == p and r["path"] == pth), 0)
                     for p in payloads]
             ax.bar([x + 0.27 * k for x in xs], vals, 0.27, label=label, color=color)
         ax.axhline(ceiling["GBps"] * 1000, color="tab:red", ls="--", lw=1, label="loopback TCP ceiling")
@@ -110,7 +116,8 @@ def main() -> int:
                          "p99_ms": float("nan"), "error": repr(e)}
                 results.append(r)
                 print(f"{b:6s} {p:9s} {path:6s} fps={r['fps']:9.1f} MB/s={r['MBps']:8.1f} lost={r['lost']:6d} "
-                      f"p50={r['p50_ms']:8.2f} p99={r['p99_ms']:8.2f} dropped={r.get('sub_dropped')} gaps={r.get('sub_gaps')} "
+                      f"p50={r['p50_ms']:8.2f} p99={r['p99_ms']:8.2f} dropped={r.get('sub_dropped')} "
+                      f"gaps={r.get('sub_gaps')} "
                       f"({time.monotonic() - t0:.0f}s) {r.get('error', '')}",
                       flush=True)
     (out / "transport.json").write_text(json.dumps({"ceiling": ceiling, "results": results,

@@ -119,8 +119,8 @@ def main(argv: List[str]) -> int:
     for m in mismatches:
         print(f"ENCODERS DIFFER: {m}")
 
-    counts: "collections.Counter[Tuple[str, str, str]]" = collections.Counter()
-    by_sig: "collections.Counter[Any]" = collections.Counter()
+    counts: collections.Counter[Tuple[str, str, str]] = collections.Counter()
+    by_sig: collections.Counter[Any] = collections.Counter()
     first: List[Tuple[int, Any, Any]] = []
     disagree = failed = saved = 0
     step = max(1, a.n // 10)

@@ -3,7 +3,7 @@
 # editable), and runs every suite against the installed package from a copy of tests/ outside
 # the source tree, so nothing can import the source checkout by accident.
 #
-#   bash ci/test.sh            everything (unit x2, sanitizer, integration, sdist, bench smoke)
+#   bash ci/test.sh            everything (unit x2, manylinux wheel, sanitizer, integration, sdist, bench smoke)
 #   bash ci/test.sh unit       only the unit suites
 # Environment: PYTHON (default python3), MSIGHT_TEST_* to use external brokers (see tests/README.md).
 set -euo pipefail
@@ -11,7 +11,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 what="${1:-all}"
 py="${PYTHON:-python3}"
 venv="${MSIGHT_CI_VENV:-$here/.venv-ci}"
-export MSIGHT_DATA_DIR="${MSIGHT_DATA_DIR:-$here/../shared/data}"
+# MSIGHT_DATA_DIR, when set, names other sample data; unset, the sample packaged in msight_fast/sample/ is used
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 step() { printf '\n=== %s (%(%H:%M:%S)T)\n' "$*" -1; }
 
@@ -36,6 +36,11 @@ grep -qE '_wire\.pyi' <<<"$listing" || { echo "wheel lacks the _wire.pyi stub" >
 step "install the wheel with the test extra"
 "$vpy" -m pip install -q --force-reinstall --no-deps "$whl"
 "$vpy" -m pip install -q "$whl[test]"
+
+step "static checks: mypy --strict and ruff on the source tree (versions pinned by the lint extra)"
+"$vpy" -m pip install -q "$whl[lint]"
+(cd "$here" && "$vpy" -m mypy --strict msight_fast tests/typing && "$vpy" -m ruff check .)
+
 cp -r "$here/tests" "$here/pyproject.toml" "$work/"
 cd "$work"
 "$vpy" -c "import msight_fast, sys; assert 'site-packages' in msight_fast.__file__, msight_fast.__file__; \
@@ -48,6 +53,9 @@ run_pytest tests/unit -q
 step "unit tests, pure-Python twin (MSIGHT_FAST_NO_EXTENSIONS=1)"
 MSIGHT_FAST_NO_EXTENSIONS=1 run_pytest tests/unit -q
 [ "$what" = unit ] && exit 0
+
+step "manylinux wheel: auditwheel repair, unit tests against it in a fresh venv (ci/wheel.sh)"
+PYTHON="$py" bash "$here/ci/wheel.sh"
 
 step "hostile-input tests under AddressSanitizer + UBSan"
 PYTHON="$vpy" bash "$here/ci/sanitize.sh"

@@ -1,10 +1,23 @@
 """msight_fast: fast, safe transport of camera and lidar frames over Redis, NATS and Kafka."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._impl import EXTENSION_ERROR, HAS_EXTENSIONS
 from .codec import Frame, Reassembler, crc32c, decode, encode, encode_parts, fragment
-from .errors import (AuthError, BackendUnavailable, ConfigError, FrameError, FrameTooLarge,
-                     MsightFastError, PublishError)
+from .errors import (
+    AuthError,
+    BackendUnavailable,
+    ConfigError,
+    FrameError,
+    FrameTooLarge,
+    MsightFastError,
+    PublishError,
+)
+
+if TYPE_CHECKING:
+    # what __getattr__ below returns, so type checkers see the real signatures
+    from .bus import Bus, NodeConfig, Subscription, connect, connect_node
 
 __version__ = "0.1.0"
 
@@ -16,7 +29,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # the transport layer imports the broker clients: load it only when asked for
     if name in ("connect", "connect_node", "NodeConfig", "Bus", "Subscription"):
         from . import bus

@@ -18,7 +18,7 @@ import numpy as np
 from . import _schema as S
 from . import config as _config
 from . import registry
-from .backends.base import Outgoing, Source, Transport
+from .backends.base import Capabilities, Outgoing, Source, Transport
 from .codec import Frame, Reassembler, encode_parts, fragment, frame_key, is_fragment
 from .errors import BackendUnavailable, FrameError, FrameTooLarge, MsightFastError
 from .stats import LatencyWindow, SeqTracker
@@ -50,7 +50,7 @@ class Subscription:
     may come from any thread and ends a blocked ``recv`` soon after.
     """
 
-    def __init__(self, bus: "Bus", topic: str, source: Source, cfg: Any, group_id: Optional[str],
+    def __init__(self, bus: Bus, topic: str, source: Source, cfg: Any, group_id: Optional[str],
                  whole_stream: bool) -> None:
         self.topic = topic
         self.group_id = group_id
@@ -61,7 +61,7 @@ class Subscription:
         self._abandoned_seen = 0               # frames the reassembler gave up on, as of the last check
         self._seq = SeqTracker()
         self._lat = LatencyWindow()
-        self._tokens: Dict[Tuple[int, int], list] = {}
+        self._tokens: Dict[Tuple[int, int, int, int, int], List[Any]] = {}   # frame_key -> tokens held
         self._rlock = threading.Lock()
         self._passthrough = False              # compat: messages that are not frames come as bytes
         self.received = 0
@@ -97,11 +97,11 @@ class Subscription:
             if buf is None:                    # a Kafka record with no value (a tombstone)
                 buf = b""
             if self._passthrough and not _framed(buf):
-                frame = Frame.from_bytes(bytes(buf), sensor_name=self.topic, encoding="bytes")
+                passed = Frame.from_bytes(bytes(buf), sensor_name=self.topic, encoding="bytes")
                 self.received += 1
-                self.bytes += frame.nbytes
-                self._src.handed(frame, [] if token is None else [token])
-                return frame
+                self.bytes += passed.nbytes
+                self._src.handed(passed, [] if token is None else [token])
+                return passed
             r = self._reasm
             skipped = r.duplicates + r.refused
             try:
@@ -113,7 +113,8 @@ class Subscription:
                     log.error("msight_fast: a message on %r raised %r; dropped (please report this)",
                               self.topic, e, exc_info=True)
                 elif self.rejected == 1 or self.rejected % 1000 == 0:
-                    log.warning("msight_fast: dropped a malformed message on %r (%d so far): %s", self.topic, self.rejected, e)
+                    log.warning("msight_fast: dropped a malformed message on %r (%d so far): %s", self.topic,
+                                self.rejected, e)
                 if token is not None:          # done with it: it must not hold back the offsets
                     self._src.handed(None, [token])
                 if self._tokens:               # it may have ended a frame whose fragments are held
@@ -194,7 +195,7 @@ class Subscription:
             self._closed = True
             self._src.close()
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -244,7 +245,7 @@ class Bus:
         self.publish_errors = 0
 
     @property
-    def capabilities(self) -> Any:
+    def capabilities(self) -> Capabilities:
         """What this backend offers (delivery, groups, persistence, largest message)."""
         return self._t.capabilities
 
@@ -368,7 +369,7 @@ class Bus:
             s.close()
         self._t.close()
 
-    def __enter__(self) -> "Bus":
+    def __enter__(self) -> Bus:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -392,7 +393,7 @@ def _connect(backend: Optional[str], options: Dict[str, Any], node: Optional[Nod
     cfg = registry.load_config(name, options)
     cls = registry.transport_class(name)
     try:
-        transport = cls(cfg)  # type: ignore[call-arg]
+        transport = cls(cfg)  # type: ignore[call-arg]  # every backend takes its config; the ABC has no __init__
     except MsightFastError as e:
         raise _scrubbed(e) from None
     return Bus(transport, cfg, node)

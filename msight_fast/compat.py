@@ -176,12 +176,14 @@ def get_nats_config(group_id: Optional[str]) -> Dict[str, Any]:
     if group_id is not None:
         out["group_id"] = group_id
     for ours, theirs in (("username", "user"), ("password", "password"), ("token", "token"),
-                         ("nkey_seed", "nkeys_seed"), ("user_jwt", "user_jwt"), ("user_credentials", "user_credentials")):
+                         ("nkey_seed", "nkeys_seed"), ("user_jwt", "user_jwt"),
+                         ("user_credentials", "user_credentials")):
         if getattr(c, ours):
             out[theirs] = getattr(c, ours)
     if c.use_tls:
         out["tls"] = True
-        for ours, theirs in (("tls_ca_cert_file", "tls_ca_cert"), ("tls_cert_file", "tls_cert"), ("tls_key_file", "tls_key")):
+        for ours, theirs in (("tls_ca_cert_file", "tls_ca_cert"), ("tls_cert_file", "tls_cert"),
+                             ("tls_key_file", "tls_key")):
             if getattr(c, ours):
                 out[theirs] = getattr(c, ours)
     return out
@@ -201,7 +203,8 @@ def get_kafka_config(group_id: Optional[str]) -> Dict[str, Any]:
     out["security_protocol"] = ("SASL_" if c.sasl_mechanism else "") + ("SSL" if tls else "PLAINTEXT")
     if tls:
         out.update(ssl_check_hostname=c.tls_check_hostname, ssl_verify=c.tls_verify)
-        for ours, theirs in (("tls_ca_cert_file", "ssl_cafile"), ("tls_cert_file", "ssl_certfile"), ("tls_key_file", "ssl_keyfile")):
+        for ours, theirs in (("tls_ca_cert_file", "ssl_cafile"), ("tls_cert_file", "ssl_certfile"),
+                             ("tls_key_file", "ssl_keyfile")):
             if getattr(c, ours):
                 out[theirs] = getattr(c, ours)
     return out

@@ -12,7 +12,7 @@ _TYPES = {("F", 4): "<f4", ("F", 8): "<f8", ("U", 1): "u1", ("U", 2): "<u2", ("U
           ("U", 8): "<u8", ("I", 1): "i1", ("I", 2): "<i2", ("I", 4): "<i4", ("I", 8): "<i8"}
 
 
-def read_pcd(path: Union[str, os.PathLike, bytes]) -> np.ndarray:
+def read_pcd(path: Union[str, os.PathLike[str], bytes]) -> np.ndarray:
     """Read a PCD file (or its bytes) into a structured array with one field per PCD field."""
     if isinstance(path, bytes):
         raw = path
@@ -51,7 +51,8 @@ def read_pcd(path: Union[str, os.PathLike, bytes]) -> np.ndarray:
         need = points * dt.itemsize
         if len(raw) - pos < need:
             raise FrameError(f"PCD data truncated: {len(raw) - pos} bytes, {need} expected")
-        return np.frombuffer(raw, dtype=dt, count=points, offset=pos).copy()
+        got: np.ndarray = np.frombuffer(raw, dtype=dt, count=points, offset=pos).copy()
+        return got
     if kind == "ascii":
         table = np.loadtxt(raw[pos:].decode("ascii").splitlines(), ndmin=2)
         out = np.empty(len(table), dtype=dt)

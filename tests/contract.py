@@ -211,7 +211,7 @@ def test_concurrent_readers_share_one_subscription(make_bus, topic):
     readers = [threading.Thread(target=read, daemon=True) for _ in range(4)]
     for r in readers:
         r.start()
-    for i in range(200):
+    for _ in range(200):
         pub.publish(topic, b"x" * 100)
     pub.flush(30)
     deadline = time.monotonic() + 60

@@ -75,7 +75,7 @@ class _Conn:
     def __init__(self, client: socket.socket) -> None:
         self.client: Optional[socket.socket] = client
         self.server: Optional[socket.socket] = None
-        self.task: "Optional[asyncio.Task[None]]" = None
+        self.task: Optional[asyncio.Task[None]] = None
         self.rst = False
 
 
@@ -83,7 +83,7 @@ class FaultProxy:
     """A TCP proxy from ``(host, port)`` to ``upstream`` that injects faults on demand."""
 
     def __init__(self, upstream: Optional[Tuple[str, int]], *, port: int = 0, host: str = "127.0.0.1",
-                 dispatch: "Optional[Callable[[bytes], FaultProxy]]" = None) -> None:
+                 dispatch: Optional[Callable[[bytes], FaultProxy]] = None) -> None:
         # ``upstream`` may be set later, before the first connection (a broker started after
         # its proxy, to advertise the proxy's port)
         self.upstream = upstream
@@ -238,7 +238,7 @@ class FaultProxy:
             if not self._thread.is_alive():
                 self._loop.close()
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -250,7 +250,7 @@ class FaultProxy:
     # -- loop-thread plumbing
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` in the loop thread and return its result."""
-        fut: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def run() -> None:
             try:
@@ -262,7 +262,7 @@ class FaultProxy:
         self._loop.call_soon_threadsafe(run)
         return fut.result(_CONTROL_TIMEOUT_S)
 
-    def _run(self, coro: "Coroutine[Any, Any, Any]") -> Any:
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         try:
             fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         except RuntimeError:            # the loop is closed

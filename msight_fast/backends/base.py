@@ -54,7 +54,7 @@ class Outgoing:
         """The whole message as one ``bytes`` (for clients that take nothing else)."""
         return b"".join(self.parts)
 
-    def messages(self) -> List[Any]:
+    def messages(self) -> List[bytes]:
         """What goes on the wire, one item per broker message."""
         return self.fragments if self.fragments is not None else [self.joined()]
 
@@ -93,6 +93,9 @@ class Transport(abc.ABC):
     """
 
     name: ClassVar[str] = "?"
+    # what the backend declares before connecting (registry.capabilities); ``capabilities`` may
+    # refine it once connected (a broker's own message limit)
+    CAPABILITIES: ClassVar[Capabilities]
     capabilities: Capabilities
 
     def max_message(self, topic: str) -> Optional[int]:

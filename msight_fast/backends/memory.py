@@ -27,13 +27,13 @@ __all__ = ["MemoryTransport", "MemorySource", "reset"]
 
 class _Group:
     def __init__(self) -> None:
-        self.members: List["MemorySource"] = []
+        self.members: List[MemorySource] = []
         self.turn = 0
 
 
 class _Topic:
     def __init__(self) -> None:
-        self.broadcast: List["MemorySource"] = []
+        self.broadcast: List[MemorySource] = []
         self.groups: Dict[str, _Group] = {}
         self.log: Deque[Tuple[List[bytes], int]] = collections.deque()
         self.log_bytes = 0
@@ -51,7 +51,7 @@ class _Broker:
         return t
 
 
-_brokers: "weakref.WeakValueDictionary[str, _Broker]" = weakref.WeakValueDictionary()
+_brokers: weakref.WeakValueDictionary[str, _Broker] = weakref.WeakValueDictionary()
 _brokers_lock = threading.Lock()
 
 

@@ -274,7 +274,7 @@ class NatsTransport(Transport):
         self._server_said: Optional[str] = None      # a server -ERR naming a slow consumer
         self._server_id: Optional[str] = None
         self._server_url: Any = None
-        self._sources: Dict[int, "NatsSource"] = {}   # sid -> source, for nats-py's own drops
+        self._sources: Dict[int, NatsSource] = {}   # sid -> source, for nats-py's own drops
         # publish hand-off; every field the callbacks touch exists before the first connect
         self._q: Deque[Tuple[str, Any, Optional[str], _Sent]] = collections.deque()
         self._q_bytes = 0
@@ -285,7 +285,7 @@ class NatsTransport(Transport):
         self._buffered: Deque[_Sent] = collections.deque()   # frames put in the reconnect buffer
         self._failures: List[Tuple[str, str]] = []
         self._failed = 0
-        self._rest: "collections.OrderedDict[Tuple[int, int], Tuple[str, list]]" = collections.OrderedDict()
+        self._rest: collections.OrderedDict[Tuple[int, int], Tuple[str, List[bytes]]] = collections.OrderedDict()
         self._pull_sub = None
         self._pull_subject: Optional[str] = None
         self._lock = threading.Lock()
@@ -420,7 +420,8 @@ class NatsTransport(Transport):
         items.append((GROUP_PREFIX + topic, frags[0], self._pull_subject, rec))  # queue groups pull the rest
         self._enqueue(items, nbytes + len(frags[0]), nbytes, deadline)
 
-    def _enqueue(self, items: list, nbytes: int, frame_bytes: int, deadline: float) -> None:
+    def _enqueue(self, items: List[Tuple[str, Any, Optional[str], _Sent]], nbytes: int, frame_bytes: int,
+                 deadline: float) -> None:
         with self._cv:
             while True:
                 nc = self.nc
@@ -614,7 +615,7 @@ class NatsSource(Source):
         self.q = BoundedQueue(t.cfg.max_pending_bytes, t.cfg.drop_policy)
         self.client_dropped = 0          # messages nats-py dropped above its per-subscription limit
         self.inbox = ""
-        self._subs: list = []
+        self._subs: List[Any] = []        # nats-py Subscriptions
         self._closed = False
         cfg = t.cfg
         limit = dict(pending_msgs_limit=1_000_000, pending_bytes_limit=2 * cfg.max_pending_bytes)
@@ -676,7 +677,7 @@ class NatsSource(Source):
         got = self.q.get(timeout)
         return None if got is None else (got[0], None)
 
-    def stats(self) -> dict:
+    def stats(self) -> Dict[str, Any]:
         return {"dropped": self.q.dropped + self.client_dropped, "pending_bytes": self.q.nbytes,
                 "reconnects": self.t.reconnects, "disconnects": self.t.disconnects}
 

@@ -39,9 +39,9 @@ def test_demo_with_embedded_broker(kind):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "embedded" in r.stdout
     summary = r.stdout.split("summary", 1)[1]
-    rows = [l.split() for l in summary.splitlines() if l.startswith("demo/")]
+    rows = [line.split() for line in summary.splitlines() if line.startswith("demo/")]
     assert len(rows) == 3
-    for topic, sent, received, lost, gaps, *_ in rows:
+    for _topic, _sent, received, lost, gaps, *_ in rows:
         assert int(received) > 0 and int(gaps) == 0 and int(lost) == 0, summary
 
 
@@ -87,9 +87,9 @@ def test_echo_prints_headers_never_payload(publisher):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 3
-    for l in lines:
-        assert "shape=[120, 160, 3]" in l and "dtype=|u1" in l and f"size={frame.nbytes}" in l
-        assert "seq=" in l and "publish_ts_ns=" in l and len(l) < 400
+    for line in lines:
+        assert "shape=[120, 160, 3]" in line and "dtype=|u1" in line and f"size={frame.nbytes}" in line
+        assert "seq=" in line and "publish_ts_ns=" in line and len(line) < 400
 
 
 @needs_exe
@@ -111,7 +111,8 @@ def test_hz_bw_lat_print_sane_numbers(publisher):
 def test_broker_start_status_stop(tmp_path):
     env = {"MSIGHT_FAST_STATE_DIR": str(tmp_path)}
     r = run("broker", "start", "nats", env=env)
-    assert r.returncode == 0 and "export MSIGHT_NATS_SERVERS=" in r.stdout and "export MSIGHT_PUBSUB_BACKEND=\"nats\"" in r.stdout
+    assert r.returncode == 0 and "export MSIGHT_NATS_SERVERS=" in r.stdout
+    assert "export MSIGHT_PUBSUB_BACKEND=\"nats\"" in r.stdout
     try:
         assert "nats: running" in run("broker", "status", env=env).stdout
         servers = re.search(r'MSIGHT_NATS_SERVERS="(.*)"', r.stdout).group(1)

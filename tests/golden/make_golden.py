@@ -20,7 +20,8 @@ LIDAR = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("intensity", "<f4")
 
 def fixed(f, seq):
     f.seq, f.publisher_id = seq, 0x0123456789ABCDEF
-    f.capture_ts_ns, f.creation_ts_ns, f.publish_ts_ns = 1_764_000_000_000_000_000, 1_764_000_000_000_000_100, 1_764_000_000_000_000_200
+    f.capture_ts_ns, f.creation_ts_ns, f.publish_ts_ns = (1_764_000_000_000_000_000, 1_764_000_000_000_000_100,
+                                                          1_764_000_000_000_000_200)
     return f
 
 

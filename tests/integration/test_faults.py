@@ -76,7 +76,7 @@ class Rig:
         self._opts = opts
         self._closers = closers
         self._buses: List[Any] = []
-        self._traffic: List["Traffic"] = []
+        self._traffic: List[Traffic] = []
         self.at_least_once = registry.capabilities(kind).delivery == "at_least_once"
 
     def proxy(self, side: str) -> FaultProxy:
@@ -94,7 +94,7 @@ class Rig:
         sub = self.bus("sub").subscribe(topic)
         return self.bus("pub"), sub
 
-    def traffic(self, pub: Any, sub: Any, topic: str, size: int = BIG) -> "Traffic":
+    def traffic(self, pub: Any, sub: Any, topic: str, size: int = BIG) -> Traffic:
         t = Traffic(pub, sub, topic, size)
         self._traffic.append(t)
         return t
@@ -103,7 +103,7 @@ class Rig:
         for p in self.proxies.values():
             p.reset()
 
-    def finish(self, t: "Traffic", what: str) -> None:
+    def finish(self, t: Traffic, what: str) -> None:
         """The fault is over: wait for a frame published from now on to arrive, then stop the
         traffic and fail with every contract violation seen."""
         problems = []

@@ -23,7 +23,8 @@ def test_two_subscribers_in_one_group_share_the_stream(broker_pool, topic, kind)
             # the second join rebalances the group: wait until both members own partitions
             import time
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not (s1.stats()["assigned_partitions"] and s2.stats()["assigned_partitions"]):
+            while time.monotonic() < deadline and not (s1.stats()["assigned_partitions"]
+                                                       and s2.stats()["assigned_partitions"]):
                 s1.recv(0.2)
                 s2.recv(0.2)
             assert s1.stats()["assigned_partitions"] and s2.stats()["assigned_partitions"]
@@ -112,6 +113,7 @@ def test_kafka_delivery_failures_come_back_through_flush(topic):
 def _raw_message_sizes(servers, topic, n_expected, timeout=60.0):
     """Sizes of the Kafka messages on ``topic``, read with a bare consumer from the beginning."""
     import time
+
     from confluent_kafka import Consumer
     c = Consumer({"bootstrap.servers": ",".join(servers), "group.id": f"raw-{topic}",
                   "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 500,

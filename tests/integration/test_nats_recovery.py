@@ -404,7 +404,7 @@ def test_queue_group_member_lost_survivor_keeps_receiving(broker_pool, topic, tm
             other_bus.close()
         # the server forgets the member when it sees the connection end; from then on the
         # survivor gets every frame
-        for attempt in range(20):
+        for attempt in range(20):  # noqa: B007 - reported after the loop
             batch = [pub.publish(topic, bytes(1000)).seq for _ in range(20)]
             pub.flush(10)
             got = {f.seq for f in collect(s1, 20, timeout=5)} & set(batch)

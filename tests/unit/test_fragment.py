@@ -5,10 +5,8 @@ import struct
 import numpy as np
 import pytest
 
-from msight_fast import FrameError, Reassembler, decode, encode, encode_parts, fragment
-from msight_fast import Frame
+from msight_fast import Frame, FrameError, Reassembler, codec, decode, encode, encode_parts, fragment
 from msight_fast import _schema as S
-from msight_fast import codec
 
 
 def _enc(n_bytes=300_000, seed=0, **kw):

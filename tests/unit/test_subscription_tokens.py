@@ -6,9 +6,8 @@ import struct
 
 import numpy as np
 
-from msight_fast import Frame, encode, fragment
+from msight_fast import Frame, codec, encode, fragment
 from msight_fast import _schema as S
-from msight_fast import codec
 from msight_fast.backends.base import Source
 from msight_fast.bus import Subscription
 from msight_fast.config import RedisConfig
