@@ -165,6 +165,8 @@ class _Recorder:
 def _sub_msight(backend: str, opts: Dict[str, Any], topic: str, rec: _Recorder, stop: threading.Event,
                 ready: threading.Event) -> None:
     from . import connect
+    if backend == "kafka":                 # the raw consumer below waits 10 ms a fetch too: like for like
+        opts = dict(opts, fetch_wait_max_ms=10)
     bus = connect(backend, **opts)
     sub = bus.subscribe(topic)
     ready.set()

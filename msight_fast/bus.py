@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union, overload
 
 import numpy as np
 
@@ -22,6 +22,10 @@ from .backends.base import Capabilities, Outgoing, Source, Transport
 from .codec import Frame, Reassembler, encode_parts, fragment, frame_key, is_fragment
 from .errors import BackendUnavailable, FrameError, FrameTooLarge, MsightFastError
 from .stats import LatencyWindow, SeqTracker
+
+if TYPE_CHECKING:
+    from ._ext._wire import BufferLike
+    from .config import BaseConfig
 
 log = logging.getLogger("msight_fast")
 
@@ -233,7 +237,7 @@ class Bus:
 
     def __init__(self, transport: Transport, cfg: Any, node: Optional[NodeConfig] = None) -> None:
         self.backend: str = transport.name
-        self.config = cfg
+        self.config: BaseConfig = cfg
         self.node = node
         self.publisher_id: int = S.new_publisher_id()
         self._t = transport
@@ -249,6 +253,13 @@ class Bus:
         """What this backend offers (delivery, groups, persistence, largest message)."""
         return self._t.capabilities
 
+    @overload
+    def publish(self, topic: str, obj: Frame) -> Frame: ...
+    @overload
+    def publish(self, topic: str, obj: Union[np.ndarray, BufferLike], *, sensor_name: Optional[str] = None,
+                encoding: Optional[str] = None, device_name: Optional[str] = None, frame_id: Optional[int] = None,
+                capture_ts_ns: Optional[int] = None,
+                meta: Optional[Mapping[str, Union[str, int, float]]] = None) -> Frame: ...
     def publish(self, topic: str, obj: Any, **frame_fields: Any) -> Frame:
         """Publish a Frame, an ndarray or bytes; sets seq, publisher_id and publish_ts_ns.
 

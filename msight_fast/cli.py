@@ -344,18 +344,18 @@ def cmd_lat(args: argparse.Namespace) -> int:
 
 def cmd_pub(args: argparse.Namespace) -> int:
     from .pcd import read_pcd
-    items: List[Tuple[Any, Dict[str, str]]] = []      # bytes or an ndarray, and its frame fields
+    items: List[Tuple[Any, Optional[str]]] = []      # bytes or an ndarray, and its encoding
     for name in args.files:
         p = Path(name)
         if not p.is_file():
             return _err(f"{name}: no such file")
         ext = p.suffix.lower()
         if ext in (".jpg", ".jpeg", ".png"):
-            items.append((p.read_bytes(), {"encoding": "jpeg" if ext != ".png" else "png"}))
+            items.append((p.read_bytes(), "jpeg" if ext != ".png" else "png"))
         elif ext == ".npy":
-            items.append((np.load(p, allow_pickle=False), {}))
+            items.append((np.load(p, allow_pickle=False), None))
         elif ext == ".pcd":
-            items.append((read_pcd(p), {"encoding": "pointcloud"}))
+            items.append((read_pcd(p), "pointcloud"))
         else:
             return _err(f"{name}: unsupported file type (images, .npy, .pcd)")
     bus = _connect(args)
@@ -364,8 +364,8 @@ def cmd_pub(args: argparse.Namespace) -> int:
     nxt = time.monotonic()
     try:
         while True:
-            for obj, kw in items:
-                bus.publish(args.topic, obj, sensor_name=args.sensor_name or args.topic, **kw)
+            for obj, encoding in items:
+                bus.publish(args.topic, obj, sensor_name=args.sensor_name or args.topic, encoding=encoding)
                 n += 1
                 if args.count and n >= args.count:
                     bus.flush(30)

@@ -1,5 +1,6 @@
-# The typed surface of the codec: the compiled core (_wire.pyx) and the pure-Python twin
-# (msight_fast/_pywire.py) both provide these names; msight_fast.codec re-exports them.
+# The typed surface of the codec: the compiled core (_wire.pyx) provides every name here, the
+# pure-Python twin (msight_fast/_pywire.py) the public ones (Frame, encode, encode_parts, decode,
+# crc32c, the fragment header functions); msight_fast.codec re-exports those.
 from collections.abc import Mapping, Sequence
 
 import numpy as np

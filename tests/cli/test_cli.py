@@ -43,6 +43,15 @@ def test_demo_with_embedded_broker(kind):
     assert len(rows) == 3
     for _topic, _sent, received, lost, gaps, *_ in rows:
         assert int(received) > 0 and int(gaps) == 0 and int(lost) == 0, summary
+    if not os.environ.get("MSIGHT_DATA_DIR"):            # real frames from a plain install, no path
+        assert "sample packaged in msight_fast/sample/" in r.stdout.splitlines()[0], r.stdout[:500]
+
+
+@needs_exe
+def test_demo_with_a_data_folder_that_does_not_exist_exits_1_before_any_broker():
+    r = run("demo", "--data", "/nonexistent/msight-data", "--seconds", "1")
+    assert r.returncode == 1 and "/nonexistent/msight-data" in r.stderr and "Traceback" not in r.stderr
+    assert "embedded" not in r.stdout
 
 
 @needs_exe

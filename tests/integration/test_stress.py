@@ -1,5 +1,5 @@
 """Raw frames at full size on every backend: fragmentation over broker limits, crashes,
-slow subscribers and bounded memory (issue 4). Real brokers, real processes, real signals."""
+slow subscribers and bounded memory. Real brokers, real processes, real signals."""
 import json
 import signal
 import time

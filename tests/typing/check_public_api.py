@@ -38,7 +38,10 @@ def check_bus(bus: Bus, frame: Frame, payload: bytes) -> None:
     assert_type(bus.capabilities.groups, Optional[Literal["queue", "consumer"]])
     with mf.connect("memory") as b:
         assert_type(b, Bus)
-    bus.publish(frame)  # type: ignore[call-arg, arg-type]
+    bus.publish(frame)  # type: ignore[call-overload]
+    bus.publish("cam", frame, sensor_name="x")  # type: ignore[call-overload]
+    bus.publish("cam", payload, sensor_nam="x")  # type: ignore[call-overload]
+    bus.publish("cam", "text")  # type: ignore[call-overload]
     bus.subscribe("cam", "g")  # type: ignore[call-arg]
 
 

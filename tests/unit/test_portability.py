@@ -21,10 +21,13 @@ import pytest
 
 import msight_fast
 from msight_fast import brokers
-from msight_fast.backends import redis as R
 from msight_fast.config import RedisConfig
 
 from ..helpers import wait_for
+
+# the Redis backend needs hiredis (the redis extra, in test): without it there is nothing to test
+R = pytest.importorskip("msight_fast.backends.redis",
+                        reason="hiredis is not installed (pip install 'msight_fast[redis]')")
 
 posix_signals = pytest.mark.skipif(
     not all(hasattr(signal, n) for n in ("SIGSTOP", "SIGCONT", "SIGUSR1", "SIGUSR2")),
