@@ -14,7 +14,7 @@ import struct
 import tempfile
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -154,7 +154,7 @@ class _Recorder:
         self.t: List[float] = []
         self.lat: List[int] = []
         self.size = 0
-        self.stats: Dict[str, Any] = {}         # the Subscription's, when the path has one
+        self.stats: Mapping[str, Any] = {}      # the Subscription's, when the path has one
 
     def add(self, lat_ns: int, size: int) -> None:
         self.t.append(time.monotonic())

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union, overload
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union, cast, overload
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from . import registry
 from .backends.base import Capabilities, Outgoing, Source, Transport
 from .codec import Frame, Reassembler, encode_parts, fragment, frame_key, is_fragment
 from .errors import BackendUnavailable, FrameError, FrameTooLarge, MsightFastError
-from .stats import LatencyWindow, SeqTracker
+from .stats import BusStats, LatencyWindow, SeqTracker, SubscriptionStats
 
 if TYPE_CHECKING:
     from ._ext._wire import BufferLike
@@ -176,7 +176,7 @@ class Subscription:
         """Mark every frame received so far as processed (Kafka commits its offsets)."""
         self._src.ack()
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> SubscriptionStats:
         """received, bytes, gaps, duplicates, dropped, rejected and publish-to-receipt latency (ns).
 
         ``gaps`` is None where this subscription does not see each publisher's whole stream (a
@@ -192,7 +192,7 @@ class Subscription:
                                "fragments_refused": self._reasm.refused}
         out.update(self._lat.summary())
         out.update(self._src.stats())
-        return out
+        return cast(SubscriptionStats, out)      # the backends' keys are declared there too
 
     def close(self) -> None:
         if not self._closed:
@@ -362,13 +362,13 @@ class Bus:
         except MsightFastError as e:
             raise _scrubbed(e) from None
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> BusStats:
         """Publisher-side counters: published, publish_errors, and the backend's connected,
         disconnects, reconnects and lost (frames a publish accepted that a cut then lost)."""
         out: Dict[str, Any] = {"backend": self.backend, "published": self.published,
                                "publish_errors": self.publish_errors}
         out.update(self._t.stats())
-        return out
+        return cast(BusStats, out)
 
     def close(self) -> None:
         with self._lock:

@@ -149,10 +149,10 @@ def _fmt_ms(ns: Optional[int]) -> str:
     return "-" if ns is None else f"{ns / 1e6:.1f}"
 
 
-def _table(rows: List[List[str]], header: List[str]) -> str:
+def _table(rows: List[List[Any]], header: List[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
 
-    def line(r: List[str]) -> str:
+    def line(r: List[Any]) -> str:
         return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
@@ -243,7 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         mbs = sum(t.sizes[1:]) / dur / 1e6 if dur else 0.0
         rows.append([t.topic, sent[i], st["received"], sent[i] - st["received"], st["gaps"], f"{fps:.1f}",
                      f"{mbs:.1f}", _fmt_ms(st["latency_p50_ns"]), _fmt_ms(st["latency_p99_ns"])])
-        total_gaps += st["gaps"]
+        total_gaps += st["gaps"] or 0        # None only for a group member; the demo has none
         lost += max(0, sent[i] - st["received"])
         received += st["received"]
     print("\nsummary")

@@ -3,11 +3,66 @@ from __future__ import annotations
 
 import array
 import collections
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, TypedDict
 
 import numpy as np
 
-__all__ = ["SeqTracker", "LatencyWindow"]
+__all__ = ["SeqTracker", "LatencyWindow", "SubscriptionStats", "BusStats"]
+
+
+class SubscriptionStats(TypedDict, total=False):
+    """What ``Subscription.stats()`` returns. The first group is there on every backend; the
+    rest where the backend counts it (see the README's "Threads, faults and what is counted")."""
+
+    topic: str
+    received: int
+    bytes: int
+    gaps: Optional[int]                    # None for a group member: it does not see whole streams
+    duplicates: int
+    publishers: int
+    rejected: int
+    dropped: int
+    fragments_expired: int
+    fragments_evicted: int
+    fragments_refused: int
+    latency_p50_ns: Optional[int]          # None before the first frame
+    latency_p99_ns: Optional[int]
+    latency_max_ns: Optional[int]
+    # the connection (Redis, NATS, Kafka) and the receive queue (NATS, Kafka, memory)
+    connected: bool
+    disconnects: int
+    reconnects: int
+    last_outage_s: Optional[float]
+    pending_bytes: int
+    # a Kafka consumer group member
+    lag: Optional[int]
+    redelivered: int
+    replayed: int
+    offset_resets: int
+    log_lost: int
+    assigned_partitions: List[int]
+    assignments: int
+    consumer_errors: int
+    paused: bool
+
+
+class BusStats(TypedDict, total=False):
+    """What ``Bus.stats()`` returns: the first group on every backend, the rest where counted."""
+
+    backend: str
+    published: int
+    publish_errors: int
+    connected: bool
+    disconnects: int
+    reconnects: int
+    lost: int
+    last_outage_s: Optional[float]         # NATS, Kafka
+    # Kafka's producer
+    producer_recreated: int
+    topics_recreated: int
+    broker_state_lost: int
+    idempotent: bool
+    queued: Optional[int]
 
 
 class _Pub:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from msight_fast import FrameTooLarge
+from msight_fast.stats import BusStats, SubscriptionStats
 
 from .helpers import raw_frame, real_jpeg, real_sweep
 
@@ -102,6 +103,9 @@ def test_two_broadcast_subscribers_each_get_every_frame_in_order(make_bus, topic
         assert [f.seq for f in got] == list(range(1, 61))
         st = s.stats()
         assert st["gaps"] == 0 and st["duplicates"] == 0 and st["received"] == 60
+        # every key a backend reports is declared, with its type, for the users' type checkers
+        assert set(st) <= set(SubscriptionStats.__annotations__), set(st) - set(SubscriptionStats.__annotations__)
+    assert set(pub.stats()) <= set(BusStats.__annotations__), set(pub.stats()) - set(BusStats.__annotations__)
 
 
 def test_oversize_frame_is_refused_before_sending(make_bus, topic):

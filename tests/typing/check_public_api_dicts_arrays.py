@@ -5,13 +5,14 @@ precise types still fails if a value regresses to a bare ``Any``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import numpy as np
 from typing_extensions import assert_type
 
 import msight_fast as mf
 from msight_fast import Bus, Frame, Subscription
+from msight_fast.stats import BusStats, SubscriptionStats
 
 Image = np.ndarray[tuple[int, int, int], np.dtype[np.uint8]]
 
@@ -36,6 +37,10 @@ def check_lazy_names() -> None:
 
 
 def check_stats(bus: Bus, sub: Subscription) -> None:
-    assert_type(bus.stats(), Dict[str, Any])
-    assert_type(sub.stats(), Dict[str, Any])
+    assert_type(bus.stats(), BusStats)
+    assert_type(sub.stats(), SubscriptionStats)
+    assert_type(sub.stats()["gaps"], Optional[int])          # None for a group member
+    assert_type(sub.stats()["received"], int)
+    assert_type(sub.stats()["lag"], Optional[int])
+    assert_type(bus.stats()["lost"], int)
     assert_type(mf.Reassembler().stats(), Dict[str, int])
