@@ -71,6 +71,11 @@ class _Faults:
         self.stall_after: Optional[int] = None
 
 
+
+def _close_accepted(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        _close(fut.result()[0], rst=True)
+
 class _Conn:
     def __init__(self, client: socket.socket) -> None:
         self.client: Optional[socket.socket] = client
@@ -311,8 +316,14 @@ class FaultProxy:
 
     async def _accept_loop(self) -> None:
         while True:
+            accepting = asyncio.ensure_future(self._loop.sock_accept(self._lsock))
             try:
-                sock, _ = await self._loop.sock_accept(self._lsock)
+                sock, _ = await asyncio.shield(accepting)
+            except asyncio.CancelledError:
+                # cancelled (by close) just as a connection was accepted: close it, not leak it
+                accepting.cancel()
+                accepting.add_done_callback(_close_accepted)
+                raise
             except OSError:             # e.g. too many open files: keep listening
                 await asyncio.sleep(0.05)
                 continue

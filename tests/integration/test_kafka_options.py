@@ -365,8 +365,9 @@ def test_a_broker_without_create_topics_recreates_lost_topics_by_auto_creation(f
         bus.publish(topic, np.zeros(8, np.uint8))
         assert len(collect(sub, 1, timeout=30)) == 1
         k.broker.restart()
-        wait_for(lambda: bus.stats().get("topics_recreated", 0) >= 1, "the lost topic to be auto-created again",
-                 timeout=60)
+        # the topic comes back by auto-creation: the watcher's, or the consumer's own metadata
+        # request, whichever asks first (so topics_recreated may stay 0); what matters is that
+        # frames flow again on the same Subscription
         want = np.arange(8, dtype=np.uint8)
 
         def arrived() -> bool:
