@@ -3,14 +3,16 @@ msight_fast/sample/; synthetic frames of the same shapes only when neither holds
 helpers the suites share."""
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Set, Tuple
+from typing import Any, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 
 from msight_fast import sample
+from msight_fast.backends.base import Source
 from msight_fast.pcd import read_pcd, synthetic_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,3 +93,23 @@ class Receiver:
         self.stop.set()
         self.thread.join(30)
         assert not self.thread.is_alive(), "recv() hung"
+
+
+class ScriptedSource(Source):
+    """A Source that hands out scripted (message, token) pairs, for driving a Subscription with no
+    broker; records the tokens handed back (``handed_tokens``) and with which frame (``log``)."""
+
+    def __init__(self, messages: Iterable[Tuple[Any, Any]]) -> None:
+        self.q = collections.deque(messages)
+        self.handed_tokens: List[Any] = []
+        self.log: List[Tuple[Optional[str], List[Any]]] = []   # (sensor_name or None, tokens)
+
+    def next(self, timeout: Optional[float]) -> Optional[Tuple[Any, Any]]:
+        return self.q.popleft() if self.q else None
+
+    def handed(self, frame: Any, tokens: List[Any]) -> None:
+        self.handed_tokens.extend(tokens)
+        self.log.append((None if frame is None else frame.sensor_name, list(tokens)))
+
+    def released(self) -> List[Any]:
+        return sorted(self.handed_tokens)

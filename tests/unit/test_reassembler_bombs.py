@@ -1,6 +1,5 @@
 """The Reassembler under attack: forged geometry, floods from one publisher, memory bombs, and
 timed-out frames that must go on the clock (no feed needed)."""
-import collections
 import gc
 import json
 import subprocess
@@ -14,11 +13,10 @@ import pytest
 
 from msight_fast import Frame, FrameError, Reassembler, codec, encode, fragment
 from msight_fast import _schema as S
-from msight_fast.backends.base import Source
 from msight_fast.bus import Subscription
 from msight_fast.config import RedisConfig
 
-from ..helpers import REPO, wait_for
+from ..helpers import REPO, ScriptedSource, wait_for
 from ..reassembler_bomb import forged
 
 A, B, C = 0xA, 0xB, 0xC
@@ -243,24 +241,12 @@ def test_reassembler_bombs_stay_under_the_documented_bound():
     assert st["evicted"] > 0 and st["refused"] > 0 and st["rejected"] == got["rejected_raised"] > 0
 
 
-class _ScriptedSource(Source):
-    def __init__(self, messages):
-        self.q = collections.deque(messages)
-        self.handed_tokens = []
-
-    def next(self, timeout):
-        return self.q.popleft() if self.q else None
-
-    def handed(self, frame, tokens):
-        self.handed_tokens.extend(tokens)
-
-
 def test_subscription_releases_the_tokens_of_evicted_and_refused_frames():
     msgs = []
     for pub, seeds in ((A, range(5)), (B, range(5, 9)), (C, [9])):   # A: one over its quota of 4
         for s in seeds:
             msgs.append((_frame(pub, seed=s)[1][0], (pub, s)))
-    src = _ScriptedSource(msgs)
+    src = ScriptedSource(msgs)
     sub = Subscription(None, "t", src, RedisConfig(), None, whole_stream=True)
     assert sub.recv(0) is None
     st = sub.stats()
@@ -273,7 +259,7 @@ def test_subscription_releases_the_tokens_of_evicted_and_refused_frames():
 
 def test_subscription_releases_the_tokens_of_a_frame_the_reaper_expired_between_recvs():
     _, frags = _frame(A)
-    src = _ScriptedSource([(frags[0], ("p", 0)), (frags[1], ("p", 1))])
+    src = ScriptedSource([(frags[0], ("p", 0)), (frags[1], ("p", 1))])
     sub = Subscription(None, "t", src, RedisConfig(), None, whole_stream=True)
     sub._reasm = Reassembler(timeout_s=0.2)
     assert sub.recv(0) is None and sub._reasm.pending == 1 and not src.handed_tokens

@@ -1,24 +1,11 @@
 """The backend-independent Subscription logic, driven by a scripted Source (no broker)."""
-import collections
-
 import numpy as np
 
 from msight_fast import Frame, encode, fragment
-from msight_fast.backends.base import Source
 from msight_fast.bus import Subscription
 from msight_fast.config import RedisConfig
 
-
-class ScriptedSource(Source):
-    def __init__(self, messages):
-        self.q = collections.deque(messages)
-        self.handed_tokens = []
-
-    def next(self, timeout):
-        return self.q.popleft() if self.q else None
-
-    def handed(self, frame, tokens):
-        self.handed_tokens.extend(tokens)
+from ..helpers import ScriptedSource
 
 
 def _frame(seq, n=300_000):

@@ -1,34 +1,17 @@
 """A Subscription's hold on broker offsets (Kafka tokens) under hostile messages: a token is held
 exactly until its frame is handed over or given up, never forever, and never released with
 another frame; and no message, whatever its bytes, ends the stream."""
-import collections
 import struct
 
 import numpy as np
 
 from msight_fast import Frame, codec, encode, fragment
 from msight_fast import _schema as S
-from msight_fast.backends.base import Source
 from msight_fast.bus import Subscription
 from msight_fast.config import RedisConfig
 from msight_fast.stats import LatencyWindow
 
-
-class ScriptedSource(Source):
-    """Hands out (message, token) pairs in order and records which tokens came back, and how."""
-
-    def __init__(self, messages):
-        self.q = collections.deque(messages)
-        self.log = []                        # (sensor_name or None, tokens)
-
-    def next(self, timeout):
-        return self.q.popleft() if self.q else None
-
-    def handed(self, frame, tokens):
-        self.log.append((None if frame is None else frame.sensor_name, list(tokens)))
-
-    def released(self):
-        return sorted(t for _, ts in self.log for t in ts)
+from ..helpers import ScriptedSource
 
 
 def _sub(messages):
