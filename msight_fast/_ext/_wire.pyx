@@ -139,15 +139,15 @@ cdef tuple _dtype_entry(bytes blob, Py_ssize_t where):
     return <tuple>got
 
 
-cdef bytes _blob_for(object dt, int* subndim):
+cdef tuple _blob_entry(object dt):
+    """(descriptor bytes, dimensions its sub-array fields add, its text-field check or None)."""
     got = _blob_from_dtype.get(dt)
     if got is None:
         got = (S.dtype_to_wire(dt), S.subarray_ndim(dt), S.ucs4_plan(dt))
         if len(_blob_from_dtype) >= DTYPE_CACHE_MAX:
             _blob_from_dtype.clear()
         _blob_from_dtype[dt] = got
-    subndim[0] = (<tuple>got)[1]
-    return (<tuple>got)[0]
+    return <tuple>got
 
 
 cdef inline uint32_t _crc(uint32_t crc, const uint8_t* p, size_t n) noexcept:
@@ -303,17 +303,17 @@ cdef class Frame:
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"from_array needs a numpy.ndarray, not {type(arr).__name__}")
         cdef cnp.ndarray a = arr
-        cdef int subndim
-        blob = _blob_for(a.dtype, &subndim)
+        entry = _blob_entry(a.dtype)
+        blob = entry[0]
+        cdef int subndim = entry[1]
         if a.ndim > MAX_NDIM:
             raise FrameError(f"{a.ndim} dimensions (limit {MAX_NDIM})")
         if a.ndim + subndim > MAX_NDIM:
             raise FrameError(f"{a.ndim} dimensions plus {subndim} from sub-array fields (limit {MAX_NDIM})")
         if not cnp.PyArray_IS_C_CONTIGUOUS(a):
             a = np.ascontiguousarray(a).reshape(arr.shape)   # the one copy a strided array needs
-        plan = (<tuple>_blob_from_dtype[a.dtype])[2] if a.dtype in _blob_from_dtype else S.ucs4_plan(a.dtype)
-        if plan is not None:              # what a receiver would reject is refused here
-            S.check_ucs4(plan, a, 0)
+        if entry[2] is not None:          # what a receiver would reject is refused here
+            S.check_ucs4(entry[2], a, 0)
         cdef Frame f = Frame()
         f._init_common(sensor_name, encoding if encoding is not None else S.default_encoding(a),
                        device_name, frame_id, capture_ts_ns, meta)
@@ -370,7 +370,6 @@ cdef bytes _header(Frame f, bint checksum, Py_ssize_t* out_len):
     cdef cnp.ndarray a = None
     cdef bytes meta_b = None
     cdef bytes blob = None
-    cdef int subndim
     if f.sensor_name:
         s_sensor = _utf8_of(f.sensor_name, "sensor_name", MAX_NAME_BYTES, &ls)
     if f.device_name:
@@ -383,7 +382,7 @@ cdef bytes _header(Frame f, bint checksum, Py_ssize_t* out_len):
         flags |= FLAG_NDARRAY
         blob = f._dtype_blob
         if blob is None:
-            blob = f._dtype_blob = _blob_for(a.dtype, &subndim)
+            blob = f._dtype_blob = _blob_entry(a.dtype)[0]
         lt = len(blob)
         ls_shape = 8 * a.ndim
     if f.meta:
