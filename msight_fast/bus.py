@@ -7,6 +7,7 @@ table). Sequence numbers, encoding, fragmentation, locking and statistics live h
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import logging
 import threading
 import time
@@ -18,9 +19,9 @@ import numpy as np
 from . import _schema as S
 from . import config as _config
 from . import registry
-from .backends.base import Capabilities, Outgoing, Source, Transport
+from .backends.base import Capabilities, Outgoing, Source, Start, Transport
 from .codec import Frame, Reassembler, encode_parts, fragment, frame_key, is_fragment
-from .errors import BackendUnavailable, FrameError, FrameTooLarge, MsightFastError
+from .errors import BackendUnavailable, ConfigError, FrameError, FrameTooLarge, MsightFastError
 from .stats import BusStats, LatencyWindow, SeqTracker, SubscriptionStats
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("msight_fast")
 
-__all__ = ["connect", "connect_node", "NodeConfig", "Bus", "Subscription"]
+__all__ = ["connect", "connect_node", "NodeConfig", "Bus", "Subscription", "Start"]
 
 
 def _framed(buf: Any) -> bool:
@@ -227,6 +228,36 @@ class NodeConfig:
 
 _warned_no_groups = False
 
+StartLike = Union[None, str, int, _dt.datetime, Start]
+
+
+def _start(start: StartLike, from_beginning: bool) -> Optional[Start]:
+    """``start`` as a Start (None: live), or ConfigError for what cannot be one."""
+    if start is None:
+        return Start.beginning() if from_beginning else None
+    if from_beginning:
+        raise ConfigError("give start= or from_beginning=True, not both")
+    if isinstance(start, Start):
+        if start.kind not in ("beginning", "end", "offset", "time"):
+            raise ConfigError(f"start kind {start.kind!r} is not one of beginning, end, offset, time")
+        where = start
+    elif isinstance(start, str):
+        if start not in ("beginning", "end"):
+            raise ConfigError(f"start={start!r}: a str start is 'beginning' or 'end'")
+        where = Start(cast(Any, start))
+    elif isinstance(start, _dt.datetime):
+        if start.tzinfo is None:
+            raise ConfigError("start: give a timezone-aware datetime (a naive one is ambiguous)")
+        delta = start - _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+        where = Start.time((delta.days * 86400 + delta.seconds) * 10**9 + delta.microseconds * 1000)
+    elif isinstance(start, int) and not isinstance(start, bool):
+        where = Start.offset(start)
+    else:
+        raise ConfigError(f"start={start!r}: expected 'beginning', 'end', an int offset, a datetime or a Start")
+    if where.kind in ("offset", "time") and not 0 <= where.value < 1 << 63:
+        raise ConfigError(f"start {where.kind} {where.value} is out of range [0, 2^63)")
+    return where
+
 
 class Bus:
     """A connection to one broker: ``publish`` frames, ``subscribe`` to topics.
@@ -330,13 +361,26 @@ class Bus:
         finally:
             self._lock.release()
 
-    def subscribe(self, topic: str, *, group_id: Optional[str] = None, from_beginning: bool = False) -> Subscription:
+    def subscribe(self, topic: str, *, group_id: Optional[str] = None, from_beginning: bool = False,
+                  start: StartLike = None) -> Subscription:
         """Subscribe to ``topic``. ``group_id``: a NATS queue group / Kafka consumer group (see
-        ``capabilities.groups``); on a node Bus the node's group applies unless one is given."""
+        ``capabilities.groups``); on a node Bus the node's group applies unless one is given.
+
+        ``start`` (backends with ``capabilities.persistence`` only) says where to start reading the
+        retained log: ``"beginning"``, ``"end"``, an int offset, a ``datetime`` or a
+        ``Start.time(ns)``. ``from_beginning=True`` is ``start="beginning"``. A group that has
+        committed offsets still starts at ``start`` when this member is first assigned a partition.
+        """
         global _warned_no_groups
         if self._closed:
             raise ValueError("subscribe on a closed Bus")
         caps = self._t.capabilities
+        if start is not None and from_beginning:
+            raise ConfigError("give start= or from_beginning=True, not both")
+        where = _start(start, False)          # from_beginning alone stays what it was: ignored without persistence
+        if where is not None and where.kind != "end" and not caps.persistence:
+            raise ConfigError(f"{self.backend} keeps no messages: start={start!r} needs a backend with "
+                              "persistence (kafka, memory)")
         gid = group_id
         if gid is None and self.node is not None:
             gid = self.node.effective_group(self.backend) if caps.groups else self.node.group_id
@@ -347,7 +391,10 @@ class Bus:
                 _warned_no_groups = True
             gid = None
         try:
-            src = self._t.open(topic, gid, from_beginning)
+            if where is None or where.kind == "end" and not caps.persistence:
+                src = self._t.open(topic, gid, from_beginning and caps.persistence)
+            else:
+                src = self._t.open(topic, gid, where.kind == "beginning", where)
         except MsightFastError as e:
             raise _scrubbed(e) from None
         sub = Subscription(self, topic, src, self.config, gid, whole_stream=not gid)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Deque, Dict, List, Literal, Optional, Sequence, Tuple
 
 __all__ = ["Capabilities", "Outgoing", "Transport", "Source", "BoundedQueue", "Token",
-           "Delivery", "GroupKind"]
+           "Delivery", "GroupKind", "Start"]
 
 Delivery = Literal["best_effort", "at_least_once"]
 GroupKind = Literal["queue", "consumer"]
@@ -37,6 +37,37 @@ class Capabilities:
     groups: Optional[GroupKind]
     persistence: bool
     max_message: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a new subscription starts reading a retained log.
+
+    ``kind`` is ``"beginning"``, ``"end"`` (only what is published from now on), ``"offset"``
+    (``value`` is the offset of the first message, in every partition) or ``"time"`` (``value``
+    is ns since the epoch: the first message at or after it, by the broker's timestamps).
+    Build one with the classmethods, or pass ``start=`` to ``Bus.subscribe`` as a str, an int
+    offset or a ``datetime``.
+    """
+    kind: Literal["beginning", "end", "offset", "time"]
+    value: int = 0
+
+    @classmethod
+    def beginning(cls) -> Start:
+        return cls("beginning")
+
+    @classmethod
+    def end(cls) -> Start:
+        return cls("end")
+
+    @classmethod
+    def offset(cls, offset: int) -> Start:
+        return cls("offset", int(offset))
+
+    @classmethod
+    def time(cls, ns: int) -> Start:
+        """The first message at or after ``ns`` nanoseconds since the epoch."""
+        return cls("time", int(ns))
 
 
 @dataclass
@@ -119,8 +150,11 @@ class Transport(abc.ABC):
         self.send(Outgoing(topic, key, 0, len(data), parts=[data]), deadline)
 
     @abc.abstractmethod
-    def open(self, topic: str, group_id: Optional[str], from_beginning: bool) -> Source:
-        """A source of ``topic``'s messages (``group_id``: shared by a group; see Capabilities)."""
+    def open(self, topic: str, group_id: Optional[str], from_beginning: bool, start: Optional[Start] = None) -> Source:
+        """A source of ``topic``'s messages (``group_id``: shared by a group; see Capabilities).
+
+        ``start`` (None: live, or the beginning when ``from_beginning``) is only passed to a backend
+        with ``persistence``; the Bus refuses it for the others."""
 
     def flush(self, timeout: Optional[float]) -> None:
         """Wait for the acknowledgements the backend gives; ``PublishError`` lists failures."""

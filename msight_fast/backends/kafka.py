@@ -38,6 +38,14 @@ committed offset the broker lost starts at the beginning of its (new) log. Loss 
 group are reported per member as ``lag``, ``redelivered``, ``replayed`` and ``offset_resets``
 (see ``KafkaSource.stats``).
 
+Where a subscription starts (``start``, on its first assignment, see ``KafkaSource``):
+``"end"`` and a live subscription's never-committed partitions start at the log's end as a
+Fetch reports it (tansu 0.6 answers ListOffsets "latest" with the last record batch's base
+offset + 1, which would replay the rest of that batch); an offset is clamped to the log; a time
+is looked up with ListOffsets by timestamp and made exact on the client: messages older than it
+that the broker's answer included (tansu resolves a time per batch, and answers 0 where no
+message is that recent) are skipped, logged once and counted in ``KafkaSource.start_skipped``.
+
 Threads: librdkafka's own, the watcher, and one poll thread per subscription. Copies: one to
 encode the frame (confluent-kafka needs ``bytes``), one inside librdkafka on produce; on receipt
 one (``msg.value()``).
@@ -55,6 +63,7 @@ from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
     OFFSET_STORED,
+    TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
     KafkaException,
@@ -70,7 +79,7 @@ from ..errors import (
     MsightFastError,
     PublishError,
 )
-from .base import Capabilities, Outgoing, Source, Transport
+from .base import Capabilities, Outgoing, Source, Start, Transport
 
 if TYPE_CHECKING:
     from typing_extensions import TypeGuard
@@ -137,6 +146,12 @@ def _raise_for(e: Exception, what: str, cfg: Any) -> NoReturn:
 
 def _kafka_error(e: BaseException) -> Optional[KafkaError]:
     return e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+
+
+def _ms_up(ns: int) -> int:
+    """ns since the epoch as Kafka's ms timestamps, rounded up: the first message at or after
+    ``ns`` is the first whose timestamp is at or after this."""
+    return -(-ns // 1_000_000)
 
 
 def _is_fatal(err: Optional[KafkaError]) -> TypeGuard[KafkaError]:
@@ -686,9 +701,10 @@ class KafkaTransport(Transport):
         if failures:
             raise PublishError(f"{len(failures)} Kafka deliveries failed: {failures[0][1]}", failures)
 
-    def open(self, topic: str, group_id: Optional[str], from_beginning: bool) -> Source:
+    def open(self, topic: str, group_id: Optional[str], from_beginning: bool,
+             start: Optional[Start] = None) -> Source:
         self.ensure_topic(topic)
-        return KafkaSource(self, topic, group_id, from_beginning)
+        return KafkaSource(self, topic, group_id, from_beginning, start)
 
     def link_stats(self) -> Dict[str, Any]:
         with self._lock:
@@ -736,16 +752,34 @@ class KafkaSource(Source):
 
     The thread hands messages over through a queue bounded in bytes; when it is full the thread
     pauses fetching (never drops: Kafka must not lose anything) and resumes below half.
+
+    ``start`` applies to the first assignment this source gets, in each of its partitions:
+    ``end``, ``offset`` (clamped to the log) and ``time`` override the group's committed offsets;
+    ``beginning`` is ``from_beginning``: only partitions the group never committed start at the
+    log's start (the Bus passes it for ``from_beginning=True`` too, and a restarted member of a
+    group, as the MSight drop-in's, must resume where the group was). The resolved start is
+    committed at once, so a member that dies before its first commit does not lose the position.
+    Later assignments (rebalances) resume from the committed offsets.
     """
 
     ASSIGN_TIMEOUT_S = 60.0
+    LOOKUP_TIMEOUT_S = 10.0      # each broker request that resolves where partitions start
+    END_PROBE_S = 5.0            # reading the log's end from a Fetch, before falling back to ListOffsets
     LAG_INTERVAL_S = 1.0
     LOG_EVERY_S = 10.0
 
-    def __init__(self, t: KafkaTransport, topic: str, group_id: Optional[str], from_beginning: bool) -> None:
+    def __init__(self, t: KafkaTransport, topic: str, group_id: Optional[str], from_beginning: bool,
+                 start: Optional[Start] = None) -> None:
         self.t = t
         self.topic = topic
-        self.from_beginning = from_beginning
+        self.from_beginning = from_beginning or (start is not None and start.kind == "beginning")
+        # a start that overrides committed offsets; "beginning" is from_beginning (see the class doc)
+        self._seek = start if start is not None and start.kind != "beginning" else None
+        # time start: per partition, the ms below which messages are skipped until the first one
+        # at or after it (the poll thread's alone: set on assignment, read while fetching)
+        self._floor: Dict[int, int] = {}
+        self.start_skipped = 0       # messages a time start skipped: the broker's lookup began before them
+        self._warned_skip = False
         cfg = t.cfg
         conf = _consumer_config(cfg, t._base, group_id or f"msight_fast-{uuid.uuid4().hex}", self._handle_error)
         self.c = Consumer(conf)
@@ -880,6 +914,8 @@ class KafkaSource(Source):
                     if m.error() is not None:
                         self._handle_error(m.error())
             msgs = good
+            if msgs and self._floor:
+                msgs = self._skip_before_start(msgs)
             if msgs and self._replay_wait:
                 self._bound_replay(msgs)
         if not msgs and not self._paused:
@@ -904,6 +940,35 @@ class KafkaSource(Source):
                 self._paused = False
         except KafkaException as e:
             log.debug("msight_fast: pause/resume: %s", e)
+
+    def _skip_before_start(self, msgs: List[Any]) -> List[Any]:
+        """Drop, per partition of a time start, the messages before the first one at or after
+        it; from that one on the log is read in full, as Kafka's own seek by time does. The
+        skipped offsets are stored (nothing before them awaits the application)."""
+        floor = self._floor
+        kept: List[Any] = []
+        skipped_to: Dict[int, int] = {}
+        n = 0
+        for m in msgs:
+            p = m.partition()
+            ms = floor.get(p)
+            if ms is not None:
+                kind, ts = m.timestamp()
+                if kind != TIMESTAMP_NOT_AVAILABLE and ts < ms:
+                    skipped_to[p] = m.offset() + 1
+                    n += 1
+                    continue
+                del floor[p]
+            kept.append(m)
+        if n:
+            self.start_skipped += n
+            if not self._warned_skip:
+                self._warned_skip = True
+                log.warning("msight_fast: the broker's time lookup for %r included messages older than the start "
+                            "(it resolves times per record batch, or found none that recent); skipping them, "
+                            "counted in start_skipped", self.topic)
+            self._store([TopicPartition(self.topic, p, o) for p, o in skipped_to.items()])
+        return kept
 
     def _bound_replay(self, msgs: List[Any]) -> None:
         """For a partition taken over from another member: the log's end when its first messages
@@ -943,12 +1008,18 @@ class KafkaSource(Source):
 
     def _on_assign(self, consumer: Any, parts: List[TopicPartition]) -> None:
         first = not self._ever_assigned
+        seek = self._seek if first else None
+        if seek is not None and seek.kind == "time":
+            self._floor = {tp.partition: _ms_up(seek.value) for tp in parts}
         try:
-            fixed, anchor = self._starting_offsets(consumer, parts, first)
+            if seek is not None:
+                fixed = self._seek_offsets(consumer, parts, seek)
+                anchor = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in fixed]
+            else:
+                fixed, anchor = self._starting_offsets(consumer, parts, first)
         except Exception as e:  # noqa: BLE001 - the broker did not answer: let librdkafka decide
             self._note_error(f"resolving where {len(parts)} partitions start: {e!r}")
-            where = (OFFSET_BEGINNING if self.from_beginning else OFFSET_END) if first else OFFSET_STORED
-            fixed, anchor = [TopicPartition(tp.topic, tp.partition, where) for tp in parts], []
+            fixed, anchor = [TopicPartition(tp.topic, tp.partition, self._fallback(first)) for tp in parts], []
         try:
             consumer.assign(fixed)
         except KafkaException as e:
@@ -965,6 +1036,91 @@ class KafkaSource(Source):
             self.assignments += 1
             self._lock.notify_all()
 
+    def _fallback(self, first: bool) -> int:
+        """Where partitions start when the broker did not say: librdkafka resolves a logical
+        offset itself once it can. A time start reads from the beginning and skips the older
+        messages (exact, only slower); an offset past the log's end goes to its start
+        (``auto.offset.reset``)."""
+        seek = self._seek if first else None
+        if seek is not None:
+            return {"end": OFFSET_END, "offset": seek.value}.get(seek.kind, OFFSET_BEGINNING)
+        return (OFFSET_BEGINNING if self.from_beginning else OFFSET_END) if first else OFFSET_STORED
+
+    def _seek_offsets(self, consumer: Any, parts: List[TopicPartition], seek: Start) -> List[TopicPartition]:
+        """Where each partition starts for an ``end``, ``offset`` or ``time`` start, whatever the
+        group committed. Every partition gets a number, within [log start, log end]."""
+        marks: Dict[int, Tuple[int, int]] = {}
+        for tp in parts:
+            marks[tp.partition] = consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition),
+                                                                 timeout=self.LOOKUP_TIMEOUT_S)
+        # per partition: the offset to start at, capped at the log's end (None: the end itself)
+        want: Dict[int, Optional[int]] = {}
+        if seek.kind == "offset":
+            want = {p: max(seek.value, lo) for p, (lo, _) in marks.items()}
+        elif seek.kind == "time":
+            ms = _ms_up(seek.value)
+            try:
+                found = consumer.offsets_for_times([TopicPartition(self.topic, p, ms) for p in marks],
+                                                   timeout=self.LOOKUP_TIMEOUT_S)
+            except KafkaException as e:
+                log.warning("msight_fast: the broker did not answer a time lookup on %r (%s); reading its "
+                            "partitions from the start and skipping messages older than the start", self.topic, e)
+                found = [TopicPartition(self.topic, p, lo) for p, (lo, _) in marks.items()]
+            for tp in found:
+                if tp.error is not None:
+                    raise KafkaException(tp.error)
+                # -1: no message that recent (Kafka's answer); the end
+                want[tp.partition] = None if tp.offset < 0 else max(tp.offset, marks[tp.partition][0])
+        else:
+            want = dict.fromkeys(marks)
+        # past what ListOffsets calls the end: ask a Fetch where the end really is
+        beyond = {p: marks[p] for p, o in want.items() if o is None or o > marks[p][1]}
+        ends = self._log_ends(beyond) if beyond else {}
+        fixed = []
+        for p, o in want.items():
+            end = ends.get(p, marks[p][1])
+            fixed.append(TopicPartition(self.topic, p, end if o is None else min(o, end)))
+        with self._mutex:
+            for tp in fixed:
+                self._last.pop(tp.partition, None)
+                self._replay_bound.pop(tp.partition, None)
+        self._replay_wait = set()                 # a chosen start: what comes is not another member's replay
+        return fixed
+
+    def _log_ends(self, marks: Dict[int, Tuple[int, int]]) -> Dict[int, int]:
+        """The end of each partition's log (partition -> (low, high) from ListOffsets) as a Fetch
+        reports it: its high watermark. ListOffsets "latest" would do on Apache Kafka, but tansu
+        0.6 answers it with the last record batch's base offset + 1, and starting there would
+        replay the rest of that batch. A short-lived consumer of no group reads from the message
+        before that answer; whatever it cannot learn within ``END_PROBE_S`` keeps ListOffsets'
+        answer, noted as an error."""
+        ends = {p: hi for p, (_, hi) in marks.items()}
+        todo = {p: hi for p, (lo, hi) in marks.items() if hi > lo}   # an empty log's end is its start
+        if not todo:
+            return ends
+        conf = _consumer_config(self.t.cfg, self.t._base, f"msight_fast-end-{uuid.uuid4().hex}", lambda err: None)
+        conf.update({"enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "latest"})
+        probe = Consumer(conf)
+        try:
+            probe.assign([TopicPartition(self.topic, p, hi - 1) for p, hi in todo.items()])
+            deadline = time.monotonic() + self.END_PROBE_S
+            while todo and not self._closed and time.monotonic() < deadline:
+                m: Any = probe.poll(0.05)       # a fetched message has a partition and an offset
+                if m is None or m.partition() not in todo:
+                    continue
+                p, err = m.partition(), m.error()
+                if err is None:
+                    hi = probe.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)[1]
+                    ends[p] = max(todo.pop(p), hi, m.offset() + 1)
+                elif err.code() == KafkaError._PARTITION_EOF:   # its offset is the end
+                    ends[p] = max(todo.pop(p), m.offset())
+        finally:
+            probe.close()
+        if todo:
+            self._note_error(f"the end of partitions {sorted(todo)} not read within {self.END_PROBE_S} s; "
+                             "starting at the broker's ListOffsets answer")
+        return ends
+
     def _starting_offsets(self, consumer: Any, parts: List[TopicPartition],
                           first: bool) -> Tuple[List[TopicPartition], List[TopicPartition]]:
         # Resolve where each partition starts now (frames published right after subscribe()
@@ -972,25 +1128,33 @@ class KafkaSource(Source):
         # committed: otherwise a member that dies before its first auto-commit leaves the
         # group with no position, and its successor would start at "latest" and skip
         # everything the dead member had not finished.
-        committed = consumer.committed(parts, timeout=10)
-        fixed, anchor, lost, taken_over = [], [], [], set()
+        committed = consumer.committed(parts, timeout=self.LOOKUP_TIMEOUT_S)
+        fixed, anchored, lost, taken_over = [], [], [], set()
+        at_end: Dict[int, Tuple[int, int]] = {}
         for tp in committed:
             p = tp.partition
             if tp.offset >= 0:
                 if p not in self._owned_before:
                     taken_over.add(p)
             else:
-                lo, hi = consumer.get_watermark_offsets(TopicPartition(tp.topic, p), timeout=10)
+                lo, hi = consumer.get_watermark_offsets(TopicPartition(tp.topic, p), timeout=self.LOOKUP_TIMEOUT_S)
                 if first:
                     tp.offset = lo if self.from_beginning else hi
+                    if not self.from_beginning:
+                        at_end[p] = (lo, hi)
                 else:
                     # every assignment commits a start, so the group had an offset here: the
                     # broker lost it (a restart without its state), and all its log now holds
                     # was written since: start at the beginning
                     tp.offset = lo
                     lost.append(p)
-                anchor.append(TopicPartition(tp.topic, p, tp.offset))
+                anchored.append(tp)
             fixed.append(tp)
+        if at_end:
+            ends = self._log_ends(at_end)
+            for tp in fixed:
+                tp.offset = ends.get(tp.partition, tp.offset)
+        anchor = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in anchored]
         with self._mutex:
             for p in lost:
                 self._high.pop(p, None)             # offsets of the old log are not comparable
@@ -1030,6 +1194,8 @@ class KafkaSource(Source):
             self._owned_before = set(self._assigned or []) | gone
             self._assigned = [p for p in (self._assigned or []) if p not in gone]
         self._replay_wait -= gone
+        for p in gone:
+            self._floor.pop(p, None)
         try:
             consumer.commit(asynchronous=False)
         except KafkaException:

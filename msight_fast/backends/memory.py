@@ -6,7 +6,10 @@ tested without a broker (as FastStream's test brokers do):
 - broadcast: every subscriber without a group gets every message;
 - groups (``group_id``): each frame reaches exactly one live member, in turn (a ``queue``
   group, as NATS: what a member had queued when it closed is gone with it);
-- a retained log per topic, bounded by ``retain_bytes``: ``from_beginning=True`` replays it;
+- a retained log per topic, bounded by ``retain_bytes``: ``from_beginning=True`` replays it,
+  and ``start`` picks where to begin: ``end``, an offset (a frame's index among every frame
+  ever published on the topic; one before what is retained starts at the oldest retained) or a
+  time (the first frame logged at or after it, by ``time.time_ns()`` when it was logged);
 - a message limit (``max_message_bytes``, 1 MiB by default, as NATS): larger frames are
   fragmented by the Bus exactly as on the brokers.
 
@@ -16,11 +19,13 @@ Each subscription's queue is bounded by ``max_pending_bytes`` (``drop_policy``),
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
+import time
 import weakref
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from .base import BoundedQueue, Capabilities, Outgoing, Source, Transport
+from .base import BoundedQueue, Capabilities, Outgoing, Source, Start, Transport
 
 __all__ = ["MemoryTransport", "MemorySource", "reset"]
 
@@ -35,8 +40,23 @@ class _Topic:
     def __init__(self) -> None:
         self.broadcast: List[MemorySource] = []
         self.groups: Dict[str, _Group] = {}
-        self.log: Deque[Tuple[List[bytes], int]] = collections.deque()
+        # the retained frames: (messages, bytes, time.time_ns() when logged); log[0] is the frame
+        # with offset ``base`` (frames trimmed from the head move it on)
+        self.log: Deque[Tuple[List[bytes], int, int]] = collections.deque()
         self.log_bytes = 0
+        self.base = 0
+
+    def retained(self, start: Start) -> List[List[bytes]]:
+        """The retained frames from ``start`` on (called with the broker's lock held)."""
+        if start.kind == "beginning":
+            first = 0
+        elif start.kind == "offset":
+            first = max(0, start.value - self.base)
+        elif start.kind == "time":                 # from the first one on, as Kafka's seek by time
+            first = next((i for i, (_, _, ts) in enumerate(self.log) if ts >= start.value), len(self.log))
+        else:
+            first = len(self.log)
+        return [msgs for msgs, _, _ in itertools.islice(self.log, first, None)]
 
 
 class _Broker:
@@ -88,10 +108,11 @@ class MemoryTransport(Transport):
         b = self._broker
         with b.lock:
             t = b.topic(msg.topic)
-            t.log.append((msgs, nbytes))
+            t.log.append((msgs, nbytes, time.time_ns()))
             t.log_bytes += nbytes
             while t.log_bytes > self.cfg.retain_bytes and len(t.log) > 1:
                 t.log_bytes -= t.log.popleft()[1]
+                t.base += 1
             targets = list(t.broadcast)
             for g in t.groups.values():
                 if g.members:                   # every message of one frame to the same member
@@ -102,15 +123,20 @@ class MemoryTransport(Transport):
                 s.q.put(m, len(m))
         self._sent += 1
 
-    def open(self, topic: str, group_id: Optional[str], from_beginning: bool) -> Source:
-        return MemorySource(self, topic, group_id, from_beginning)
+    def open(self, topic: str, group_id: Optional[str], from_beginning: bool,
+             start: Optional[Start] = None) -> Source:
+        if start is None and from_beginning:
+            start = Start.beginning()
+        return MemorySource(self, topic, group_id, start)
 
     def stats(self) -> Dict[str, Any]:
         return {"connected": True, "disconnects": 0, "reconnects": 0, "lost": 0}
 
 
 class MemorySource(Source):
-    def __init__(self, t: MemoryTransport, topic: str, group_id: Optional[str], from_beginning: bool) -> None:
+    """A subscription's queue; ``start`` (None: live) replays retained frames into it first."""
+
+    def __init__(self, t: MemoryTransport, topic: str, group_id: Optional[str], start: Optional[Start] = None) -> None:
         self.t = t
         self.topic = topic
         self.group_id = group_id
@@ -118,8 +144,8 @@ class MemorySource(Source):
         b = t._broker
         with b.lock:
             tp = b.topic(topic)
-            if from_beginning:
-                for msgs, _ in tp.log:
+            if start is not None:
+                for msgs in tp.retained(start):
                     for m in msgs:
                         self.q.put(m, len(m))
             if group_id:

@@ -53,7 +53,7 @@ from nats import errors as nats_errors
 from .. import _schema as S
 from ..codec import fragment_key
 from ..errors import AuthError, BackendUnavailable, PublishError
-from .base import BoundedQueue, Capabilities, Outgoing, Source, Transport
+from .base import BoundedQueue, Capabilities, Outgoing, Source, Start, Transport
 
 log = logging.getLogger("msight_fast")
 
@@ -556,7 +556,8 @@ class NatsTransport(Transport):
             raise PublishError(f"{failed} frames failed: {failures[0][1]}", failures)
 
     # -- subscribe
-    def open(self, topic: str, group_id: Optional[str], from_beginning: bool) -> Source:
+    def open(self, topic: str, group_id: Optional[str], from_beginning: bool,
+             start: Optional[Start] = None) -> Source:
         if self._closing:
             raise BackendUnavailable("NATS: the transport is closed")
         return NatsSource(self, topic, group_id)

@@ -34,7 +34,7 @@ import hiredis
 import numpy as np
 
 from ..errors import AuthError, BackendUnavailable, PublishError
-from .base import Capabilities, Outgoing, Source, Transport
+from .base import Capabilities, Outgoing, Source, Start, Transport
 
 log = logging.getLogger("msight_fast")
 
@@ -579,7 +579,8 @@ class RedisTransport(Transport):
                 "reconnects": link.reconnects, "lost": self.lost}
 
     # -- subscribe
-    def open(self, topic: str, group_id: Optional[str], from_beginning: bool) -> Source:
+    def open(self, topic: str, group_id: Optional[str], from_beginning: bool,
+             start: Optional[Start] = None) -> Source:
         return RedisSource(self.cfg, topic)
 
     def close(self) -> None:
