@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._impl import EXTENSION_ERROR, HAS_EXTENSIONS
+from .backends.base import Start
 from .codec import Frame, Reassembler, crc32c, decode, encode, encode_parts, fragment
 from .errors import (
     AuthError,
@@ -18,6 +19,7 @@ from .errors import (
 if TYPE_CHECKING:
     # what __getattr__ below returns, so type checkers see the real signatures
     from .bus import Bus, NodeConfig, Subscription, connect, connect_node
+    from .record import read_mcap
 
 __version__ = "0.1.0"
 
@@ -25,7 +27,7 @@ __all__ = [
     "Frame", "encode", "encode_parts", "decode", "fragment", "Reassembler", "crc32c",
     "MsightFastError", "FrameError", "ConfigError", "BackendUnavailable", "AuthError",
     "FrameTooLarge", "PublishError", "HAS_EXTENSIONS", "EXTENSION_ERROR",
-    "connect", "connect_node", "NodeConfig", "Bus", "Subscription",
+    "connect", "connect_node", "NodeConfig", "Bus", "Subscription", "Start", "read_mcap",
 ]
 
 
@@ -34,4 +36,7 @@ def __getattr__(name: str) -> Any:
     if name in ("connect", "connect_node", "NodeConfig", "Bus", "Subscription"):
         from . import bus
         return getattr(bus, name)
+    if name == "read_mcap":           # MCAP needs the viz extra: imported when first used
+        from .record import read_mcap
+        return read_mcap
     raise AttributeError(f"module 'msight_fast' has no attribute {name!r}")

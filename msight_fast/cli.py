@@ -1,4 +1,4 @@
-"""The ``msight-fast`` command: demo, local brokers, and hz/bw/lat/echo/pub/bench tools.
+"""The ``msight-fast`` command: demo, local brokers, hz/bw/lat/echo/pub/bench tools, record/play.
 
 Exit codes: 0 success, 1 failure (one line on stderr, no traceback), 2 usage.
 """
@@ -381,6 +381,146 @@ def cmd_pub(args: argparse.Namespace) -> int:
         bus.close()
 
 
+# ---------------------------------------------------------------- record / play
+def _viz(command: str, *modules: str) -> Optional[str]:
+    """The one-line error when the viz extra is missing, else None."""
+    import importlib
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return f'{command} needs {name}, from the viz extra: pip install "msight_fast[viz]"'
+    return None
+
+
+class _Interrupts:
+    """SIGTERM raises KeyboardInterrupt as SIGINT does (both end a recording cleanly), and
+    ``quiet()`` ignores both while the file is finished: a second Ctrl-C must not cut that short."""
+
+    def __enter__(self) -> _Interrupts:
+        self._old: Optional[Tuple[Any, Any]] = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+        try:
+            signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:                     # not the main thread: no handlers to set
+            self._old = None
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def quiet(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old[0])
+            signal.signal(signal.SIGTERM, self._old[1])
+
+
+def _size(text: str) -> int:
+    """A byte count: digits with an optional K, M or G (powers of 1024)."""
+    t = text.strip().upper()
+    t = t[:-1] if t.endswith("B") else t
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        n = int(float(t[:-1] if mult > 1 else t) * mult)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500M)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
+    return n
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return v
+
+
+def _connect_options(args: argparse.Namespace) -> Dict[str, Any]:
+    return {"connect_timeout_s": args.timeout} if getattr(args, "timeout", None) else {}
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    missing = _viz("view", "foxglove")
+    if missing:
+        return _err(missing)
+    from .view import run
+    return run(args)
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    missing = _viz("record", "mcap", "foxglove")
+    if missing:
+        return _err(missing)
+    from .record import Recorder
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        return _err(f"{out} exists (give --force to overwrite it)")
+    if not out.parent.is_dir():
+        return _err(f"{out.parent}: no such directory")
+    rec = Recorder(args.topics, out, backend=args.backend, duration=args.duration, max_bytes=args.max_bytes,
+                   progress=True, compression=args.compression, **_connect_options(args))
+    with _Interrupts() as intr:
+        try:
+            rec.start()
+            print(f"recording {', '.join(args.topics)} to {out} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            while not rec.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            intr.quiet()
+            summary = rec.stop()
+    topics = summary["topics"]
+    mb = summary["bytes"] / 1e6
+    per = ", ".join(f"{t} {v['frames']} frames {v['gaps'] if v['gaps'] is not None else '-'} gaps"
+                    + (f" {v['dropped']} dropped" if v["dropped"] else "") for t, v in topics.items())
+    print(f"recorded {summary['frames']} frames, {mb:.1f} MB in {summary['duration_s']:.1f} s "
+          f"({summary['mb_per_s']:.1f} MB/s) to {out}; {per}.", flush=True)
+    return 0
+
+
+def cmd_play(args: argparse.Namespace) -> int:
+    missing = _viz("play", "mcap")
+    if missing:
+        return _err(missing)
+    from .record import Player
+    src = Path(args.file)
+    if not src.is_file():
+        return _err(f"{src}: no such file")
+    player = Player(src, backend=args.backend, rate=args.rate, loop=args.loop, topics=args.topics,
+                    progress=True, **_connect_options(args))
+    with _Interrupts() as intr:
+        try:
+            player.start()
+            while not player.join(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            intr.quiet()
+            player.stop(30.0)
+    st = player.stats()
+    d = st["drift_ms"]
+
+    def ms(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.1f}"
+    print(f"played {st['frames']} frames, {st['bytes'] / 1e6:.1f} MB in {st['elapsed_s']:.1f} s "
+          f"({st['loops']} pass{'es' if st['loops'] != 1 else ''}); drift p50 {ms(d['p50'])} ms, "
+          f"p99 {ms(d['p99'])} ms, max {ms(d['max'])} ms; {st['errors']} errors.", flush=True)
+    if st["errors"]:
+        return _err(f"{st['errors']} frames could not be published")
+    return 0
+
+
 # ---------------------------------------------------------------- brokers
 def _state_dir() -> Path:
     d = Path(os.environ.get("MSIGHT_FAST_STATE_DIR", Path.home() / ".cache" / "msight_fast" / "brokers"))
@@ -496,6 +636,32 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--window", type=int, default=100, help="frames in the window (default 100)")
         q.set_defaults(fn=fn)
+
+    q = sp.add_parser("record", help="record topics to an MCAP file (Foxglove messages where they fit)")
+    q.add_argument("topics", nargs="+", metavar="TOPIC")
+    q.add_argument("-o", "--output", required=True, help="the .mcap file to write")
+    q.add_argument("--duration", type=_positive, default=None, help="stop after this many seconds")
+    q.add_argument("--max-bytes", type=_size, default=None,
+                   help="stop once this much is written (bytes, or with a K, M or G suffix)")
+    q.add_argument("--compression", choices=["none", "zstd", "lz4"], default="none",
+                   help="MCAP chunk compression (default none: frames are mostly compressed already)")
+    q.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    common(q, topic=False)
+    q.set_defaults(fn=cmd_record)
+
+    q = sp.add_parser("play", help="publish an MCAP recording's frames at their recorded timing")
+    q.add_argument("file")
+    q.add_argument("--rate", type=_positive, default=1.0, help="speed factor (default 1: as recorded)")
+    q.add_argument("--loop", action="store_true", help="start over at the end, until Ctrl-C")
+    q.add_argument("--topics", nargs="+", default=None, metavar="TOPIC", help="play these topics only")
+    common(q, topic=False)
+    q.set_defaults(fn=cmd_play)
+
+    q = sp.add_parser("view", help="show topics live in Foxglove: a Foxglove WebSocket server bridging the bus")
+    from .view import add_arguments as _view_arguments
+    _view_arguments(q)
+    common(q, topic=False)
+    q.set_defaults(fn=cmd_view)
 
     q = sp.add_parser("bench", help="a quick transport measurement with the raw-client baseline in the same run")
     q.add_argument("--backend", choices=with_broker, default=None)
