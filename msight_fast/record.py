@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -85,6 +86,14 @@ def _topic_list(topics: Union[str, Iterable[str], None], what: str) -> Optional[
         if not isinstance(t, str) or not t:
             raise ConfigError(f"{what}: a topic is a non-empty str, not {t!r}")
     return list(dict.fromkeys(items))          # each once, in the order given
+
+
+def _own_subscription(bus: Bus, topic: str, what: str) -> Subscription:
+    """Every frame of ``topic``, never a share of them: a node Bus would subscribe in the node's
+    group (a Kafka consumer group, a NATS queue group) and take frames away from its members."""
+    if bus.node is None:
+        return bus.subscribe(topic)
+    return bus.subscribe(topic, group_id=f"msight_fast-{what}-{uuid.uuid4().hex}")
 
 
 # ---------------------------------------------------------------- recording
@@ -200,7 +209,7 @@ class Recorder:
                 from . import connect
                 self._bus = connect(self._backend, **self._options)
             for name in self.topics:
-                self._topics.append(_Topic(name, self._bus.subscribe(name)))
+                self._topics.append(_Topic(name, _own_subscription(self._bus, name, "record")))
             self._file = open(self.path, "wb")
             comp = {"none": CompressionType.NONE, "zstd": CompressionType.ZSTD,
                     "lz4": CompressionType.LZ4}[self.compression]
@@ -225,7 +234,8 @@ class Recorder:
         return self
 
     def wait(self, timeout: Optional[float] = None) -> bool:
-        """True once the recording has ended (a stop condition, ``stop()`` or a write error)."""
+        """True once the recording has ended (a stop condition, ``stop()`` or a write error). The
+    file may still be being finished: call ``stop()`` before reading it."""
         return self._done.wait(timeout)
 
     def stop(self) -> Dict[str, Any]:
@@ -502,20 +512,64 @@ class Recorded(NamedTuple):
     frame: Frame
 
 
+MAX_CHUNK_BYTES = 1 << 30          # a chunk that claims to decompress to more is not one this library wrote
+
+
+def _unpacked(chunk: Any) -> Any:
+    """``chunk`` with its records decompressed, never past MAX_CHUNK_BYTES or its declared size:
+    mcap's own reader trusts the sizes in the file, and a small hostile file could claim gigabytes."""
+    import dataclasses
+    if chunk.compression == "":
+        return chunk
+    size = chunk.uncompressed_size
+    if size > MAX_CHUNK_BYTES:
+        raise FrameError(f"a chunk claims {size} bytes uncompressed (limit {MAX_CHUNK_BYTES})")
+    if chunk.compression == "zstd":
+        import io
+
+        import zstandard
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(chunk.data)) as r:
+            data = r.read(size + 1)
+    elif chunk.compression == "lz4":
+        import lz4.frame
+        data = lz4.frame.LZ4FrameDecompressor().decompress(chunk.data, max_length=size + 1)
+    else:
+        raise FrameError(f"unknown chunk compression {chunk.compression!r}")
+    if len(data) != size:
+        raise FrameError(f"a chunk decompresses to {'more than' if len(data) > size else len(data)} "
+                         f"bytes, not the {size} it declares")
+    return dataclasses.replace(chunk, compression="", data=data)
+
+
 def _mcap_records(fh: BinaryIO, want: Optional[List[str]], where: str) -> Iterator[Tuple[Any, Any, Any]]:
     """(schema, channel, message) in file order; any failure of the file is a FrameError."""
-    from mcap.reader import NonSeekingReader
-    it = NonSeekingReader(fh, validate_crcs=True).iter_messages(topics=want, log_time_order=False)
+    from mcap.records import Channel, Chunk, Message, Schema
+    from mcap.stream_reader import StreamReader, breakup_chunk
+    wanted = None if want is None else set(want)
+    schemas: Dict[int, Any] = {}
+    channels: Dict[int, Any] = {}
+    records = StreamReader(fh, emit_chunks=True, validate_crcs=True, record_size_limit=2 * MAX_CHUNK_BYTES).records
     while True:
         try:
-            item = next(it)
+            rec = next(records)
+            batch = breakup_chunk(_unpacked(rec), validate_crc=True) if isinstance(rec, Chunk) else [rec]
         except StopIteration:
             return
         except Exception as e:  # noqa: BLE001 - mcap raises many types for a broken file; one for callers
             text = "the file ends early (truncated?)" if type(e).__name__ == "EndOfFile" else \
                 f"{type(e).__name__}: {e}"
             raise FrameError(f"{where}: not a readable MCAP file: {text}") from e
-        yield item
+        for r in batch:
+            if isinstance(r, Schema):
+                schemas[r.id] = r
+            elif isinstance(r, Channel):
+                channels[r.id] = r
+            elif isinstance(r, Message):
+                ch = channels.get(r.channel_id)
+                if ch is None:
+                    raise FrameError(f"{where}: a message on channel {r.channel_id}, which the file never declared")
+                if wanted is None or ch.topic in wanted:
+                    yield schemas.get(ch.schema_id), ch, r
 
 
 def messages(path: PathLike, topics: Union[str, Iterable[str], None] = None) -> Generator[Recorded, None, None]:
@@ -673,10 +727,10 @@ class Player:
     Each frame goes out with ``bus.publish(topic, frame)`` (new seq, publisher id and publish
     time; payload, names, meta, frame_id and the capture and creation times bit for bit) at
     ``t0 + (publish_time - first publish_time) / rate`` (absolute deadlines: no drift adds up).
-    Frames go out in file order (the order the recorder received them); one due before the
-    frame ahead of it goes right after that one. ``loop`` repeats, each pass one mean frame
-    interval after the last frame. A frame that
-    cannot be published is counted in ``errors`` and the playback goes on.
+    Frames go out by recorded publish time: the file holds them in the order they were received,
+    so they are re-sorted within a 200 ms window, read ahead by a thread of their own. ``loop``
+    repeats, each pass one mean frame interval after the last frame. A frame that cannot be
+    published is counted in ``errors`` and the playback goes on.
 
     ``run()`` plays in the calling thread; ``start()`` in a thread, ``stop()`` ends it and
     ``join()`` waits (raising what ended it, such as a FrameError for a malformed file).

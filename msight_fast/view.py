@@ -25,10 +25,11 @@ import sys
 import threading
 import time
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence, Union
 
 from . import _fox
 from .errors import ConfigError
+from .record import _own_subscription
 
 if TYPE_CHECKING:
     import foxglove
@@ -145,11 +146,13 @@ class Viewer:
     ``port=0`` picks a free port (``port`` then tells which one).
     """
 
-    def __init__(self, topics: Sequence[str], *, bus: Optional[Bus] = None, backend: Optional[str] = None,
+    def __init__(self, topics: Union[str, Sequence[str]], *, bus: Optional[Bus] = None,
+                 backend: Optional[str] = None,
                  host: str = "127.0.0.1", port: int = 8765, message_backlog_size: int = BACKLOG,
                  **connect_options: Any) -> None:
-        names = list(dict.fromkeys(topics))
-        if not names or not all(isinstance(t, str) and t for t in names):
+        from .record import _topic_list
+        names = _topic_list(topics, "view") or []
+        if not names:
             raise ConfigError("view: give one or more non-empty topic names")
         if bus is not None and (backend is not None or connect_options):
             raise ConfigError("view: give a bus, or a backend and its connect options, not both")
@@ -198,7 +201,7 @@ class Viewer:
             assert self._bus is not None
             ctx = foxglove.Context()
             for name in self.topics:
-                t = _Topic(name, self._bus.subscribe(name))
+                t = _Topic(name, _own_subscription(self._bus, name, "view"))
                 self._topics[name] = t
                 t.stats_channel = foxglove.Channel(
                     name + STATS_SUFFIX, context=ctx, message_encoding="json",
@@ -349,7 +352,13 @@ class Viewer:
                 first = [(t, t.frame) for t in self._topics.values() if t.kind is None and t.frame is not None]
             for t, f in first:                  # outside the lock, as every call into the SDK
                 assert f is not None
-                self._open_channel(fg, ctx, t, f)
+                try:
+                    self._open_channel(fg, ctx, t, f)
+                except Exception as e:         # the SDK refused: no picture for this topic, the others go on
+                    log.error("msight_fast: view: cannot open a channel for %r: %r; showing its stats only",
+                              t.name, e)
+                    with self._cv:
+                        t.kind, t.channel, t.channel_id = _fox.FRAME, None, -1
             with self._cv:
                 work = []
                 for t in self._topics.values():

@@ -38,12 +38,14 @@ committed offset the broker lost starts at the beginning of its (new) log. Loss 
 group are reported per member as ``lag``, ``redelivered``, ``replayed`` and ``offset_resets``
 (see ``KafkaSource.stats``).
 
-Where a subscription starts (``start``, on its first assignment, see ``KafkaSource``):
+Where a subscription starts (``start``, the first time this member is assigned each partition; a
+partition it gets back after a rebalance resumes from the group's committed offset):
 ``"end"`` and a live subscription's never-committed partitions start at the log's end as a
 Fetch reports it (tansu 0.6 answers ListOffsets "latest" with the last record batch's base
 offset + 1, which would replay the rest of that batch); an offset is clamped to the log; a time
-is looked up with ListOffsets by timestamp and made exact on the client: messages older than it
-that the broker's answer included (tansu resolves a time per batch, and answers 0 where no
+is looked up with ListOffsets by timestamp, to the millisecond (Kafka's timestamps are ms: the
+start is rounded up to one), and made exact on the client: messages older than it that the
+broker's answer included (tansu resolves a time per batch, and answers 0 where no
 message is that recent) are skipped, logged once and counted in ``KafkaSource.start_skipped``.
 
 Threads: librdkafka's own, the watcher, and one poll thread per subscription. Copies: one to
@@ -801,6 +803,7 @@ class KafkaSource(Source):
         self._paused = False
         self._assigned: Optional[List[int]] = None
         self._ever_assigned = False
+        self._seeked: Set[int] = set()              # partitions that got ``start`` already
         self._owned_before: Set[int] = set()            # the partitions of the last revoked assignment
         self._seen: Dict[int, Deque[int]] = {}          # partition -> offsets taken, in order
         self._done: Dict[int, Set[int]] = {}            # partition -> offsets whose frame is released
@@ -1007,19 +1010,33 @@ class KafkaSource(Source):
         self._lag = lag
 
     def _on_assign(self, consumer: Any, parts: List[TopicPartition]) -> None:
+        # an empty assignment (more members than partitions) is not this member's first: the
+        # first partitions it does get start where a first assignment starts
         first = not self._ever_assigned
-        seek = self._seek if first else None
+        seek = self._seek
+        # ``start`` applies to each partition the first time this member gets it; a partition it
+        # gets back after a rebalance resumes from the group's committed offset
+        new = [tp for tp in parts if tp.partition not in self._seeked] if seek is not None else []
+        old = [tp for tp in parts if seek is None or tp.partition in self._seeked]
         if seek is not None and seek.kind == "time":
-            self._floor = {tp.partition: _ms_up(seek.value) for tp in parts}
+            for tp in new:                          # kept across revokes: cleared by the first message at or after it
+                self._floor[tp.partition] = _ms_up(seek.value)
         try:
-            if seek is not None:
-                fixed = self._seek_offsets(consumer, parts, seek)
+            fixed: List[TopicPartition] = []
+            anchor: List[TopicPartition] = []
+            if new and seek is not None:
+                fixed = self._seek_offsets(consumer, new, seek)
                 anchor = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in fixed]
-            else:
-                fixed, anchor = self._starting_offsets(consumer, parts, first)
+            if old:
+                more, more_anchor = self._starting_offsets(consumer, old, first and seek is None)
+                fixed, anchor = fixed + more, anchor + more_anchor
         except Exception as e:  # noqa: BLE001 - the broker did not answer: let librdkafka decide
             self._note_error(f"resolving where {len(parts)} partitions start: {e!r}")
-            fixed, anchor = [TopicPartition(tp.topic, tp.partition, self._fallback(first)) for tp in parts], []
+            fixed = [TopicPartition(tp.topic, tp.partition, self._fallback(True)) for tp in new] + \
+                [TopicPartition(tp.topic, tp.partition, self._fallback(first and seek is None, seek_now=False))
+                 for tp in old]
+            anchor = []
+        self._seeked.update(tp.partition for tp in new)
         try:
             consumer.assign(fixed)
         except KafkaException as e:
@@ -1032,16 +1049,16 @@ class KafkaSource(Source):
         self._paused = False
         with self._lock:
             self._assigned = [tp.partition for tp in fixed]
-            self._ever_assigned = True
+            self._ever_assigned = self._ever_assigned or bool(fixed)
             self.assignments += 1
             self._lock.notify_all()
 
-    def _fallback(self, first: bool) -> int:
+    def _fallback(self, first: bool, seek_now: bool = True) -> int:
         """Where partitions start when the broker did not say: librdkafka resolves a logical
         offset itself once it can. A time start reads from the beginning and skips the older
         messages (exact, only slower); an offset past the log's end goes to its start
-        (``auto.offset.reset``)."""
-        seek = self._seek if first else None
+        (``auto.offset.reset``). ``seek_now``: the partition is getting its ``start`` now."""
+        seek = self._seek if seek_now else None
         if seek is not None:
             return {"end": OFFSET_END, "offset": seek.value}.get(seek.kind, OFFSET_BEGINNING)
         return (OFFSET_BEGINNING if self.from_beginning else OFFSET_END) if first else OFFSET_STORED
@@ -1194,8 +1211,6 @@ class KafkaSource(Source):
             self._owned_before = set(self._assigned or []) | gone
             self._assigned = [p for p in (self._assigned or []) if p not in gone]
         self._replay_wait -= gone
-        for p in gone:
-            self._floor.pop(p, None)
         try:
             consumer.commit(asynchronous=False)
         except KafkaException:

@@ -426,6 +426,41 @@ def test_garbage_and_truncated_files_raise_frame_error(tmp_path):
         _read_all(tmp_path / "missing.mcap")
 
 
+@pytest.mark.parametrize("comp,claim", [("zstd", None), ("zstd", 64 << 20), ("lz4", None), ("lz4", 64 << 20)])
+def test_a_compression_bomb_is_a_frame_error_not_an_allocation(tmp_path, comp, claim):
+    """A chunk of a few KB that inflates to 2 GiB: refused on its declared size, or (when it declares a
+    small one) when decompression passes it, without ever holding the whole output."""
+    zstandard = pytest.importorskip("zstandard")
+    lz4_frame = pytest.importorskip("lz4.frame")
+    from mcap.records import Chunk
+    from mcap.writer import CompressionType
+    huge = 2 << 30
+    zeros = bytes(1 << 20)
+    if comp == "zstd":
+        c = zstandard.ZstdCompressor().compressobj(size=huge)
+        blob = b"".join(c.compress(zeros) for _ in range(huge >> 20)) + c.flush()
+    else:
+        c = lz4_frame.LZ4FrameCompressor()
+        blob = c.begin() + b"".join(c.compress(zeros) for _ in range(huge >> 20)) + c.flush()
+    assert len(blob) < 16 << 20
+    path = tmp_path / "bomb.mcap"
+    with open(path, "wb") as fh:
+        w = Writer(fh, compression=CompressionType.NONE, use_chunking=False)
+        w.start()
+        w.finish()
+    # a file of one forged chunk: header magic, the Header record, the chunk, then the rest of the file
+    data = path.read_bytes()
+    from mcap.data_stream import RecordBuilder
+    b = RecordBuilder()
+    Chunk(compression=comp, data=blob, message_start_time=0, message_end_time=0, uncompressed_crc=0,
+          uncompressed_size=huge if claim is None else claim).write(b)
+    import struct
+    head_end = 8 + 9 + struct.unpack_from("<Q", data, 9)[0]    # magic, then the Header record (opcode, length)
+    path.write_bytes(data[:head_end] + b.end() + data[head_end:])
+    with pytest.raises(FrameError, match="chunk"):
+        _read_all(path)
+
+
 def test_flipped_bytes_give_frames_or_frame_error_never_another_exception(tmp_path):
     good = _small_recording(tmp_path)
     p = tmp_path / "flip.mcap"
@@ -530,3 +565,25 @@ def test_many_threads_publishing_many_topics_keep_each_topics_order(tmp_path):
         got.setdefault(r.topic, []).append(r.frame.meta["i"])
     assert got == {t: list(range(50)) for t in topics}
     pub.close()
+
+
+def test_a_recorder_on_a_node_bus_takes_no_frames_from_the_nodes_group(tmp_path):
+    """A node Bus subscribes in the node's group by default: the recorder must not become one more
+    member of it (it would take every other frame away from the application)."""
+    node = msight_fast.connect_node(msight_fast.NodeConfig(name="det", backend="memory", group_id="g",
+                                                           options={"name": _BROKER}))
+    topic = f"{_name()}/cam"
+    app = node.subscribe(topic)
+    assert app.group_id == "g"
+    rec = Recorder(topic, tmp_path / "node.mcap", bus=node).start()
+    pub = _bus()
+    for i in range(10):
+        pub.publish(topic, b"x%d" % i, encoding="bytes")
+    got = [app.recv(timeout=10) for _ in range(10)]
+    assert all(f is not None for f in got)
+    wait_for(lambda: rec.stats()["frames"] >= 10, "10 frames recorded")
+    rec.stop()
+    assert sorted(bytes(f.data) for f in got) == [b"x%d" % i for i in range(10)]
+    assert len(list(read_mcap(tmp_path / "node.mcap"))) == 10
+    pub.close()
+    node.close()

@@ -222,6 +222,9 @@ def test_bad_arguments_are_config_errors(bus):
         Viewer([RAW], bus=bus, backend="memory")
     with pytest.raises(ConfigError):
         Viewer([RAW], bus=bus, port=70000)
+    with pytest.raises(ConfigError):
+        Viewer([RAW, ""], bus=bus)
+    assert Viewer(RAW, bus=bus).topics == [RAW]      # one topic as a str, as Recorder and Player take it
 
 
 def _read_lines(proc, n, deadline):
