@@ -175,6 +175,23 @@ def test_a_resolved_start_is_committed_at_once(kafka: Any, topic: str) -> None:
         assert _seqs(next_member, 4) == [7, 8, 9, 10]
 
 
+def test_a_start_applies_to_partitions_a_member_gets_after_its_first_assignment(kafka: Any, topic: str) -> None:
+    """A member that joins a group second may first get none of the partitions holding frames (or
+    none at all); its start applies to each partition the first time it gets one, so once the
+    other member leaves it reads the frames from its start, not from the group's committed offset
+    (the end, where the first member began)."""
+    _ten_frames(kafka, topic)
+    group = f"g_{uuid.uuid4().hex[:8]}"
+    bus = kafka()
+    first = bus.subscribe(topic, group_id=group)         # live: commits the end of every partition
+    second = bus.subscribe(topic, group_id=group, start=Start.offset(7))
+    first.close()                                        # every partition goes to the second member
+    try:
+        assert _seqs(second, 3) == [8, 9, 10]
+    finally:
+        second.close()
+
+
 @pytest.mark.parametrize("kind", ["redis", "nats"])
 def test_brokers_that_keep_nothing_refuse_offset_and_time_starts(broker_pool: Any, topic: str, kind: str) -> None:
     info = broker_pool(kind)
