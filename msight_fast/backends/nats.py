@@ -11,12 +11,22 @@ Each subscription's messages wait in a queue bounded in bytes (``max_pending_byt
 drop policy (``drop_oldest`` / ``keep_latest``); drops are counted in ``stats()``.
 
 Queue groups and fragments: NATS load-balances each message independently, so the fragments of
-one frame would reach different members. A fragmented frame on a queue group therefore goes as
-its first fragment only, carrying a reply subject of the publisher; the member that gets it
-asks the publisher (a request to that subject, naming its own inbox) for the rest, which the
-publisher sends to that inbox alone. Cost: one extra request message and one round trip of
-latency per fragmented frame; the publisher keeps recent fragmented frames (bounded) to answer.
-Subscribers without a group get every fragment pushed on the subject and never ask.
+one frame would reach different members. A fragmented frame is therefore announced to queue
+groups by its first fragment's 64-byte header alone, on ``_MSF.q.<topic>``, carrying a reply
+subject of the publisher; the member that gets it asks the publisher (a request to that subject,
+naming its own inbox) for the frame, whose fragments the publisher sends to that inbox alone.
+Cost per fragmented frame of N fragments: with no queue group listening, one extra 64-byte
+message (nothing is sent twice); with one, N + 2 messages for the member (announcement, request,
+fragments) and one round trip between member and publisher before the fragments go. The
+publisher keeps its last ``REST_CACHE`` fragmented frames to answer. Subscribers without a group
+get every fragment pushed on the subject and never ask. (A member still accepts a whole first
+fragment on the group subject, as publishers before the announcement sent it.)
+
+The data path is partly hand-written (see ``_FastReader`` and ``_direct_write``): on a plain TCP
+connection, this library writes PUBs with one ``writev`` of the command line and the frame's parts,
+and reads the socket itself, MSG payloads of its subscriptions going straight into 64-byte-aligned
+buffers; nats-py keeps connecting, auth, TLS (whose connections it reads and writes itself),
+cluster discovery, reconnection, pings and every other operation.
 
 Recovery. nats-py reconnects by itself, to any server of the pool (the configured ones and those
 a cluster announces), every ``RECONNECT_WAIT_S`` without end, and subscribes again. Meanwhile:
@@ -39,15 +49,18 @@ a cluster announces), every ``RECONNECT_WAIT_S`` without end, and subscribes aga
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import collections
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import nats.aio.client as _nats_client
 import nats.aio.transport as _nats_transport
+import numpy as np
 from nats import errors as nats_errors
 
 from .. import _schema as S
@@ -123,10 +136,40 @@ class _Client(_nats_client.Client):
             return
         await super()._process_err(err_msg)
 
+    msf_routes: Dict[int, Callable[[Any], None]]
+    msf_fast = True                    # False: nats-py reads and writes, as it would without this library
+
+    def _take_socket(self) -> Optional[_FastReader]:
+        """Replace nats-py's StreamReader protocol with a _FastReader on a plain TCP connection
+        (not TLS, whose transport this does not touch); None where it cannot."""
+        t = getattr(self, "_transport", None)
+        if not self.msf_fast or not isinstance(t, _nats_transport.TcpTransport):
+            return None
+        w, r = getattr(t, "_io_writer", None), getattr(t, "_io_reader", None)
+        tr = getattr(w, "transport", None)
+        if r is None or tr is None or not isinstance(tr, _SELECTOR_TRANSPORT) \
+                or tr.get_extra_info("sslcontext") is not None or not isinstance(getattr(r, "_buffer", None),
+                                                                                bytearray):
+            return None
+        if not hasattr(self, "msf_routes"):
+            self.msf_routes = {}
+        fr = _FastReader(tr.get_protocol(), self.msf_routes)
+        left = bytes(r._buffer)                 # read by the StreamReader already: parsed first
+        r._buffer.clear()
+        tr.set_protocol(fr)
+        if left:
+            fr.feed(left)
+        if not tr.is_reading():                 # the StreamReader may have paused it when full
+            tr.resume_reading()
+        return fr
+
     async def _read_loop(self) -> None:
         if not isinstance(getattr(self, "_transport", None), _nats_transport.TcpTransport) \
                 or not hasattr(self, "_ps"):
             return await super()._read_loop()
+        fr = None if self.is_closed or self.is_reconnecting else self._take_socket()
+        if fr is not None:
+            return await self._fast_read_loop(fr)
         while True:
             try:
                 t = self._transport
@@ -153,6 +196,241 @@ class _Client(_nats_client.Client):
             except Exception as ex:  # noqa: BLE001 - as nats-py: log, end the loop
                 log.error("msight_fast: NATS read loop failed", exc_info=ex)
                 break
+
+    async def _fast_read_loop(self, fr: _FastReader) -> None:
+        """Hands nats-py's parser what the _FastReader leaves to it; ends the connection as nats-py's
+        own loop would when the socket closes or the stream is malformed."""
+        while True:
+            try:
+                if self.is_closed or self.is_reconnecting:
+                    break
+                await fr.wake.wait()
+                fr.wake.clear()
+                while fr.control:
+                    await self._ps.parse(fr.control.popleft())
+                if fr.closed:
+                    if isinstance(fr.error, nats_errors.ProtocolError):
+                        raise fr.error
+                    err = fr.error if isinstance(fr.error, OSError) else nats_errors.UnexpectedEOF()
+                    if not isinstance(err, OSError):
+                        await self._error_cb(err)
+                    await self._process_op_err(err)
+                    break
+            except nats_errors.ProtocolError:
+                await self._process_op_err(nats_errors.ProtocolError())
+                break
+            except OSError as e:
+                await self._process_op_err(e)
+                break
+            except asyncio.CancelledError:
+                break
+            except Exception as ex:  # noqa: BLE001 - as nats-py: log, end the loop
+                log.error("msight_fast: NATS read loop failed", exc_info=ex)
+                break
+
+
+# the one asyncio transport whose protocol may become a BufferedProtocol (recv_into); private in asyncio
+_SELECTOR_TRANSPORT: Any = getattr(asyncio.selector_events, "_SelectorSocketTransport", ())
+SMALL = 64 << 10                  # a routed message up to this is copied whole out of the staging buffer
+STAGE = 1 << 20                   # the staging buffer: control lines, small and foreign messages
+MAX_LINE = 4096                   # nats-py's MAX_CONTROL_LINE_SIZE
+MAX_FOREIGN = 64 << 20            # NATS's own max_payload ceiling: a foreign message larger is a protocol error
+
+
+class _FastReader(asyncio.BufferedProtocol):
+    """Reads a nats-py connection's socket in its place (hand-written: nats-py copies a payload
+    four to five times on its way in).
+
+    A MSG for one of this library's subscriptions (``routes``: sid -> callback) is handed over
+    without nats-py: its payload is read with ``recv_into`` straight into a 64-byte-aligned buffer
+    that the decoded frame views (small ones are copied once out of the staging buffer). Every
+    other operation (INFO, PING, PONG, +OK, -ERR, HMSG, MSG of nats-py's own subscriptions) goes,
+    byte for byte and in order, to nats-py's parser through ``control``, so nats-py still answers
+    pings, learns cluster servers and sees errors. Flow control and the end of the connection go
+    to the StreamReader protocol it replaced, which nats-py's writer still waits on.
+    """
+
+    def __init__(self, old: Any, routes: Dict[int, Callable[[Any], None]]) -> None:
+        self.old = old
+        self.routes = routes
+        self.buf = bytearray(STAGE)
+        self.mv = memoryview(self.buf)
+        self.s = 0                                  # unparsed bytes are buf[s:e]
+        self.e = 0
+        self.part: Optional[List[Any]] = None      # [destination, bytes got, size, callback]: a payload in flight
+        self.crlf = 0                               # bytes of a finished payload's CRLF still to come
+        self.control: Deque[bytes] = collections.deque()
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.error: Optional[BaseException] = None
+
+    # -- asyncio's side
+    def get_buffer(self, sizehint: int) -> memoryview:
+        part = self.part
+        if part is not None:
+            rest: memoryview = part[0][part[1]:]   # the rest of the payload, straight into its buffer
+            return rest
+        if self.s == self.e:
+            self.s = self.e = 0
+        elif self.e == len(self.buf):
+            self._reserve(len(self.buf))
+        return self.mv[self.e:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            part = self.part
+            if part is not None:
+                part[1] += nbytes
+                if part[1] == part[2]:
+                    self.part = None
+                    self.crlf = 2
+                    part[3](part[0])
+                return
+            self.e += nbytes
+            self._parse()
+        except Exception as e:  # noqa: BLE001 - a protocol error ends the connection, as nats-py's would
+            self.error = e
+            self.closed = True
+            self.wake.set()
+
+    def eof_received(self) -> Optional[bool]:
+        self.closed = True
+        self.wake.set()
+        return bool(self.old.eof_received())
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        self.error = self.error or exc
+        self.wake.set()
+        self.old.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.old.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.old.resume_writing()
+
+    # -- parsing
+    def feed(self, data: bytes) -> None:
+        """Bytes nats-py's StreamReader had already read when this reader took over."""
+        self._reserve(len(data))
+        self.mv[self.e:self.e + len(data)] = data
+        self.e += len(data)
+        self._parse()
+
+    def _reserve(self, n: int) -> None:
+        """Room for ``n`` more bytes after buf[s:e] (moved to the front; a larger buffer if need be)."""
+        have = self.e - self.s
+        if self.s:
+            self.mv[:have] = self.mv[self.s:self.e]
+            self.s, self.e = 0, have
+        if have + n > len(self.buf):
+            grown = bytearray(max(have + n, 2 * len(self.buf)))
+            grown[:have] = self.mv[:have]
+            self.buf, self.mv = grown, memoryview(grown)
+
+    def _parse(self) -> None:
+        buf, mv = self.buf, self.mv
+        s, e = self.s, self.e
+        while s < e:
+            if self.crlf:
+                k = min(self.crlf, e - s)
+                if bytes(mv[s:s + k]) != b"\r\n"[2 - self.crlf:2 - self.crlf + k]:
+                    raise nats_errors.ProtocolError()
+                self.crlf -= k
+                s += k
+                continue
+            i = buf.find(b"\r\n", s, e)
+            if i < 0:
+                if e - s > MAX_LINE:
+                    raise nats_errors.ProtocolError()
+                break
+            if buf.startswith(b"MSG ", s) or buf.startswith(b"HMSG ", s):
+                head = bytes(mv[s:i]).split()
+                routed = head[0] == b"MSG" and len(head) in (4, 5)
+                cb = self.routes.get(int(head[2])) if routed else None
+                size = int(head[-1])
+                if cb is None or size <= SMALL:
+                    total = i + 2 - s + size + 2
+                    if size > MAX_FOREIGN:
+                        raise nats_errors.ProtocolError()
+                    if e - s < total:              # the rest of it: wait, with room for it
+                        self.s = s
+                        if len(buf) - s < total:
+                            self._reserve(total - (e - s))
+                        return
+                    end = s + total
+                    if bytes(mv[end - 2:end]) != b"\r\n":
+                        raise nats_errors.ProtocolError()
+                    if cb is None:
+                        self.control.append(bytes(mv[s:end]))
+                    else:
+                        cb(bytes(mv[i + 2:end - 2]))      # the one copy of a small message
+                    s = end
+                    continue
+                raw = np.empty(size + 64, dtype=np.uint8)  # 64-byte-aligned destination
+                a = (-raw.ctypes.data) % 64
+                dst = raw[a:a + size].data
+                p = i + 2
+                k = min(e - p, size)
+                dst[:k] = mv[p:p + k]                      # what came with the line: copied once
+                s = p + k
+                if k == size:
+                    self.crlf = 2
+                    cb(dst)
+                    continue
+                self.part = [dst, k, size, cb]
+                break
+            self.control.append(bytes(mv[s:i + 2]))
+            s = i + 2
+        self.s, self.e = (0, 0) if s >= e else (s, e)
+        if self.control:
+            self.wake.set()
+
+
+DIRECT_HIGH_WATER = 8 << 20       # bytes asyncio may hold for the socket before the loop waits for it
+
+
+def _direct_write(nc: Any, subject: str, data: Any, reply: Optional[str]) -> Any:
+    """Write one PUB (or several, in order) on nats-py's connection without nats-py's copies
+    (hand-written: nats-py builds each PUB as one bytes, then joins its queue, then asyncio copies
+    what the socket does not take: four copies of a 6 MB frame). Here the command line, the frame's
+    parts and the CRLF go to the socket in one ``writev``; only what the socket does not take is
+    copied, once, into asyncio's buffer. nats-py's own queued commands are written first, so the
+    order on the wire is the order they were made. Returns the StreamWriter, or None where this
+    cannot write (TLS, no connection, disabled): the caller then publishes through nats-py."""
+    if not getattr(nc, "msf_fast", False):
+        return None
+    w = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    tr = getattr(w, "transport", None)
+    if tr is None or not isinstance(tr, _SELECTOR_TRANSPORT) or tr.is_closing() \
+            or tr.get_extra_info("sslcontext") is not None:
+        return None
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    views = []
+    for b in parts:
+        mv = memoryview(b)
+        views.append(mv if mv.ndim == 1 and mv.format in ("B", "b", "c") else mv.cast("B"))
+    n = sum(v.nbytes for v in views)
+    line = (f"PUB {subject} {reply} {n}\r\n" if reply else f"PUB {subject} {n}\r\n").encode()
+    bufs = [memoryview(line), *views, memoryview(b"\r\n")]
+    if nc._pending_data_size:           # nats-py's queued commands first, as its flusher would write them
+        tr.writelines(nc._pending)
+        nc._pending = []
+        nc._pending_data_size = 0
+    sent = 0
+    if not tr.get_write_buffer_size():
+        try:
+            sent = os.writev(tr.get_extra_info("socket").fileno(), bufs)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+    for v in bufs:                      # what the socket did not take: asyncio's buffer, in order
+        if sent >= v.nbytes:
+            sent -= v.nbytes
+            continue
+        tr.write(v[sent:])
+        sent = 0
+    return w
 
 
 def _abort(nc: Any) -> None:
@@ -246,6 +524,7 @@ async def _connect(cfg: Any, **cbs: Any) -> Any:
         opts["tls"] = ctx
     # nats-py retries an unreachable server without end at first connect: bound it ourselves
     nc = _Client()
+    nc.msf_routes = {}
     try:
         await asyncio.wait_for(nc.connect(**opts), cfg.connect_timeout_s)
     except BaseException:
@@ -407,18 +686,21 @@ class NatsTransport(Transport):
         rec = _Sent()
         frags = msg.fragments
         if frags is None:
-            self._enqueue([(topic, msg.joined(), None, rec)], nbytes, nbytes, deadline)
+            # the parts as they are: the loop thread writes them to the socket without joining them
+            self._enqueue([(topic, list(msg.parts), None, rec)], nbytes, nbytes, deadline)
             return
         if self._pull_subject is None:
             self._start_pull_service(msg.publisher_id, deadline)
         key = (msg.publisher_id, msg.frame_id)
         with self._lock:
-            self._rest[key] = (topic, frags[1:])
+            self._rest[key] = (topic, frags)
             while len(self._rest) > REST_CACHE:
                 self._rest.popitem(last=False)
         items: List[Tuple[str, Any, Optional[str], _Sent]] = [(topic, f, None, rec) for f in frags]  # broadcast
-        items.append((GROUP_PREFIX + topic, frags[0], self._pull_subject, rec))  # queue groups pull the rest
-        self._enqueue(items, nbytes + len(frags[0]), nbytes, deadline)
+        # queue groups: an announcement (the first fragment's header alone), and the member that
+        # gets it pulls the frame's fragments; nothing is sent twice when no group listens
+        items.append((GROUP_PREFIX + topic, bytes(memoryview(frags[0])[:S.FRAG_HEADER_LEN]), self._pull_subject, rec))
+        self._enqueue(items, nbytes + S.FRAG_HEADER_LEN, nbytes, deadline)
 
     def _enqueue(self, items: List[Tuple[str, Any, Optional[str], _Sent]], nbytes: int, frame_bytes: int,
                  deadline: float) -> None:
@@ -469,7 +751,12 @@ class NatsTransport(Transport):
                 self._inflight_i = i
                 away = not nc.is_connected
                 try:
-                    await nc.publish(subject, data, reply=reply or "")
+                    w = None if away else _direct_write(nc, subject, data, reply)
+                    if w is None:
+                        await nc.publish(subject, data if isinstance(data, bytes) else b"".join(data),
+                                         reply=reply or "")
+                    elif w.transport.get_write_buffer_size() > DIRECT_HIGH_WATER:
+                        await w.drain()            # backpressure: what the socket has not taken stays bounded
                 except Exception as e:  # noqa: BLE001 - counted now, reported by flush()
                     self._lose(rec, subject, repr(e))
                     continue
@@ -628,7 +915,8 @@ class NatsSource(Source):
 
         async def on_first(msg: Any) -> None:
             data = msg.data
-            q.put(data, len(data))
+            if len(data) > S.FRAG_HEADER_LEN:       # a whole first fragment (publishers before the announcement)
+                q.put(data, len(data))
             if data[:4] == S.FRAG_MAGIC and msg.reply:
                 # a queue member got the first fragment of a frame: ask its publisher for the rest
                 try:
@@ -636,19 +924,28 @@ class NatsSource(Source):
                 except Exception as e:  # noqa: BLE001 - the reassembler expires the frame
                     log.debug("msight_fast: NATS could not ask for the rest of a frame: %r", e)
 
-        async def add(subject: str, cb: Any, queue: str = "") -> None:
+        def take(buf: Any) -> None:
+            q.put(buf, len(buf))
+
+        def take_whole(buf: Any) -> None:
+            if bytes(buf[:4]) != S.FRAG_MAGIC:    # fragments on the plain subject are for broadcast
+                q.put(buf, len(buf))
+
+        async def add(subject: str, cb: Any, queue: str = "", route: Optional[Callable[[Any], None]] = None) -> None:
             s = await t.nc.subscribe(subject, queue=queue, cb=cb, **limit)
             self._subs.append(s)
             t._sources[s._id] = self
+            if route is not None:                 # its MSGs skip nats-py where the connection's reader is ours
+                t.nc.msf_routes[s._id] = route
 
         async def setup() -> None:
             if group_id:
                 self.inbox = t.nc.new_inbox()
-                await add(self.inbox, on_msg)
-                await add(topic, self._whole_only(on_msg), group_id)
+                await add(self.inbox, on_msg, route=take)
+                await add(topic, self._whole_only(on_msg), group_id, route=take_whole)
                 await add(GROUP_PREFIX + topic, on_first, group_id)
             else:
-                await add(topic, on_msg)
+                await add(topic, on_msg, route=take)
             # the server has the interest before subscribe() returns: wait (bounded) for the
             # connection if it is away, then for a PING's answer
             while not t.nc.is_connected:
@@ -688,8 +985,10 @@ class NatsSource(Source):
         self._closed = True
         self.q.close()
         subs, self._subs = self._subs, []
+        routes = getattr(self.t.nc, "msf_routes", {})
         for s in subs:
             self.t._sources.pop(getattr(s, "_id", -1), None)
+            routes.pop(getattr(s, "_id", -1), None)
 
         async def unsub() -> None:
             for s in subs:

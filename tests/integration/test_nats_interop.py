@@ -1,0 +1,108 @@
+"""The NATS wire stays standard: a plain nats-py client receives what a Bus publishes (whole frames
+and fragments, written by this library's own socket writer), and a Bus receives what a plain
+nats-py client publishes (with and without headers, through this library's own socket reader)."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, List
+
+import numpy as np
+import pytest
+
+import msight_fast
+from msight_fast import Frame, Reassembler, decode, encode, fragment
+
+from .conftest import collect
+
+nats = pytest.importorskip("nats")
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture
+def nats_opts(broker_pool: Any) -> Any:
+    return broker_pool("nats").options
+
+
+def _frames() -> List[np.ndarray]:
+    rng = np.random.default_rng(5)
+    return [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),          # whole
+            rng.integers(0, 256, (700, 800, 3), dtype=np.uint8),      # 1.7 MB: fragmented at 1 MB
+            rng.integers(0, 256, (200, 200), dtype=np.uint8)]         # 40 KB: whole
+
+
+def test_a_plain_nats_py_subscriber_gets_what_a_bus_publishes(nats_opts: Any) -> None:
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    sent = _frames()
+
+    async def run() -> List[bytes]:
+        nc = await nats.connect(servers=nats_opts["servers"])
+        got: List[bytes] = []
+        sub = await nc.subscribe(topic)
+        await nc.flush()
+        loop = asyncio.get_running_loop()
+        with msight_fast.connect("nats", **nats_opts) as bus:
+            assert type(bus._t.nc._transport._io_writer.transport.get_protocol()).__name__ == "_FastReader"
+            for a in sent:
+                await loop.run_in_executor(None, bus.publish, topic, a)
+            await loop.run_in_executor(None, bus.flush, 30)
+        want = 1 + len(fragment([encode(Frame.from_array(sent[1], sensor_name="x"))], 1 << 20)) + 1
+        while len(got) < want:
+            msg = await sub.next_msg(timeout=30)
+            got.append(msg.data)
+        await nc.close()
+        return got
+
+    msgs = asyncio.run(run())
+    r = Reassembler()
+    frames = [f for f in (r.feed(m) for m in msgs) if f is not None]
+    assert [f.seq for f in frames] == [1, 2, 3]
+    for f, a in zip(frames, sent):
+        assert np.array_equal(f.array, a)
+
+
+def test_a_bus_gets_what_a_plain_nats_py_client_publishes(nats_opts: Any) -> None:
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    sent = _frames()
+    wire = [encode(Frame.from_array(a, sensor_name="plain")) for a in sent]
+    with msight_fast.connect("nats", **nats_opts) as bus, bus.subscribe(topic) as sub:
+        async def publish() -> None:
+            nc = await nats.connect(servers=nats_opts["servers"])
+            await nc.publish(topic, wire[0])
+            for frag in fragment(wire[1], 1 << 20):      # a frame over max_payload: fragments
+                await nc.publish(topic, frag)
+            await nc.publish(topic, wire[2], headers={"x-from": "nats-py"})   # HMSG: through nats-py's parser
+            await nc.flush()
+            await nc.close()
+        asyncio.run(publish())
+        got = collect(sub, 3, timeout=30)
+    assert [f.sensor_name for f in got] == ["plain"] * 3
+    for f, a in zip(got, sent):
+        assert np.array_equal(f.array, a)
+    assert decode(wire[0]).frame_id == got[0].frame_id
+
+
+def test_queue_groups_get_an_announcement_not_a_second_copy_of_the_first_fragment(nats_opts: Any) -> None:
+    """A fragmented frame goes once on the topic; queue groups get its first fragment's 64-byte
+    header alone, and a member pulls the fragments from the publisher."""
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    big = np.random.default_rng(2).integers(0, 256, (700, 800, 3), dtype=np.uint8)
+
+    async def watch_group_subject() -> List[bytes]:
+        nc = await nats.connect(servers=nats_opts["servers"])
+        sub = await nc.subscribe("_MSF.q." + topic)
+        await nc.flush()
+        loop = asyncio.get_running_loop()
+        with msight_fast.connect("nats", **nats_opts) as pub, \
+                msight_fast.connect("nats", **nats_opts) as member_bus, \
+                member_bus.subscribe(topic, group_id="workers") as member:
+            await loop.run_in_executor(None, pub.publish, topic, big)
+            got = await loop.run_in_executor(None, member.recv, 30)
+            assert got is not None and np.array_equal(got.array, big)
+        msg = await sub.next_msg(timeout=30)
+        await nc.close()
+        return [msg.data]
+
+    [announcement] = asyncio.run(watch_group_subject())
+    assert len(announcement) == 64 and announcement[:4] == b"\x93MSP"
