@@ -388,6 +388,7 @@ class _FastReader(asyncio.BufferedProtocol):
             self.wake.set()
 
 
+ZERO_COPY_MIN = 256 << 10         # whole frames from this size go as views (the caller waits for the write)
 DIRECT_HIGH_WATER = 8 << 20       # bytes asyncio may hold for the socket before the loop waits for it
 
 
@@ -477,11 +478,21 @@ class _Loop:
 
 
 class _Sent:
-    """A frame in the hand-off: counted lost at most once, however many of its messages fail."""
-    __slots__ = ("lost",)
+    """A frame in the hand-off: counted lost at most once, however many of its messages fail.
 
-    def __init__(self) -> None:
+    ``done`` (frames handed over as views of the caller's memory): set once the loop thread has
+    written the frame or given up on it, so ``send`` returns only when the caller may change the
+    array again; ``started``: the loop thread has begun writing it."""
+    __slots__ = ("lost", "done", "started")
+
+    def __init__(self, wait: bool = False) -> None:
         self.lost = False
+        self.started = False
+        self.done: Optional[threading.Event] = threading.Event() if wait else None
+
+    def finish(self) -> None:
+        if self.done is not None:
+            self.done.set()
 
 
 def _auth_error(e: BaseException) -> bool:
@@ -683,12 +694,18 @@ class NatsTransport(Transport):
     # -- publish
     def send(self, msg: Outgoing, deadline: float) -> None:
         topic, nbytes = msg.topic, msg.nbytes
-        rec = _Sent()
         frags = msg.fragments
         if frags is None:
-            # the parts as they are: the loop thread writes them to the socket without joining them
+            if nbytes < ZERO_COPY_MIN:         # copied now: the hand-off batches small frames
+                self._enqueue([(topic, msg.joined(), None, _Sent())], nbytes, nbytes, deadline)
+                return
+            # a large frame goes as views of the caller's parts, written by the loop thread without
+            # joining them; the caller waits for that (the array may change once publish returns)
+            rec = _Sent(wait=True)
             self._enqueue([(topic, list(msg.parts), None, rec)], nbytes, nbytes, deadline)
+            self._await_written(rec, topic, nbytes, deadline)
             return
+        rec = _Sent()
         if self._pull_subject is None:
             self._start_pull_service(msg.publisher_id, deadline)
         key = (msg.publisher_id, msg.frame_id)
@@ -746,15 +763,20 @@ class NatsTransport(Transport):
                 self._inflight_i = -1
                 self._cv.notify_all()
             for i, (subject, data, reply, rec) in enumerate(batch):
-                if rec.lost:                       # an earlier fragment failed: the frame is gone
-                    continue
+                with self._cv:
+                    if rec.lost:                   # an earlier fragment failed, or the caller gave up: gone
+                        rec.finish()
+                        continue
+                    rec.started = True
                 self._inflight_i = i
                 away = not nc.is_connected
                 try:
                     w = None if away else _direct_write(nc, subject, data, reply)
                     if w is None:
-                        await nc.publish(subject, data if isinstance(data, bytes) else b"".join(data),
-                                         reply=reply or "")
+                        data = data if isinstance(data, bytes) else b"".join(data)
+                    rec.finish()                   # written, or copied: the caller's views are free
+                    if w is None:
+                        await nc.publish(subject, data, reply=reply or "")
                     elif w.transport.get_write_buffer_size() > DIRECT_HIGH_WATER:
                         await w.drain()            # backpressure: what the socket has not taken stays bounded
                 except Exception as e:  # noqa: BLE001 - counted now, reported by flush()
@@ -763,7 +785,23 @@ class NatsTransport(Transport):
                 if away and (not self._buffered or self._buffered[-1] is not rec):
                     self._buffered.append(rec)
 
+    def _await_written(self, rec: _Sent, topic: str, nbytes: int, deadline: float) -> None:
+        """Wait until the loop thread wrote ``rec`` (or gave up on it). Past the deadline a frame
+        not yet begun is dropped, counted lost and reported; one being written is waited for
+        (a non-blocking write: moments)."""
+        assert rec.done is not None
+        if rec.done.wait(max(0.0, deadline - time.monotonic())):
+            return
+        with self._cv:
+            if not rec.started:
+                rec.lost = True                # _drain skips it: no view of the caller's memory is kept
+                self.lost += 1
+                raise BackendUnavailable(f"NATS: a frame of {nbytes} bytes on {topic!r} was not written within "
+                                         f"the publish timeout: {self._state()}")
+        rec.done.wait(CLOSE_WAIT_S)
+
     def _lose(self, rec: _Sent, subject: str, reason: str) -> None:
+        rec.finish()
         if rec.lost:
             return
         rec.lost = True

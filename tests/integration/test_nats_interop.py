@@ -106,3 +106,18 @@ def test_queue_groups_get_an_announcement_not_a_second_copy_of_the_first_fragmen
 
     [announcement] = asyncio.run(watch_group_subject())
     assert len(announcement) == 64 and announcement[:4] == b"\x93MSP"
+
+
+def test_an_array_changed_right_after_publish_returns_arrives_as_it_was(nats_opts: Any) -> None:
+    """Large whole frames go to the socket as views of the caller's array: publish returns only
+    once they are written (or copied), so a camera driver may reuse its buffer at once."""
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    a = np.zeros((400, 600, 3), np.uint8)               # 720 KB: whole under the 1 MB max_payload
+    with msight_fast.connect("nats", **nats_opts) as bus, bus.subscribe(topic) as sub:
+        for i in range(1, 21):
+            a[:] = i
+            bus.publish(topic, a)
+        a[:] = 255
+        got = collect(sub, 20, timeout=30)
+    assert [int(f.array[0, 0, 0]) for f in got] == list(range(1, 21))
+    assert all(bool((f.array == f.array[0, 0, 0]).all()) for f in got)
