@@ -327,7 +327,7 @@ class Bus:
                                     f"{self.config.max_frame_bytes} (raise it with connect(max_frame_bytes=...))")
             msg = Outgoing(topic, self.publisher_id, frame.frame_id, nbytes, parts=parts)
             limit = self._t.max_message(topic)
-            if limit is not None and nbytes > limit:
+            if limit is not None and nbytes > limit and not self._t.FRAGMENTS_ITSELF:
                 msg.fragments = fragment(parts, limit)     # one copy, straight from the parts
             self._t.send(msg, deadline)
             self._seq[topic] = seq                         # a refused frame leaves no gap behind

@@ -128,6 +128,9 @@ class Transport(abc.ABC):
     # refine it once connected (a broker's own message limit)
     CAPABILITIES: ClassVar[Capabilities]
     capabilities: Capabilities
+    # True: ``send`` gets frames over ``max_message`` whole (``fragments`` None) and splits them itself
+    # (into buffers of its own, in the wire format's fragments), instead of the Bus doing it
+    FRAGMENTS_ITSELF: ClassVar[bool] = False
 
     def max_message(self, topic: str) -> Optional[int]:
         """The largest message for ``topic``; frames above it are fragmented by the Bus."""

@@ -64,6 +64,7 @@ import numpy as np
 from nats import errors as nats_errors
 
 from .. import _schema as S
+from .._impl import impl
 from ..codec import fragment_key
 from ..errors import AuthError, BackendUnavailable, PublishError
 from .base import BoundedQueue, Capabilities, Outgoing, Source, Start, Transport
@@ -74,7 +75,9 @@ HANDOFF_MAX_BYTES = 8 << 20           # publisher hand-off bound: publish() bloc
                                       # queueing latency stays ~tens of ms at a few hundred MB/s
 PULL_PREFIX = "_MSF.pull."            # + publisher id: where queue members ask for the rest
 GROUP_PREFIX = "_MSF.q."              # + topic: first fragments of frames for queue groups
-REST_CACHE = 16                       # fragmented frames a publisher keeps for pulls
+REST_CACHE = 4                        # fragmented frames a publisher keeps for pulls (a member pulls within
+                                      # a round trip); their buffers are then reused, warm
+SPARE_BUFFERS = 2                     # fragment buffers kept for reuse beyond those in the pull cache
 READ_CHUNK = 4 << 20                  # socket read size of our nats-py connections, see below
 RECONNECT_WAIT_S = 0.5                # between two attempts at the same server
 RECONNECT_BUFFER = 2 << 20            # nats-py's default, named so that send() knows what fits
@@ -483,16 +486,22 @@ class _Sent:
     ``done`` (frames handed over as views of the caller's memory): set once the loop thread has
     written the frame or given up on it, so ``send`` returns only when the caller may change the
     array again; ``started``: the loop thread has begun writing it."""
-    __slots__ = ("lost", "done", "started")
+    __slots__ = ("lost", "done", "started", "written", "left")
 
-    def __init__(self, wait: bool = False) -> None:
+    def __init__(self, wait: bool = False, items: int = 1) -> None:
         self.lost = False
         self.started = False
+        self.written = False            # every message of it written or copied (or given up on)
+        self.left = items
         self.done: Optional[threading.Event] = threading.Event() if wait else None
 
     def finish(self) -> None:
-        if self.done is not None:
-            self.done.set()
+        """One of its messages is out of the caller's and this transport's buffers' way."""
+        self.left -= 1
+        if self.left <= 0:
+            self.written = True
+            if self.done is not None:
+                self.done.set()
 
 
 def _auth_error(e: BaseException) -> bool:
@@ -549,6 +558,7 @@ async def _connect(cfg: Any, **cbs: Any) -> Any:
 
 class NatsTransport(Transport):
     name = "nats"
+    FRAGMENTS_ITSELF = True
     CAPABILITIES = Capabilities(delivery="best_effort", groups="queue", persistence=False, max_message=1 << 20)
 
     def __init__(self, cfg: Any) -> None:
@@ -575,7 +585,10 @@ class NatsTransport(Transport):
         self._buffered: Deque[_Sent] = collections.deque()   # frames put in the reconnect buffer
         self._failures: List[Tuple[str, str]] = []
         self._failed = 0
-        self._rest: collections.OrderedDict[Tuple[int, int], Tuple[str, List[bytes]]] = collections.OrderedDict()
+        # fragmented frames kept for queue members' pulls: topic, fragments, their buffer, their _Sent
+        self._rest: collections.OrderedDict[Tuple[int, int], Tuple[str, List[Any], Optional[np.ndarray], _Sent]] = \
+            collections.OrderedDict()
+        self._spare: List[np.ndarray] = []          # fragment buffers to reuse
         self._pull_sub = None
         self._pull_subject: Optional[str] = None
         self._lock = threading.Lock()
@@ -695,6 +708,10 @@ class NatsTransport(Transport):
     def send(self, msg: Outgoing, deadline: float) -> None:
         topic, nbytes = msg.topic, msg.nbytes
         frags = msg.fragments
+        if frags is None and nbytes > self.max_payload:
+            frags, buf = self._fragment(msg)
+        else:
+            buf = None
         if frags is None:
             if nbytes < ZERO_COPY_MIN:         # copied now: the hand-off batches small frames
                 self._enqueue([(topic, msg.joined(), None, _Sent())], nbytes, nbytes, deadline)
@@ -705,19 +722,57 @@ class NatsTransport(Transport):
             self._enqueue([(topic, list(msg.parts), None, rec)], nbytes, nbytes, deadline)
             self._await_written(rec, topic, nbytes, deadline)
             return
-        rec = _Sent()
         if self._pull_subject is None:
             self._start_pull_service(msg.publisher_id, deadline)
+        rec = _Sent(items=len(frags) + 1)
         key = (msg.publisher_id, msg.frame_id)
         with self._lock:
-            self._rest[key] = (topic, frags)
+            self._rest[key] = (topic, frags, buf, rec)
             while len(self._rest) > REST_CACHE:
-                self._rest.popitem(last=False)
+                _, (_, _, old_buf, old_rec) = self._rest.popitem(last=False)
+                # its buffer serves a later frame once nothing will write from it any more
+                if old_buf is not None and old_rec.written and len(self._spare) < SPARE_BUFFERS:
+                    self._spare.append(old_buf)
         items: List[Tuple[str, Any, Optional[str], _Sent]] = [(topic, f, None, rec) for f in frags]  # broadcast
         # queue groups: an announcement (the first fragment's header alone), and the member that
         # gets it pulls the frame's fragments; nothing is sent twice when no group listens
-        items.append((GROUP_PREFIX + topic, bytes(memoryview(frags[0])[:S.FRAG_HEADER_LEN]), self._pull_subject, rec))
+        first = frags[0]
+        head = first[0] if isinstance(first, list) else bytes(memoryview(first)[:S.FRAG_HEADER_LEN])
+        items.append((GROUP_PREFIX + topic, head, self._pull_subject, rec))
         self._enqueue(items, nbytes + S.FRAG_HEADER_LEN, nbytes, deadline)
+
+    def _fragment(self, msg: Outgoing) -> Tuple[List[Any], np.ndarray]:
+        """The frame's fragments (docs/wire-format.md), each [64-byte header, view of its chunk],
+        gathered by one copy of the frame into a buffer of this transport's: reused once the frame
+        that had it is written and out of the pull cache, so the copy goes to memory already
+        mapped (a fresh 6 MB buffer costs more in page faults than the copy itself)."""
+        total, limit = msg.nbytes, self.max_payload
+        chunk = min(limit - S.FRAG_HEADER_LEN, 0xFFFFFFFF)
+        count = -(-total // chunk)
+        if chunk < 1 or count > S.MAX_FRAGMENT_COUNT:
+            from ..errors import FrameTooLarge
+            raise FrameTooLarge(f"a frame of {total} bytes needs {count} fragments of at most {limit} bytes, over the "
+                                f"{S.MAX_FRAGMENT_COUNT} allowed")
+        with self._lock:
+            fits = [b for b in self._spare if total <= b.nbytes <= 2 * total]
+            if fits:
+                self._spare.remove(fits[0])
+        buf = fits[0] if fits else np.empty(total, dtype=np.uint8)
+        pos = 0
+        for p in msg.parts:
+            mv = memoryview(p)
+            mv = mv if mv.ndim == 1 and mv.format in ("B", "b", "c") else mv.cast("B")
+            buf[pos:pos + mv.nbytes] = np.frombuffer(mv, dtype=np.uint8)
+            pos += mv.nbytes
+        data = buf.data[:total]
+        frame_id = int.from_bytes(data[40:48], "little")
+        pub_id = int.from_bytes(data[56:64], "little")
+        frags: List[Any] = []
+        for i in range(count):
+            piece = data[i * chunk:min(total, (i + 1) * chunk)]
+            frags.append([impl.pack_fragment_header(frame_id, pub_id, i, count, total, i * chunk, chunk, [piece]),
+                          piece])
+        return frags, buf
 
     def _enqueue(self, items: List[Tuple[str, Any, Optional[str], _Sent]], nbytes: int, frame_bytes: int,
                  deadline: float) -> None:
@@ -770,17 +825,19 @@ class NatsTransport(Transport):
                     rec.started = True
                 self._inflight_i = i
                 away = not nc.is_connected
+                finished = False
                 try:
                     w = None if away else _direct_write(nc, subject, data, reply)
                     if w is None:
                         data = data if isinstance(data, bytes) else b"".join(data)
-                    rec.finish()                   # written, or copied: the caller's views are free
+                    finished = True
+                    rec.finish()                   # written, or copied: no view of it is needed any more
                     if w is None:
                         await nc.publish(subject, data, reply=reply or "")
                     elif w.transport.get_write_buffer_size() > DIRECT_HIGH_WATER:
                         await w.drain()            # backpressure: what the socket has not taken stays bounded
                 except Exception as e:  # noqa: BLE001 - counted now, reported by flush()
-                    self._lose(rec, subject, repr(e))
+                    self._lose(rec, subject, repr(e), finished)
                     continue
                 if away and (not self._buffered or self._buffered[-1] is not rec):
                     self._buffered.append(rec)
@@ -800,8 +857,11 @@ class NatsTransport(Transport):
                                          f"the publish timeout: {self._state()}")
         rec.done.wait(CLOSE_WAIT_S)
 
-    def _lose(self, rec: _Sent, subject: str, reason: str) -> None:
-        rec.finish()
+    def _lose(self, rec: _Sent, subject: str, reason: str, finished: bool = False) -> None:
+        """One message of ``rec`` failed (``finished``: and was already counted out of the buffers'
+        way); the frame is lost, counted once."""
+        if not finished:
+            rec.finish()
         if rec.lost:
             return
         rec.lost = True
@@ -824,7 +884,7 @@ class NatsTransport(Transport):
                 return
             try:
                 for f in entry[1]:
-                    await self.nc.publish(msg.reply, f)
+                    await self.nc.publish(msg.reply, b"".join(f) if isinstance(f, list) else f)
             except Exception as e:  # noqa: BLE001 - the member's reassembler expires the frame
                 log.debug("msight_fast: NATS could not answer a pull: %r", e)
 
