@@ -3,6 +3,10 @@ loopback TCP ceiling, all in one run. Writes benchmarks/results/transport.{json,
 
     python benchmarks/transport.py [--seconds 4] [--backends redis,nats,kafka] \
         [--payloads 1080p,4k,jpeg,lidar,lidar262k,1k]
+
+With ``--sustained S`` it publishes a sensor profile (``--profile``) at its rates for S seconds
+instead: ``roadside`` (the default) writes results/sustained.{md,json}, ``intersection``
+results/sustained_intersection.{md,json,png}.
 """
 from __future__ import annotations
 
@@ -14,7 +18,16 @@ from pathlib import Path
 
 from msight_style import core_publisher, core_subscriber
 
-from msight_fast.bench import PAYLOAD_NAMES, run_sustained, run_transport, tcp_ceiling
+from msight_fast.bench import (
+    PAYLOAD_NAMES,
+    PROFILE_TEXT,
+    PROFILES,
+    profile_broker_args,
+    run_profile,
+    run_sustained,
+    run_transport,
+    tcp_ceiling,
+)
 
 PATHS = ("msight", "raw", "core")   # this library, the bare client, the MSight-Core-style pipeline
 
@@ -76,6 +89,139 @@ def plot(results, ceiling, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ---------------------------------------------------------------- sustained profiles
+def _n(v) -> str:
+    return "-" if v is None else f"{v:,}"
+
+
+def _ms(v) -> str:
+    return "-" if v is None or v != v else f"{v:.1f}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.1f}%"
+
+
+def profile_table(profile: str, seconds: float, results) -> str:
+    """The markdown of a sustained profile run: what was run, then per backend a row per topic and a total."""
+    notes = next((r["payloads"] for r in results if r.get("payloads")), {})
+    offered = next((r["total"]["offered_MBps"] for r in results if r.get("total")), None)
+    args = [f"{r['backend']}: `{' '.join(r['broker_args'])}`" for r in results if r.get("broker_args")]
+    lines = [f"Sustained {profile} load for {seconds:g} s: {PROFILE_TEXT[profile]}.", "",
+             "Payloads: " + "; ".join(f"{k}: {v}" for k, v in notes.items()) + ".",
+             f"Offered: {offered:,.0f} MB/s." if offered is not None else None,
+             "Embedded brokers run with their defaults" + (", except " + "; ".join(args) if args else "") + ".", "",
+             "expected = rate x seconds; late = sent, but handed to the Bus after its next frame was due; "
+             "skipped = its slot was over before its thread could send it (a sensor that falls behind sends its "
+             "newest frame, it does not catch up in a burst); errors = publishes refused (broker away); "
+             "lost = sent but not received; delivered = received / expected; latency = publish to receipt; "
+             "start lag = how late each publish began against its deadline.", "",
+             "| backend | topic | rate Hz | expected | sent | late | skipped | errors | received | lost | gaps "
+             "| delivered | MB/s | p50 ms | p99 ms | start lag p99 ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cpu = []
+    for r in results:
+        b = r["backend"]
+        if r.get("error"):
+            lines.append(f"| {b} | failed: {r['error']} |" + " |" * 14)
+            continue
+        for t in r["topics"]:
+            lines.append(f"| {b} | {t['topic']} ({t['payload']}) | {t['hz']:g} | {_n(t['expected'])} | "
+                         f"{_n(t['sent'])} | {_n(t['late'])} | {_n(t['skipped'])} | {_n(t['errors'])} | "
+                         f"{_n(t['received'])} | {_n(t['lost'])} | {_n(t['gaps'])} | {_pct(t['delivered'])} | "
+                         f"{t['MBps']:,.1f} | {_ms(t['p50_ms'])} | {_ms(t['p99_ms'])} | {_ms(t['lag_p99_ms'])} |")
+        tt = r["total"]
+        lines.append(f"| **{b}** | **total** | | {_n(tt['expected'])} | {_n(tt['sent'])} | {_n(tt['late'])} | "
+                     f"{_n(tt['skipped'])} | {_n(tt['errors'])} | {_n(tt['received'])} | {_n(tt['lost'])} | "
+                     f"{_n(tt['gaps'])} | **{_pct(tt['delivered'])}** | {tt['MBps']:,.1f} | {_ms(tt['p50_ms'])} | "
+                     f"{_ms(tt['p99_ms'])} | |")
+        c = r["cpu_s"]
+        cpu.append(f"{b} " + " / ".join("-" if c[k] is None else f"{c[k]:.1f}"
+                                        for k in ("publisher", "subscriber", "broker")))
+        for what in ("publisher_failed", "flush_error"):
+            if r.get(what):
+                cpu.append(f"{b} {what.replace('_', ' ')}: {r[what]}")
+        cpu += [f"{b} {t['topic']} publisher thread failed: {t['failed']}" for t in r["topics"] if t.get("failed")]
+    if cpu:
+        lines += ["", "CPU seconds over the run, publisher process / subscriber process / broker: "
+                  + "; ".join(cpu) + "."]
+    return "\n".join(x for x in lines if x is not None)
+
+
+def plot_profile(profile: str, seconds: float, results, path: Path) -> None:
+    """Per backend: the fraction of expected frames sent and delivered per topic, and p50/p99 latency."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 7), sharey="row", squeeze=False)
+    for k, r in enumerate(results):
+        top, bottom = axes[0][k], axes[1][k]
+        top.set_title(r["backend"])
+        if r.get("error"):
+            top.text(0.5, 0.5, "failed", ha="center", va="center", transform=top.transAxes)
+            bottom.set_axis_off()
+            continue
+        rows = r["topics"]
+        xs = list(range(len(rows)))
+        names = [t["topic"] for t in rows]
+        sent = [t["sent"] / t["expected"] if t["expected"] else 0 for t in rows]
+        got = [t["delivered"] for t in rows]
+        top.bar(xs, sent, 0.8, color="tab:gray", alpha=0.4, label="sent / expected")
+        top.bar(xs, got, 0.5, color="tab:blue", label="delivered / expected")
+        top.axhline(1.0, color="black", lw=0.8)
+        top.set_ylim(0, 1.1)
+        top.set_ylabel("fraction of expected frames")
+        top.set_title(f"{r['backend']}: {100 * r['total']['delivered']:.1f}% delivered, "
+                      f"{r['total']['MBps']:,.0f} MB/s")
+        top.set_xticks(xs)
+        top.set_xticklabels(names, rotation=30, fontsize=8)
+        p50 = [t["p50_ms"] for t in rows]
+        p99 = [t["p99_ms"] for t in rows]
+        bottom.bar([x - 0.2 for x in xs], p50, 0.4, color="tab:blue", label="p50")
+        bottom.bar([x + 0.2 for x in xs], p99, 0.4, color="tab:orange", label="p99")
+        bottom.set_yscale("log")
+        bottom.set_ylabel("publish to receipt, ms (log)")
+        bottom.set_xticks(xs)
+        bottom.set_xticklabels(names, rotation=30, fontsize=8)
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    if not results[0].get("error"):
+        axes[1][0].legend(fontsize=8)
+    fig.suptitle(f"Sustained {profile} load, {seconds:g} s\n(a thread per sensor on one Bus -> broker -> "
+                 "one subscriber process)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def sustained_profile(profile: str, seconds: float, backends, out: Path) -> int:
+    """Run ``profile`` on each backend; write results/sustained_<profile>.{md,json,png}."""
+    results = []
+    for b in backends:
+        t0 = time.monotonic()
+        try:
+            r = run_profile(b, seconds, profile)
+        except Exception as e:  # noqa: BLE001 - one backend failing does not discard the others
+            r = {"backend": b, "profile": profile, "seconds": seconds,
+                 "broker_args": profile_broker_args(profile, b), "error": repr(e)}
+        results.append(r)
+        tot = r.get("total") or {}
+        print(f"{b:6s} delivered {_pct(tot.get('delivered'))} ({_n(tot.get('received'))} of "
+              f"{_n(tot.get('expected'))}) sent {_n(tot.get('sent'))} late {_n(tot.get('late'))} "
+              f"skipped {_n(tot.get('skipped'))} lost {_n(tot.get('lost'))} p99 {_ms(tot.get('p99_ms'))} ms "
+              f"({time.monotonic() - t0:.0f}s) {r.get('error', '')}", flush=True)
+    stem = f"sustained_{profile}"
+    (out / f"{stem}.json").write_text(json.dumps({"profile": profile, "seconds": seconds,
+                                                  "date": time.strftime("%Y-%m-%d %H:%M"), "results": results},
+                                                 indent=1))
+    md = profile_table(profile, seconds, results)
+    (out / f"{stem}.md").write_text(md + "\n")
+    print(md)
+    try:
+        plot_profile(profile, seconds, results, out / f"{stem}.png")
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=4.0)
@@ -85,10 +231,15 @@ def main() -> int:
                     "core = an MSight-Core-style pipeline (msgpack, thread per publish, Kafka flush per message)")
     ap.add_argument("--out", default=str(OUT), help="where the json, md and png go")
     ap.add_argument("--sustained", type=float, default=0,
-                    help="instead: the sensor load (1080p@30, JPEG@30, lidar@10 Hz) for this many seconds")
+                    help="instead: a sensor load (--profile) at its rates for this many seconds")
+    ap.add_argument("--profile", default="roadside", choices=list(PROFILES),
+                    help="with --sustained: roadside (1080p@30, JPEG@30, lidar@10 Hz from one thread) or "
+                    "intersection (4 raw 1080p cameras@15, 262k-point lidar@10, JPEG@30, a thread per sensor)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.sustained and a.profile != "roadside":
+        return sustained_profile(a.profile, a.sustained, a.backends.split(","), out)
     if a.sustained:
         rows = [r for b in a.backends.split(",") for r in run_sustained(b, a.sustained)]
         lines = [f"Sustained sensor load on one bus for {a.sustained:g} s", "",

@@ -14,7 +14,7 @@ import struct
 import tempfile
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -54,15 +54,16 @@ def make_payload(name: str) -> Tuple[Union[np.ndarray, bytes], str, int]:
     return obj, enc, size
 
 
-def start_broker(backend: str, raw: bool = False) -> brokers.Broker:
-    extra = []
+def start_broker(backend: str, raw: bool = False, extra_args: Sequence[str] = ()) -> brokers.Broker:
+    """A broker on a free loopback port; ``extra_args`` go on its command line."""
+    extra = list(extra_args)
     if backend == "nats" and raw:
         # max_payload only, the one limit raised when the raw-client references were measured; the
         # slow-consumer bound (max_pending, 64 MB) stays the server's default for every path
         conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
         conf.write("max_payload: 67108864\n")
         conf.close()
-        extra = ["-c", conf.name]
+        extra += ["-c", conf.name]
     return brokers.start(backend, extra_args=extra)
 
 
@@ -154,12 +155,14 @@ class _Recorder:
         self.t: List[float] = []
         self.lat: List[int] = []
         self.size = 0
+        self.nbytes = 0                         # every frame's payload bytes
         self.stats: Mapping[str, Any] = {}      # the Subscription's, when the path has one
 
     def add(self, lat_ns: int, size: int) -> None:
         self.t.append(time.monotonic())
         self.lat.append(lat_ns)
         self.size = size
+        self.nbytes += size
 
 
 def _sub_msight(backend: str, opts: Dict[str, Any], topic: str, rec: _Recorder, stop: threading.Event,
@@ -366,15 +369,137 @@ def run_quick(backend: Optional[str], payload: str, seconds: float) -> str:
 
 
 # ---------------------------------------------------------------- sustained sensor load
+Load = Sequence[Tuple[str, str, float]]          # (topic, payload name, rate in Hz), one per sensor
+
 SENSOR_LOAD = (("cam/raw", "1080p", 30.0), ("cam/jpeg", "jpeg", 30.0), ("lidar", "lidar", 10.0))
+INTERSECTION_LOAD = (("cam1/raw", "1080p", 15.0), ("cam2/raw", "1080p", 15.0), ("cam3/raw", "1080p", 15.0),
+                     ("cam4/raw", "1080p", 15.0), ("lidar", "lidar262k", 10.0), ("cam/jpeg", "jpeg", 30.0))
+PROFILES: Dict[str, Load] = {"roadside": SENSOR_LOAD, "intersection": INTERSECTION_LOAD}
+PROFILE_TEXT = {
+    "roadside": "one publisher thread paces every stream on one Bus (raw 1080p at 30 fps, JPEG at 30 fps, "
+                "the lidar sweep at 10 Hz)",
+    "intersection": "a thread per sensor on one Bus, each paced with absolute deadlines (4 raw 1080p cameras "
+                    "at 15 fps, a 262,144-point lidar at 10 Hz, JPEG at 30 fps); every sensor's first frame is "
+                    "due at the same instant",
+}
+
+# The intersection's subscriber takes ~440 MB/s on six connections under one GIL: a stall of 0.4 s
+# queues more than 32 MB (five and a half camera frames) on one camera's connection, past Redis's
+# default hard limit (pubsub 32mb 8mb 60), and Redis drops that subscriber. The roadside profile keeps the
+# defaults its published figures were measured with.
+REDIS_PUBSUB_LIMIT = ("--client-output-buffer-limit", "pubsub", "512mb", "256mb", "60")
 
 
-def _pub_sensors(backend: str, opts: Dict[str, Any], seconds: float, ready: Any, go: Any, out: Any) -> None:
-    """One bus, three paced streams, as a roadside node would publish them."""
+def profile_broker_args(profile: str, backend: str) -> List[str]:
+    """Arguments beyond the defaults that the embedded broker gets for ``profile`` (reported with it)."""
+    if profile == "intersection" and backend == "redis":
+        return list(REDIS_PUBSUB_LIMIT)
+    return []
+
+
+def payload_note(name: str) -> str:
+    """What a payload is and where it comes from: the JPEG is the real Mcity frame only when
+    ``MSIGHT_DATA_DIR`` names the full data, else the packaged sample."""
+    obj, enc, size = make_payload(name)
+    if name == "jpeg":
+        from .sample import DIR, data_dir, image_file
+        d = data_dir()
+        p = image_file(d) if d is not None else None
+        if p is None:
+            src = "random bytes (no sample data found)"
+        elif d == DIR:
+            src = f"the packaged sample frame {p.name} (MSIGHT_DATA_DIR unset or without frames)"
+        else:
+            src = f"{p} from MSIGHT_DATA_DIR"
+        return f"{size:,} B, {src}"
+    if name == "lidar262k":
+        return f"{size:,} B, a synthetic 262,144-point sweep"
+    if isinstance(obj, np.ndarray) and enc != "pointcloud":
+        return f"{size:,} B, random {'x'.join(map(str, obj.shape))} {enc}"
+    return f"{size:,} B, {enc}"
+
+
+def _catch_up(k: int, t0: float, period: float, now: float) -> int:
+    """The frame to publish at ``now``: ``k``, or a later one when the slots after ``k`` are over
+    too (a sensor that fell behind sends its newest frame and skips the rest, it does not burst)."""
+    over = int((now - (t0 + k * period)) // period)
+    return k + over if over > 0 else k
+
+
+def _pace(bus: Any, topic: str, obj: Any, enc: str, hz: float, t0: float, out: Dict[str, Any],
+          stop: threading.Event) -> None:
+    """Publish ``out["expected"]`` frames of one sensor, frame k due at ``t0 + k / hz``; counts into ``out``."""
+    from .errors import MsightFastError
+    n: int = out["expected"]
+    period = 1.0 / hz
+    lags: List[float] = []
+    sent = late = skipped = errors = 0
+    k = 0
+    try:
+        while k < n and not stop.is_set():
+            now = time.monotonic()
+            due = t0 + k * period
+            if now < due:
+                stop.wait(due - now)              # not due yet; stop ends the wait early
+                continue
+            j = min(_catch_up(k, t0, period, now), n)
+            skipped += j - k
+            k = j
+            if k == n:
+                break
+            due = t0 + k * period
+            lags.append(now - due)
+            try:
+                bus.publish(topic, obj, encoding=enc)
+            except MsightFastError:           # a broker away past publish_timeout_s: counted, go on
+                errors += 1
+            else:
+                sent += 1
+                if time.monotonic() > due + period:   # handed over after the next frame was due
+                    late += 1
+            k += 1
+    except Exception as e:  # noqa: BLE001 - reported with the counts, not lost in a thread
+        out["failed"] = repr(e)
+    finally:
+        skipped += n - k if stop.is_set() and "failed" not in out else 0
+        lag = np.array(lags or [np.nan]) * 1e3
+        out.update(sent=sent, late=late, skipped=skipped, errors=errors,
+                   lag_p50_ms=float(np.percentile(lag, 50)), lag_p99_ms=float(np.percentile(lag, 99)))
+
+
+def publish_paced(bus: Any, streams: Sequence[Tuple[str, Any, str, float]], seconds: float) -> List[Dict[str, Any]]:
+    """Publish every stream (topic, object, encoding, Hz) from its own thread on ``bus`` for
+    ``seconds``; per stream: expected (rate x seconds), sent, late, skipped, errors and how late
+    each publish began (lag p50/p99 ms). sent + skipped + errors == expected unless ``failed``."""
+    t0 = time.monotonic()
+    stop = threading.Event()
+    outs: List[Dict[str, Any]] = [{"topic": t, "hz": hz, "expected": int(round(hz * seconds)), "sent": 0, "late": 0,
+                                   "skipped": 0, "errors": 0, "lag_p50_ms": float("nan"),
+                                   "lag_p99_ms": float("nan")} for t, _, _, hz in streams]
+    threads = [threading.Thread(target=_pace, args=(bus, t, obj, enc, hz, t0, o, stop), name=f"pace {t}", daemon=True)
+               for (t, obj, enc, hz), o in zip(streams, outs)]
+    for th in threads:
+        th.start()
+    # a publish waits at most publish_timeout_s, so every thread ends by then
+    grace = float(getattr(getattr(bus, "config", None), "publish_timeout_s", 5.0)) + 30.0
+    end = t0 + seconds + grace
+    for th in threads:
+        th.join(max(0.0, end - time.monotonic()))
+    stop.set()
+    for th, o in zip(threads, outs):
+        th.join(grace)
+        if th.is_alive():
+            o["failed"] = f"still publishing {grace:.0f} s after the end"
+    return outs
+
+
+def _pub_sensors(backend: str, opts: Dict[str, Any], seconds: float, ready: Any, go: Any, out: Any,
+                 load: Load = SENSOR_LOAD) -> None:
+    """One bus, the streams paced from one thread, as a roadside node would publish them."""
     from . import connect
     bus = connect(backend, **opts)
     streams: List[List[Any]] = []                 # [topic, object, encoding, period, next due]
-    for topic, payload, hz in SENSOR_LOAD:
+    for topic, payload, hz in load:
         obj, enc, _ = make_payload(payload)
         streams.append([topic, obj, enc, 1.0 / hz, 0.0])
     ready.set()
@@ -400,54 +525,206 @@ def _pub_sensors(backend: str, opts: Dict[str, Any], seconds: float, ready: Any,
     bus.close()
 
 
-def run_sustained(backend: str, seconds: float = 20.0) -> List[Dict[str, Any]]:
-    """Publish the sensor load for ``seconds``; per topic: sent, received, lost, gaps, p50/p99 ms."""
+def _pub_threads(backend: str, opts: Dict[str, Any], seconds: float, ready: Any, go: Any, out: Any,
+                 load: Load = INTERSECTION_LOAD) -> None:
+    """One bus, a thread per sensor (``publish_paced``); puts its rows and CPU seconds on ``out`` (a queue)."""
     from . import connect
-    b = start_broker(backend)
+    from .errors import MsightFastError
+    result: Dict[str, Any] = {"rows": [], "cpu_s": None, "flush": None}
     try:
-        opts = b.options()
         bus = connect(backend, **opts)
-        subs: Dict[str, Subscription] = {}
-        threads = [threading.Thread(target=lambda t=t: subs.__setitem__(t, bus.subscribe(t)))
-                   for t, _, _ in SENSOR_LOAD]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        recs = {t: _Recorder() for t in subs}
-        stop = threading.Event()
-
-        def take(topic: str) -> None:
-            while not stop.is_set():
-                f = subs[topic].recv(0.2)
-                if f is not None:
-                    recs[topic].add(time.time_ns() - f.publish_ts_ns, f.nbytes)
-        takers = [threading.Thread(target=take, args=(t,), daemon=True) for t in subs]
-        for th in takers:
-            th.start()
-        ctx = mp.get_context("spawn")
-        child_ready, go, out = ctx.Event(), ctx.Event(), ctx.Array("q", len(SENSOR_LOAD))
-        p = ctx.Process(target=_pub_sensors, args=(backend, opts, seconds, child_ready, go, out), daemon=True)
-        p.start()
-        if not child_ready.wait(120):
-            raise RuntimeError(f"{backend} sensor publisher did not start")
-        go.set()
-        p.join(seconds + 120)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(len(recs[t].t) < out[i] for i, (t, _, _) in enumerate(SENSOR_LOAD)):
-            time.sleep(0.1)
-        stop.set()
-        for th in takers:
-            th.join(5)
-        rows = []
-        for i, (topic, payload, hz) in enumerate(SENSOR_LOAD):
-            r = recs[topic]
-            lat = np.array(r.lat, dtype=np.float64) / 1e6 if r.lat else np.array([np.nan])
-            st = subs[topic].stats()
-            rows.append({"backend": backend, "topic": topic, "payload": payload, "hz": hz, "sent": int(out[i]),
-                         "received": len(r.t), "lost": int(out[i]) - len(r.t), "gaps": st["gaps"],
-                         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))})
-        bus.close()
-        return rows
+    except Exception as e:  # noqa: BLE001 - the parent reports it
+        out.put(dict(result, failed=repr(e)))
+        ready.set()
+        return
+    try:
+        made: Dict[str, Tuple[Any, str, int]] = {}
+        streams = []
+        for topic, payload, hz in load:
+            if payload not in made:                 # cameras of one kind share one image
+                made[payload] = make_payload(payload)
+            obj, enc, _ = made[payload]
+            streams.append((topic, obj, enc, hz))
+        ready.set()
+        if not go.wait(300):
+            result["failed"] = "never told to start"
+            return
+        c0 = _cpu_s()
+        result["rows"] = publish_paced(bus, streams, seconds)
+        try:
+            bus.flush(60)
+        except MsightFastError as e:
+            result["flush"] = repr(e)
+        result["cpu_s"] = _cpu_s() - c0
+    except Exception as e:  # noqa: BLE001 - the parent reports it
+        result["failed"] = repr(e)
     finally:
-        b.stop()
+        ready.set()                             # a failure before go is reported, not waited out
+        out.put(result)
+        bus.close()
+
+
+def _drain(recs: Mapping[str, _Recorder], sent: Mapping[str, int], limit_s: float = 30.0,
+           quiet_s: float = 3.0) -> None:
+    """Wait until every frame sent has arrived, or nothing has for ``quiet_s`` (the rest is lost)."""
+    now = time.monotonic()
+    deadline, last, changed = now + limit_s, -1, now
+    while now < deadline and any(len(recs[t].t) < n for t, n in sent.items()):
+        got = sum(len(r.t) for r in recs.values())
+        if got != last:
+            last, changed = got, now
+        elif now - changed > quiet_s:
+            break
+        time.sleep(0.1)
+        now = time.monotonic()
+
+
+def _pct(ms: List[float], q: float) -> float:
+    return float(np.percentile(ms, q)) if ms else float("nan")
+
+
+def run_profile(backend: str, seconds: float = 20.0, profile: str = "roadside",
+                load: Optional[Load] = None) -> Dict[str, Any]:
+    """Publish a profile's sensor load (``PROFILES``; ``load`` overrides its sensors) for ``seconds``
+    from one publisher process (a thread on the in-process ``memory`` backend) to a broker started
+    for the run, and receive every topic on one Bus here.
+
+    Returns backend, profile, seconds, broker_args, payloads (what each payload is), topics (per
+    topic: expected, sent, late, skipped, errors, received, lost, gaps, dropped, delivered =
+    received / expected, MB/s, p50/p99 ms publish to receipt, lag_p50/p99_ms how late publishes
+    began; late/skipped/errors/lag are None for ``roadside``, whose publisher does not count
+    them), total, and cpu_s (publisher, subscriber, broker).
+    """
+    from . import connect
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; one of {', '.join(PROFILES)}")
+    load = tuple(load or PROFILES[profile])
+    extra = profile_broker_args(profile, backend)
+    in_process = backend == "memory"
+    b = None if in_process else start_broker(backend, extra_args=extra)
+    try:
+        opts: Dict[str, Any] = b.options() if b is not None else {"name": f"bench-{os.getpid()}-{time.time_ns()}"}
+        bus = connect(backend, **opts)
+        try:
+            return _run_profile(bus, b, backend, opts, seconds, profile, load, extra)
+        finally:
+            bus.close()
+    finally:
+        if b is not None:
+            b.stop()
+
+
+def _run_profile(bus: Any, b: Optional[brokers.Broker], backend: str, opts: Dict[str, Any], seconds: float,
+                 profile: str, load: Load, extra: List[str]) -> Dict[str, Any]:
+    import queue
+    topics = [t for t, _, _ in load]
+    subs: Dict[str, Subscription] = {}
+    failures: List[str] = []
+
+    def subscribe(t: str) -> None:
+        try:
+            subs[t] = bus.subscribe(t)
+        except Exception as e:  # noqa: BLE001 - raised below, in this thread
+            failures.append(f"subscribe {t}: {e!r}")
+    threads = [threading.Thread(target=subscribe, args=(t,)) for t in topics]   # Kafka assigns each in parallel
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    if failures or len(subs) < len(topics):
+        raise RuntimeError(f"{backend}: " + ("; ".join(failures) or "a subscription did not open within 120 s"))
+    recs = {t: _Recorder() for t in topics}
+    stop = threading.Event()
+
+    def take(topic: str) -> None:
+        while not stop.is_set():
+            f = subs[topic].recv(0.2)
+            if f is not None:
+                recs[topic].add(time.time_ns() - f.publish_ts_ns, f.nbytes)
+    takers = [threading.Thread(target=take, args=(t,), daemon=True) for t in topics]
+    for th in takers:
+        th.start()
+    threaded = profile != "roadside"
+    target = _pub_threads if threaded else _pub_sensors
+    ready: Any
+    go: Any
+    out: Any
+    if backend == "memory":
+        ready, go = threading.Event(), threading.Event()
+        out = queue.Queue() if threaded else [0] * len(load)
+        p: Any = threading.Thread(target=target, args=(backend, opts, seconds, ready, go, out, load), daemon=True)
+    else:
+        ctx = mp.get_context("spawn")
+        ready, go = ctx.Event(), ctx.Event()
+        out = ctx.Queue() if threaded else ctx.Array("q", len(load))
+        p = ctx.Process(target=target, args=(backend, opts, seconds, ready, go, out, load), daemon=True)
+    p.start()
+    if not ready.wait(120):
+        raise RuntimeError(f"{backend} sensor publisher did not start")
+    broker_cpu0 = _proc_cpu(b.proc.pid) if b is not None else None
+    sub_cpu0 = _cpu_s()
+    go.set()
+    pub: Dict[str, Any]
+    if threaded:
+        # read before join: a child process waits on exit until its queue is drained
+        report: Optional[Dict[str, Any]] = None
+        deadline = time.monotonic() + seconds + 180
+        while report is None and time.monotonic() < deadline:
+            alive = p.is_alive()
+            try:
+                report = out.get(timeout=1.0)
+            except queue.Empty:
+                if not alive:                   # it died without a word: do not wait out the deadline
+                    break
+        pub = report or {"rows": [], "cpu_s": None, "failed": "the publisher reported nothing"}
+        p.join(60)
+    else:
+        p.join(seconds + 120)
+        pub = {"rows": [{"topic": t, "sent": int(out[i])} for i, t in enumerate(topics)], "cpu_s": None}
+    by_topic = {r["topic"]: r for r in pub["rows"]}
+    sent = {t: int(by_topic.get(t, {}).get("sent", 0)) for t in topics}
+    _drain(recs, sent)
+    sub_cpu = _cpu_s() - sub_cpu0
+    broker_cpu = None
+    if broker_cpu0 is not None and b is not None:
+        broker_cpu = (_proc_cpu(b.proc.pid) or 0.0) - broker_cpu0
+    stop.set()
+    for th in takers:
+        th.join(5)
+    notes = {name: payload_note(name) for name in dict.fromkeys(pl for _, pl, _ in load)}
+    sizes = {name: make_payload(name)[2] for name in notes}
+    rows, all_lat = [], []
+    for topic, payload, hz in load:
+        r, pr, st = recs[topic], by_topic.get(topic, {}), subs[topic].stats()
+        lat = [v / 1e6 for v in r.lat]
+        all_lat += lat
+        expected = int(pr.get("expected", round(hz * seconds)))
+        got = len(r.t)
+        rows.append({"backend": backend, "profile": profile, "topic": topic, "payload": payload, "hz": hz,
+                     "expected": expected, "sent": sent[topic], "late": pr.get("late"), "skipped": pr.get("skipped"),
+                     "errors": pr.get("errors"), "received": got, "lost": sent[topic] - got,
+                     "gaps": st.get("gaps"), "dropped": st.get("dropped"), "disconnects": st.get("disconnects"),
+                     "delivered": got / expected if expected else float("nan"),
+                     "MBps": r.nbytes / seconds / 1e6, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
+                     "lag_p50_ms": pr.get("lag_p50_ms"), "lag_p99_ms": pr.get("lag_p99_ms"),
+                     "failed": pr.get("failed")})
+
+    def total(key: str) -> Optional[int]:
+        vals = [r[key] for r in rows]
+        return None if any(v is None for v in vals) else int(sum(vals))
+    exp, got = total("expected") or 0, total("received") or 0
+    counted = ("expected", "sent", "late", "skipped", "errors", "received", "lost", "gaps", "dropped")
+    tot: Dict[str, Any] = {k: total(k) for k in counted}
+    tot.update(delivered=got / exp if exp else float("nan"),
+               offered_MBps=sum(r["expected"] * sizes[r["payload"]] for r in rows) / seconds / 1e6,
+               MBps=sum(r["MBps"] for r in rows), p50_ms=_pct(all_lat, 50), p99_ms=_pct(all_lat, 99))
+    return {"backend": backend, "profile": profile, "seconds": seconds, "broker_args": extra, "payloads": notes,
+            "topics": rows, "total": tot, "publisher_failed": pub.get("failed"), "flush_error": pub.get("flush"),
+            "cpu_s": {"publisher": pub.get("cpu_s"), "subscriber": sub_cpu, "broker": broker_cpu}}
+
+
+def run_sustained(backend: str, seconds: float = 20.0, profile: str = "roadside") -> List[Dict[str, Any]]:
+    """Publish a profile's sensor load for ``seconds``; per topic: sent, received, lost, gaps,
+    p50/p99 ms and the rest of ``run_profile``'s rows."""
+    rows: List[Dict[str, Any]] = run_profile(backend, seconds, profile)["topics"]
+    return rows
