@@ -754,10 +754,10 @@ class NatsTransport(Transport):
             raise FrameTooLarge(f"a frame of {total} bytes needs {count} fragments of at most {limit} bytes, over the "
                                 f"{S.MAX_FRAGMENT_COUNT} allowed")
         with self._lock:
-            fits = [b for b in self._spare if total <= b.nbytes <= 2 * total]
-            if fits:
-                self._spare.remove(fits[0])
-        buf = fits[0] if fits else np.empty(total, dtype=np.uint8)
+            # by position: list.remove would compare arrays with ==, element by element
+            i = next((k for k, b in enumerate(self._spare) if total <= b.nbytes <= 2 * total), -1)
+            spare = self._spare.pop(i) if i >= 0 else None
+        buf = spare if spare is not None else np.empty(total, dtype=np.uint8)
         pos = 0
         for p in msg.parts:
             mv = memoryview(p)

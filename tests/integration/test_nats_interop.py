@@ -144,3 +144,19 @@ def test_fragment_buffers_are_reused_without_mixing_frames(nats_opts: Any) -> No
     for f in got + pulled:
         assert np.array_equal(f.array, base + np.uint8(f.seq - 1)), f.seq
     assert pulled, "the group member got no frame at all"
+
+
+def test_frames_of_different_sizes_take_turns_with_the_fragment_buffers(nats_opts: Any) -> None:
+    """Reused fragment buffers of one size must not be offered to, or compared with, a frame of
+    another (two sensors on one Bus: 1080p images and a larger lidar sweep)."""
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(4)
+    cam = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    cloud = rng.integers(0, 256, 6_291_456, dtype=np.uint8)
+    with msight_fast.connect("nats", **nats_opts) as bus, bus.subscribe(topic) as sub:
+        for _ in range(12):
+            bus.publish(topic, cam)
+            bus.publish(topic, cloud)
+        got = collect(sub, 24, timeout=60)
+    for i, f in enumerate(got):
+        assert np.array_equal(f.array, cam if i % 2 == 0 else cloud), i
