@@ -20,7 +20,7 @@ from . import _schema as S
 from . import config as _config
 from . import registry
 from .backends.base import Capabilities, Outgoing, Source, Start, Transport
-from .codec import Frame, Reassembler, encode_parts, fragment, frame_key, is_fragment
+from .codec import BATCH_MAGIC, Frame, Reassembler, encode_parts, fragment, frame_key, is_fragment
 from .errors import BackendUnavailable, ConfigError, FrameError, FrameTooLarge, MsightFastError
 from .stats import BusStats, LatencyWindow, SeqTracker, SubscriptionStats
 
@@ -35,7 +35,8 @@ __all__ = ["connect", "connect_node", "NodeConfig", "Bus", "Subscription", "Star
 
 def _framed(buf: Any) -> bool:
     head = bytes(memoryview(buf)[:4])
-    return head == S.MAGIC or head == S.FRAG_MAGIC
+    # a batch container that its backend could not split is malformed: rejected, not passed on as bytes
+    return head == S.MAGIC or head == S.FRAG_MAGIC or head == BATCH_MAGIC
 
 
 def _scrubbed(e: MsightFastError) -> MsightFastError:

@@ -1,4 +1,5 @@
-"""Frame codec: encode/decode sensor frames, split them into fragments and put them back together.
+"""Frame codec: encode/decode sensor frames, split them into fragments and put them back together,
+and pack small frames into batch containers (one broker message for many frames) and out again.
 
 The ``Reassembler`` holds a hard memory bound whatever arrives (see its docstring); one daemon
 thread per process, started with the first fragmented frame, drops timed-out frames on time.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 import time
 import weakref
@@ -37,7 +39,9 @@ else:
 _B = TypeVar("_B", bound="BufferLike")
 
 __all__ = ["Frame", "encode", "encode_parts", "decode", "crc32c", "fragment", "Reassembler",
-           "is_fragment", "fragment_key", "frame_key", "HAS_EXTENSIONS", "FrameError"]
+           "is_fragment", "fragment_key", "frame_key", "HAS_EXTENSIONS", "FrameError",
+           "BATCH_MAGIC", "MAX_BATCH_COUNT", "BatchWriter", "batch_size", "batch_spans", "is_batch",
+           "pack_batch", "unpack_batch"]
 
 
 def _head(buf: Any, n: int) -> bytes:
@@ -141,6 +145,182 @@ def fragment(frame_bytes: Union[BufferLike, Sequence[BufferLike]], max_size: int
         out.append(b"".join([impl.pack_fragment_header(frame_id, pub_id, i, count, total, i * chunk, chunk,
                                                        pieces), *pieces]))
     return out
+
+
+# -- batch containers (docs/wire-format.md, section 2a)
+BATCH_MAGIC = b"\x93MSB"
+BATCH_HEADER_LEN = 24        # magic, major, minor, flags, count, header CRC, total; the index follows
+BATCH_ALIGN = 8              # every frame starts at a multiple of 8 from the container's start
+MAX_BATCH_COUNT = 65536      # most frames one container may hold
+_BATCH_HEAD = struct.Struct("<4sBBHIIQ")
+assert _BATCH_HEAD.size == BATCH_HEADER_LEN
+_PAD = tuple(b"\0" * i for i in range(BATCH_ALIGN))
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & -8
+
+
+def batch_size(lengths: Sequence[int]) -> int:
+    """The length of the container that holds frames of these lengths (padding included)."""
+    return _align8(BATCH_HEADER_LEN + 4 * len(lengths)) + sum(_align8(n) for n in lengths)
+
+
+def is_batch(buf: Any) -> bool:
+    """True when ``buf`` starts with the batch magic."""
+    if type(buf) is bytes:
+        return buf[:4] == BATCH_MAGIC
+    return _head(buf, 4) == BATCH_MAGIC
+
+
+def _assemble(lengths: List[int], pieces: List[Any], total: int) -> bytes:
+    """Header, index and the frames' pieces (their padding included) as one container: the one copy."""
+    count = len(lengths)
+    if not 1 <= count <= MAX_BATCH_COUNT:
+        raise ValueError(f"a batch holds 1 to {MAX_BATCH_COUNT} frames, not {count}")
+    index = struct.pack(f"<{count}I", *lengths)
+    index_end = BATCH_HEADER_LEN + 4 * count
+    head = _BATCH_HEAD.pack(BATCH_MAGIC, 1, 0, 0, count, 0, total)
+    crc = crc32c(index, crc32c(head[16:], crc32c(head[:12])))
+    head = _BATCH_HEAD.pack(BATCH_MAGIC, 1, 0, 0, count, crc, total)
+    return b"".join([head, index, _PAD[_align8(index_end) - index_end], *pieces])
+
+
+def pack_batch(frames: Sequence[Sequence[BufferLike]]) -> bytes:
+    """One batch container of whole frames, each given as its ``encode_parts`` list (or a
+    one-item list of its encoded bytes). Each frame is copied once, into the container.
+
+    Raises ValueError for an empty list, more than ``MAX_BATCH_COUNT`` frames, or an item that
+    does not start with the frame magic (a fragment or a batch cannot go inside a batch).
+    """
+    lengths: List[int] = []
+    pieces: List[Any] = []
+    for parts in frames:
+        views = [p if type(p) is bytes else _view(p).cast("B") for p in parts]
+        n = sum(len(v) for v in views)
+        if n < S.FIXED_LEN or bytes(views[0][:4]) != S.MAGIC:
+            raise ValueError(f"item {len(lengths)} is not an encoded frame (a batch holds whole frames only)")
+        lengths.append(n)
+        pieces.extend(views)
+        if n & 7:
+            pieces.append(_PAD[8 - (n & 7)])
+    return _assemble(lengths, pieces, batch_size(lengths))
+
+
+class BatchWriter:
+    """Frames gathered for one batch container. Each frame is copied when added (unless it is
+    ``bytes`` already), so the caller's buffers are free again once ``add`` returns; ``pack``
+    copies them once more, into the container. ``count`` and ``size`` (the length of the
+    container ``pack`` would make now) are plain attributes: a producer reads them per frame."""
+
+    __slots__ = ("pieces", "lengths", "body", "count", "size")
+
+    def __init__(self) -> None:
+        self.pieces: List[bytes] = []      # the frames, each followed by its padding
+        self.lengths: List[int] = []
+        self.body = 0                      # bytes of the frames and their padding
+        self.count = 0
+        self.size = _align8(BATCH_HEADER_LEN)
+
+    def size_with(self, nbytes: int) -> int:
+        """The container's length with one more frame of ``nbytes``."""
+        return ((BATCH_HEADER_LEN + 11 + 4 * self.count) & -8) + self.body + ((nbytes + 7) & -8)
+
+    def add(self, parts: Sequence[BufferLike]) -> int:
+        """Add one encoded frame (its ``encode_parts`` list, or its bytes as a one-item list);
+        returns the container's new ``size``."""
+        if self.count >= MAX_BATCH_COUNT:
+            raise ValueError(f"a batch holds at most {MAX_BATCH_COUNT} frames")
+        first = parts[0]
+        # an ndarray part is a buffer; numpy's stubs say so only from Python 3.12 on
+        data = first if len(parts) == 1 and type(first) is bytes else b"".join(parts)  # type: ignore[arg-type]
+        n = len(data)
+        if n < S.FIXED_LEN or data[:4] != S.MAGIC:
+            raise ValueError("not an encoded frame (a batch holds whole frames only)")
+        self.pieces.append(data)
+        self.lengths.append(n)
+        pad = -n & 7
+        if pad:
+            self.pieces.append(_PAD[pad])
+        self.body += n + pad
+        self.count += 1
+        self.size = ((BATCH_HEADER_LEN + 7 + 4 * self.count) & -8) + self.body
+        return self.size
+
+    def frames(self) -> List[bytes]:
+        """The frames added, in order, without their padding."""
+        return [p for p in self.pieces if len(p) >= S.FIXED_LEN]
+
+    def pack(self) -> bytes:
+        return _assemble(self.lengths, self.pieces, self.size)
+
+
+def batch_spans(buf: BufferLike) -> List[Tuple[int, int]]:
+    """(start, end) of each frame in a batch container, every rule of docs/wire-format.md 2a
+    checked first: FrameError (naming the offset) for anything malformed. Nothing is allocated
+    before the count is known to fit the buffer; the frames' own headers are left to ``decode``."""
+    if type(buf) is bytes:
+        chk: Any = buf
+        n = len(buf)
+    else:
+        chk = _view(buf)
+        if chk.ndim != 1 or chk.itemsize != 1:
+            try:
+                chk = chk.cast("B")
+            except TypeError:
+                raise FrameError("a batch must be a contiguous buffer of bytes") from None
+        n = chk.nbytes
+    if n < BATCH_HEADER_LEN:
+        raise FrameError(f"truncated batch: {n} bytes, its header needs {BATCH_HEADER_LEN} (at offset {n})")
+    magic, major, _minor, _flags, count, crc, total = _BATCH_HEAD.unpack_from(chk, 0)
+    if magic != BATCH_MAGIC:
+        raise FrameError(f"bad batch magic {magic!r} at offset 0 (expected {BATCH_MAGIC!r})")
+    if major != 1:
+        raise FrameError(f"unsupported batch major version {major} at offset 4 (this reader knows 1)")
+    if not 1 <= count <= MAX_BATCH_COUNT:
+        raise FrameError(f"batch count {count} at offset 8 out of range [1, {MAX_BATCH_COUNT}]")
+    index_end = BATCH_HEADER_LEN + 4 * count
+    if index_end > n:
+        raise FrameError(f"batch index of {count} lengths runs past the {n}-byte message "
+                         f"(at offset {BATCH_HEADER_LEN})")
+    if crc32c(chk[16:index_end], crc32c(chk[:12])) != crc:
+        raise FrameError("batch header CRC32C mismatch at offset 12")
+    if total != n:
+        raise FrameError(f"batch total {total} at offset 16 differs from the message length {n}")
+    lengths = struct.unpack_from(f"<{count}I", chk, BATCH_HEADER_LEN)   # count * 4 <= n: bounded by the buffer
+    pos = _align8(index_end)
+    if pos > n or (pos != index_end and chk[index_end:pos] != _PAD[pos - index_end]):
+        raise FrameError(f"batch padding at offset {index_end} is truncated or not zero")
+    spans: List[Tuple[int, int]] = []
+    magic4 = S.MAGIC
+    for i, ln in enumerate(lengths):
+        end = pos + ln
+        nxt = (end + 7) & -8
+        if ln < S.FIXED_LEN or nxt > n:
+            raise FrameError(f"batch frame {i} of {ln} bytes at offset {pos} (length at offset "
+                             f"{BATCH_HEADER_LEN + 4 * i}) is shorter than a frame header or runs past the message")
+        if chk[pos:pos + 4] != magic4:
+            raise FrameError(f"batch frame {i} at offset {pos} is not a frame (magic "
+                             f"{bytes(chk[pos:pos + 4])!r}): a batch holds whole frames only")
+        if nxt != end and chk[end:nxt] != _PAD[nxt - end]:
+            raise FrameError(f"non-zero batch padding after frame {i}, at offset {end}")
+        spans.append((pos, end))
+        pos = nxt
+    if pos != n:
+        raise FrameError(f"{n - pos} bytes after the last batch frame (at offset {pos})")
+    return spans
+
+
+def unpack_batch(buf: BufferLike) -> List[memoryview]:
+    """The frames of a batch container as read-only views into it (no copy); FrameError for a
+    malformed container (see ``batch_spans``). Decode each with ``decode``, which checks the
+    frame itself."""
+    spans = batch_spans(buf)
+    mv = _view(buf)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    mv = mv.toreadonly()
+    return [mv[a:b] for a, b in spans]
 
 
 _Key = Tuple[int, int, int, int, int]        # publisher_id, frame_id, count, total, chunk_size

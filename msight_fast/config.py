@@ -271,6 +271,14 @@ class KafkaConfig(BaseConfig):
     auto_commit_interval_ms: int = 1000     # offsets of released frames are committed this often
     # librdkafka's default of 10 s between reconnection attempts would add up to 10 s to every recovery
     reconnect_backoff_max_ms: int = 1000
+    # Frames up to batch_max_frame_bytes are coalesced, per topic, into one Kafka message (a batch
+    # container, docs/wire-format.md 2a): Kafka's cost per message (client, broker, consumer) is
+    # then paid per batch. A batch goes out at batch_max_bytes, batch_linger_ms after its first
+    # frame, before a larger frame of its topic, and on flush() and close(); a frame that finds its
+    # topic idle goes out at once. Any of the three 0: no batching (one message per frame).
+    batch_max_frame_bytes: int = 16 << 10
+    batch_max_bytes: int = 256 << 10
+    batch_linger_ms: int = 5
     producer_config: Dict[str, Any] = field(default_factory=dict)
     consumer_config: Dict[str, Any] = field(default_factory=dict)
 
@@ -290,6 +298,11 @@ _SASL = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 _KAFKA_MS = {"fetch_wait_max_ms": (0, 300_000), "session_timeout_ms": (1, 3_600_000),
              "heartbeat_interval_ms": (1, 3_600_000), "auto_commit_interval_ms": (1, 86_400_000),
              "reconnect_backoff_max_ms": (100, 3_600_000)}
+
+# Kafka batching: 0 turns it off, else at least the smallest frame (128 bytes) / a useful batch
+_KAFKA_BATCH = {"batch_max_frame_bytes": (128, 64 << 20), "batch_max_bytes": (1024, 1 << 31),
+                "batch_linger_ms": (1, 60_000)}
+BATCH_OVERHEAD = 32        # a batch container's header and index for one frame (docs/wire-format.md 2a)
 
 
 C = TypeVar("C", bound=BaseConfig)
@@ -326,6 +339,11 @@ def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str
             value = None if value is None else _int(var, value, 1024, 1 << 31, "1048576")
         elif name in ("num_partitions", "linger_ms"):
             value = _int(var, value, 0 if name == "linger_ms" else 1, 100_000, str(default))
+        elif name in _KAFKA_BATCH:
+            lo, hi = _KAFKA_BATCH[name]
+            value = _int(var, value, 0, hi, str(default))
+            if 0 < value < lo:
+                raise ConfigError(f"{var}={value}: use 0 (no batching) or at least {lo} (e.g. {var}={default})")
         elif name in _KAFKA_MS:
             lo, hi = _KAFKA_MS[name]
             value = _int(var, value, lo, hi, str(default))
@@ -387,6 +405,11 @@ def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str
     if isinstance(cfg, KafkaConfig) and cfg.heartbeat_interval_ms >= cfg.session_timeout_ms:
         raise ConfigError(f"{prefix}HEARTBEAT_INTERVAL_MS={cfg.heartbeat_interval_ms} must be below "
                           f"{prefix}SESSION_TIMEOUT_MS={cfg.session_timeout_ms} (e.g. 500 and 6000)")
+    if isinstance(cfg, KafkaConfig) and cfg.batch_max_frame_bytes and cfg.batch_max_bytes and \
+            cfg.batch_max_frame_bytes + BATCH_OVERHEAD > cfg.batch_max_bytes:
+        raise ConfigError(f"{prefix}BATCH_MAX_FRAME_BYTES={cfg.batch_max_frame_bytes} must leave room for the batch "
+                          f"header under {prefix}BATCH_MAX_BYTES={cfg.batch_max_bytes}: at most "
+                          f"{cfg.batch_max_bytes - BATCH_OVERHEAD} (e.g. 16384 and 262144)")
     if (getattr(cfg, "tls_cert_file", None) is None) != (getattr(cfg, "tls_key_file", None) is None):
         raise ConfigError(f"{prefix}TLS_CERT_FILE and {prefix}TLS_KEY_FILE go together "
                           "(a client certificate and its key)")

@@ -8,13 +8,24 @@ queue in librdkafka up to that bound and go out when it is back. Delivery errors
 ``_producer_config`` for why); a producer that librdkafka declares fatally failed is replaced on
 the next publish, which raises ``PublishError``; what the dead one still held counts as lost.
 
+Small frames (up to ``batch_max_frame_bytes``, 16 KiB) are batched: coalesced per topic into one
+Kafka message, a batch container (docs/wire-format.md 2a), so that the cost Kafka has per message
+(the client's, the broker's, the consumer's) is paid once per batch. A batch goes out when it
+reaches ``batch_max_bytes`` (or the topic's limit), ``batch_linger_ms`` after its first frame (the
+linger thread), before a larger frame or raw message of its topic (order per publisher is kept),
+and on ``flush`` and ``close``; a frame that finds its topic idle (nothing sent on it within the
+linger) goes out at once, alone, so a sparse sensor waits for no linger. A batch whose delivery
+fails counts each of its frames in ``lost``. Messages sent with ``send_bytes`` (the MSight
+drop-in's plain mode) are never batched.
+
 Frames above the topic's message limit (``max_message_bytes``, by default the topic's
 ``max.message.bytes`` as the broker reports it, else 1,000,000) are fragmented, straight from the
 frame's parts; every fragment of a frame has the frame's key,
 so all of them land on one partition, in order. The key is the publisher id by default (a
 publisher's frames stay in order, as Kafka orders only within a partition) or, with
 ``partition_key="frame"``, the frame id (one publisher's frames spread over the partitions, so a
-consumer group can share one camera; order then holds only per partition).
+consumer group can share one camera; order then holds only per partition; a batch takes its
+first frame's key, so batches, not single small frames, are spread).
 
 Topics are created on first use with ``num_partitions`` and ``replication_factor`` (by default
 -1, the broker's own default). A single broker that refuses -1 (older than KIP-464) gets 1; a
@@ -32,7 +43,9 @@ Consumer: ``group.id`` from ``group_id`` (without one, a private group: every su
 every frame). Offsets are stored only for messages whose frame has been handed to the
 application and then released (the next ``recv`` or ``ack()``), never ahead of delivery, and are
 committed every second and on ``ack()``: a member that dies loses nothing; the group re-delivers.
-A fragmented frame's offsets are stored only once the whole frame was handed over. The poll
+A fragmented frame's offsets are stored only once the whole frame was handed over; a batch's
+offset once each of its frames was (a member that dies mid-batch gets the whole batch again).
+Kafka offsets, ``lag`` and the repeat counters count messages, so a batch is one. The poll
 thread outlives every error; after a broker restart the group re-joins and a partition whose
 committed offset the broker lost starts at the beginning of its (new) log. Loss and repeats in a
 group are reported per member as ``lag``, ``redelivered``, ``replayed`` and ``offset_resets``
@@ -48,9 +61,11 @@ start is rounded up to one), and made exact on the client: messages older than i
 broker's answer included (tansu resolves a time per batch, and answers 0 where no
 message is that recent) are skipped, logged once and counted in ``KafkaSource.start_skipped``.
 
-Threads: librdkafka's own, the watcher, and one poll thread per subscription. Copies: one to
-encode the frame (confluent-kafka needs ``bytes``), one inside librdkafka on produce; on receipt
-one (``msg.value()``).
+Threads: librdkafka's own, the watcher, the linger thread (from the first batch on), and one poll
+thread per subscription. Copies: one to encode the frame (confluent-kafka needs ``bytes``), one
+inside librdkafka on produce; on receipt one (``msg.value()``). A batched frame is copied once more
+on each side: into its batch, and out of it into a ``bytes`` of its own (faster to hand on than a
+view, and a frame kept does not pin its whole batch).
 """
 from __future__ import annotations
 
@@ -74,10 +89,13 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from ..codec import BATCH_MAGIC, MAX_BATCH_COUNT, BatchWriter, batch_size, batch_spans
 from ..errors import (
     AuthError,
     BackendUnavailable,
     ConfigError,
+    FrameError,
+    FrameTooLarge,
     MsightFastError,
     PublishError,
 )
@@ -92,6 +110,8 @@ DEFAULT_MESSAGE_BYTES = 1_000_000   # Kafka's default max.message.bytes, when th
 STALE_DOWN_S = 2.0               # connect failures reported this soon after a recovery are the old outage's
 STALL_S = 15.0                   # an idempotent producer with nothing leaving its queue this long is stuck
 MAX_FAILURES_KEPT = 10_000       # delivery failures listed by flush (all of them are counted in lost)
+MIN_FRAME = 128                  # the smallest encoded frame: a batch with less room left is full
+BATCH_RETRY_S = 0.05             # the linger thread's wait for producer room, and between attempts
 _DOWN = (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)
 _TOPIC_GONE = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION)
 
@@ -216,6 +236,35 @@ def _consumer_config(cfg: Any, base: Dict[str, Any], group_id: str, error_cb: An
     return conf
 
 
+class _Batch(BatchWriter):
+    """Frames waiting to go out as one message on ``topic`` (``part``: its partition, chosen here
+    with ``partition_key="frame"``; -1: the key's), with its key and when it is due."""
+
+    __slots__ = ("topic", "part", "key", "due")
+
+    def __init__(self, topic: str, part: int, key: Optional[bytes], due: float) -> None:
+        super().__init__()
+        self.topic, self.part, self.key, self.due = topic, part, key, due
+
+
+def _frames_skipped(value: Any) -> int:
+    """How many frames a message skipped unread holds: a batch's frames (checked, as it comes
+    from the broker), else 1."""
+    if isinstance(value, bytes) and value[:4] == BATCH_MAGIC:
+        try:
+            return len(batch_spans(value))
+        except FrameError:
+            pass
+    return 1
+
+
+def _frames_in(value: Any) -> int:
+    """How many frames one produced message carried (a batch's count, unchecked: it is ours)."""
+    if isinstance(value, bytes) and value[:4] == BATCH_MAGIC and len(value) >= 12:
+        return int.from_bytes(value[8:12], "little")
+    return 1
+
+
 class KafkaTransport(Transport):
     name = "kafka"
     CAPABILITIES = Capabilities(delivery="at_least_once", groups="consumer", persistence=True, max_message=None)
@@ -247,6 +296,17 @@ class KafkaTransport(Transport):
         self._produced = 0                              # messages handed to this generation's producer
         self._moved = 0                                 # of them, how many had left its queue when last seen
         self._moved_at = time.monotonic()
+        # batching of small frames (KafkaConfig says when a batch goes out); _blk guards _batches
+        # and _last_out, produces every batch, and is what the linger thread waits on
+        self._batch_frame = cfg.batch_max_frame_bytes if cfg.batch_max_bytes and cfg.batch_linger_ms else 0
+        self._by_publisher = cfg.partition_key == "publisher"
+        self._linger_s = cfg.batch_linger_ms / 1000.0
+        self._blk = threading.Condition()
+        self._batches: Dict[Tuple[str, int], _Batch] = {}     # (topic, partition or -1) -> pending batch
+        self._last_out: Dict[str, float] = {}          # topic -> when a message last went out on it
+        self._linger: Optional[threading.Thread] = None
+        self.batches_sent = 0                           # batch messages produced, and the frames in them
+        self.frames_batched = 0
         aconf: Dict[str, Any] = dict(self._base)
         aconf["error_cb"] = self._on_admin_error
         # only asked for one topic's metadata on a broker without CreateTopics (_auto_create_topic)
@@ -259,6 +319,7 @@ class KafkaTransport(Transport):
         if self._errors and any("auth" in x.lower() for x in self._errors):
             raise AuthError(f"Kafka at {', '.join(cfg.servers)} refused the credentials: {self._errors[-1]}")
         self._topics: Set[str] = set(md.topics)        # topics the broker has, as far as we know
+        self._nparts: Dict[str, int] = {}               # partition_key="frame": topic -> partitions (0: unknown)
         self._used: Set[str] = set()                    # topics this transport publishes or reads
         self._limits: Dict[str, int] = {}               # topic -> largest message we send
         self._replication = cfg.replication_factor      # 1 once a single broker refused -1
@@ -466,7 +527,18 @@ class KafkaTransport(Transport):
         with self._lock:
             self._topics.add(topic)
             self._used.add(topic)
+        if self._batch_frame and not self._by_publisher:
+            self._nparts[topic] = self._partition_count(topic)
         self._limits[topic] = self._topic_limit(topic)
+
+    def _partition_count(self, topic: str) -> int:
+        """How many partitions ``topic`` has (0 when the broker does not say: no batching there)."""
+        try:
+            tm = self._admin.list_topics(topic=topic, timeout=self.cfg.connect_timeout_s).topics.get(topic)
+        except KafkaException as e:
+            log.debug("msight_fast: the partitions of %r: %s", topic, e)
+            return 0
+        return len(tm.partitions) if tm is not None and tm.error is None and tm.partitions else 0
 
     def _create(self, topic: str) -> None:
         """Create ``topic`` with ``num_partitions`` and ``replication_factor``, or have the broker
@@ -587,16 +659,177 @@ class KafkaTransport(Transport):
         self.ensure_topic(msg.topic)
         # all fragments of a frame share its key, hence one partition; "publisher" keeps a
         # publisher's frames in order, "frame" spreads them for a consumer group to share
-        k = msg.publisher_id if self.cfg.partition_key == "publisher" or not msg.frame_id else msg.frame_id
-        # bytes (confluent-kafka takes no views): one copy, whole or in fragments
-        self._produce(msg.topic, msg.messages(), k.to_bytes(8, "little") if k else None, deadline)
+        k = msg.publisher_id if self._by_publisher or not msg.frame_id else msg.frame_id
+        key = k.to_bytes(8, "little") if k else None
+        if msg.nbytes <= self._batch_frame and msg.fragments is None:
+            if self._by_publisher:
+                self._batch(msg, key, -1, deadline)
+                return
+            n = self._nparts.get(msg.topic, 0)
+            if n and msg.frame_id:
+                # a batch per partition, each frame in the one its id picks: the frames spread over
+                # the partitions as they would alone
+                self._batch(msg, key, msg.frame_id % n, deadline)
+                return
+        self._send_plain(msg, key, deadline)
 
-    def _produce(self, topic: str, msgs: List[bytes], key: Optional[bytes], deadline: float) -> None:
+    def send_bytes(self, topic: str, data: bytes, deadline: float, key: int = 0) -> None:
+        """The caller's bytes as one message, never batched (a subscriber of the MSight drop-in
+        reads them as they are)."""
+        if self._broken is not None:
+            self._replace_producer(topic)
+        self.ensure_topic(topic)
+        limit = self._limits[topic]
+        if len(data) > limit:
+            raise FrameTooLarge(f"{len(data)} bytes on {topic!r} exceed the broker's message limit {limit}; "
+                                "use framed mode to have them fragmented")
+        self._send_plain(Outgoing(topic, key, 0, len(data), parts=[data]), key.to_bytes(8, "little") if key else None,
+                         deadline)
+
+    def _send_plain(self, msg: Outgoing, key: Optional[bytes], deadline: float) -> None:
+        """One message per frame (or fragment), after what is batched for the topic: order kept."""
+        if self._batches:
+            self._flush_topic(msg.topic, deadline)
+        # bytes (confluent-kafka takes no views): one copy, whole or in fragments
+        self._produce(msg.topic, msg.messages(), key, deadline)
+        if self._batch_frame:
+            self._last_out[msg.topic] = time.monotonic()
+
+    # -- batches of small frames
+    def _batch(self, msg: Outgoing, key: Optional[bytes], part: int, deadline: float) -> None:
+        """Add a small frame to its topic's batch (of ``part``: see _Batch); the batch goes out when
+        full (here), when its linger passes (the linger thread), before a larger frame, on flush()
+        and close()."""
+        topic = msg.topic
+        slot = (topic, part)
+        limit = min(self.cfg.batch_max_bytes, self._limits[topic])
+        blk = self._blk
+        if not blk.acquire(False) and not blk.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise BackendUnavailable(f"Kafka at {self._where}: the batch of {topic!r} was busy going out for "
+                                     f"publish_timeout_s={self.cfg.publish_timeout_s} s")
+        try:
+            b = self._batches.get(slot)
+            # with "frame" keys the partition is chosen here: the key is then only the first frame's
+            if b is not None and ((b.key != key and part < 0) or b.size_with(msg.nbytes) > limit):
+                self._send_batch(b, deadline)          # raises: this frame is refused, the batch stays
+                b = None
+            if b is None:
+                now = time.monotonic()
+                if now - self._last_out.get(topic, -1e9) >= self._linger_s or batch_size([msg.nbytes]) > limit:
+                    # an idle topic: nothing to wait for, so no linger (a sparse sensor's latency stays
+                    # Kafka's own); or a frame no batch under the limit can hold
+                    self._produce(topic, [msg.joined()], key, deadline)
+                    self._last_out[topic] = now
+                    return
+                b = self._batches[slot] = _Batch(topic, part, key, now + self._linger_s)
+                if self._linger is None:
+                    self._linger = threading.Thread(target=self._linger_loop, name="msight_fast-kafka-linger",
+                                                    daemon=True)
+                    self._linger.start()
+                blk.notify()
+            try:
+                size = b.add(msg.parts)
+            except ValueError:                         # not a frame (an Outgoing made by hand): alone
+                if not b.count:
+                    del self._batches[slot]
+                self._send_plain(msg, key, deadline)
+                return
+            if size + MIN_FRAME > limit or b.count >= MAX_BATCH_COUNT:
+                try:                                   # full: out now
+                    self._send_batch(b, deadline)
+                except BackendUnavailable:
+                    pass                               # the frame is in; the batch goes once there is room
+        finally:
+            blk.release()
+
+    def _send_batch(self, b: _Batch, deadline: float) -> None:
+        """Produce ``b`` (a lone frame as a plain message), with ``_blk`` held. BackendUnavailable:
+        no room by ``deadline``, ``b`` stays pending; PublishError: ``b`` is dropped, its frames
+        counted as lost."""
+        topic = b.topic
+        value = b.pieces[0] if b.count == 1 else b.pack()
+        try:
+            self._produce(topic, [value], b.key, deadline, b.part)
+        except PublishError as e:
+            del self._batches[(topic, b.part)]
+            with self._lock:
+                self._lost += b.count
+                room = MAX_FAILURES_KEPT - len(self._failures)
+                self._failures.extend([(topic, str(e))] * min(room, b.count))
+            log.warning("msight_fast: a batch of %d frames on %r could not be produced; counted as lost: %s",
+                        b.count, topic, e)
+            raise
+        del self._batches[(topic, b.part)]
+        self._last_out[topic] = time.monotonic()
+        if b.count > 1:
+            self.batches_sent += 1
+            self.frames_batched += b.count
+
+    def _flush_topic(self, topic: str, deadline: float) -> None:
+        """Produce ``topic``'s pending batches now (before a larger frame or raw message of it)."""
+        if not self._blk.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise BackendUnavailable(f"Kafka at {self._where}: the batch of {topic!r} was busy going out for "
+                                     f"publish_timeout_s={self.cfg.publish_timeout_s} s")
+        try:
+            for b in [b for b in self._batches.values() if b.topic == topic]:
+                self._send_batch(b, deadline)
+        finally:
+            self._blk.release()
+
+    def _linger_loop(self) -> None:
+        """Produce each batch once its linger has passed; a batch the producer has no room for
+        is tried again every BATCH_RETRY_S, its frames waiting in it (none is dropped for want of room)."""
+        with self._blk:
+            while not self._closed.is_set():
+                now = time.monotonic()
+                wait = 1.0
+                for b in list(self._batches.values()):
+                    if b.due > now:
+                        wait = min(wait, b.due - now)
+                        continue
+                    try:
+                        self._send_batch(b, now + BATCH_RETRY_S)
+                    except BackendUnavailable:
+                        b.due = time.monotonic() + BATCH_RETRY_S
+                        wait = min(wait, BATCH_RETRY_S)
+                    except PublishError:
+                        pass                           # counted in lost; flush() reports it
+                    except Exception as e:  # noqa: BLE001 - the thread must outlive anything
+                        log.warning("msight_fast: Kafka batch of %r: %r", b.topic, e)
+                        b.due = time.monotonic() + BATCH_RETRY_S
+                        wait = min(wait, BATCH_RETRY_S)
+                self._blk.wait(wait)
+
+    def _drain(self, end: Optional[float]) -> int:
+        """Produce every pending batch, waiting for producer room until ``end`` (None: for as
+        long as it takes, or until close); returns the frames still pending."""
+        while True:
+            step = time.monotonic() + 0.5 if end is None else end
+            left = 0
+            if self._blk.acquire(timeout=max(0.0, step - time.monotonic())):
+                try:
+                    for b in list(self._batches.values()):
+                        try:
+                            self._send_batch(b, step)
+                        except BackendUnavailable:
+                            break
+                        except PublishError:
+                            pass                       # counted in lost; flush() reports it
+                    left = sum(b.count for b in self._batches.values())
+                finally:
+                    self._blk.release()
+            else:
+                left = sum(b.count for b in list(self._batches.values()))
+            if not left or (end is not None and time.monotonic() >= end) or (end is None and self._closed.is_set()):
+                return left
+
+    def _produce(self, topic: str, msgs: List[bytes], key: Optional[bytes], deadline: float,
+                 partition: int = -1) -> None:
         p = self.producer
         for m in msgs:
             while True:
                 try:
-                    p.produce(topic, value=m, key=key)
+                    p.produce(topic, value=m, key=key, partition=partition)   # -1: the key's partition
                     self._produced += 1
                     break
                 except BufferError:                               # bound reached: wait for room
@@ -671,15 +904,17 @@ class KafkaTransport(Transport):
         if err is None:
             return
         topic = msg.topic() if msg is not None else "?"
+        n = _frames_in(msg.value()) if msg is not None else 1     # a batch's every frame is lost
         with self._lock:
-            self._lost += 1
+            self._lost += n
             if gen == self._gen and len(self._failures) < MAX_FAILURES_KEPT:
-                self._failures.append((topic, err.str()))
+                self._failures.extend([(topic, err.str())] * min(n, MAX_FAILURES_KEPT - len(self._failures)))
         if err.code() in _TOPIC_GONE:
             self.topic_missing(topic)
 
     def flush(self, timeout: Optional[float]) -> None:
         end = None if timeout is None else time.monotonic() + timeout
+        pending = self._drain(end) if self._batches else 0
         left = 0
         while True:
             p = self.producer
@@ -695,9 +930,9 @@ class KafkaTransport(Transport):
                 self._replace_producer("*")
             if not left or (end is not None and time.monotonic() >= end):
                 break
-        if left:
-            raise PublishError(f"{left} Kafka messages undelivered after {timeout} s",
-                               [("?", "timeout")] * left)
+        if left or pending:
+            what = f"{left} Kafka messages" + (f" and {pending} batched frames" if pending else "")
+            raise PublishError(f"{what} undelivered after {timeout} s", [("?", "timeout")] * (left + pending))
         with self._lock:
             failures, self._failures = self._failures, []
         if failures:
@@ -715,8 +950,9 @@ class KafkaTransport(Transport):
 
     def stats(self) -> Dict[str, Any]:
         """connected, disconnects, reconnects, last_outage_s; lost (messages whose delivery failed
-        or that a replaced producer still held); producer_recreated; topics_recreated and
-        broker_state_lost (recoveries that found this transport's topics gone); queued."""
+        or that a replaced producer still held, each frame of a batch counted); producer_recreated;
+        topics_recreated and broker_state_lost (recoveries that found this transport's topics gone);
+        queued (messages in the producer's queue; frames waiting in a batch are not among them)."""
         out = self.link_stats()
         with self._lock:
             out.update({"lost": self._lost, "producer_recreated": self._recreated,
@@ -731,13 +967,34 @@ class KafkaTransport(Transport):
     def close(self) -> None:
         if self._closed.is_set():
             return
+        end = time.monotonic() + 5                 # one bound for the batches and the producer's queue
+        if self._batches:
+            left = self._drain(end)
+            if left:
+                with self._lock:
+                    self._lost += left
+                log.warning("msight_fast: Kafka closed with %d batched frames not handed to the producer; "
+                            "counted as lost", left)
         try:
-            self.producer.flush(5)
+            self.producer.flush(max(0.1, end - time.monotonic()))
         except Exception:  # noqa: BLE001
             pass
         self._closed.set()
-        if threading.current_thread() is not self._watcher:
-            self._watcher.join(5)
+        with self._blk:
+            self._blk.notify_all()
+        for th in (self._watcher, self._linger):
+            if th is not None and threading.current_thread() is not th:
+                th.join(5)
+
+
+class _BatchToken:
+    """The token of every frame of one batch message: the message's offset is released once
+    ``left`` of them have been handed (or dropped), whatever the order (``KafkaSource.handed``)."""
+
+    __slots__ = ("p", "o", "run", "left")
+
+    def __init__(self, p: int, o: int, run: Deque[int], left: int) -> None:
+        self.p, self.o, self.run, self.left = p, o, run, left
 
 
 class _Commit(threading.Event):
@@ -780,7 +1037,8 @@ class KafkaSource(Source):
         # time start: per partition, the ms below which messages are skipped until the first one
         # at or after it (the poll thread's alone: set on assignment, read while fetching)
         self._floor: Dict[int, int] = {}
-        self.start_skipped = 0       # messages a time start skipped: the broker's lookup began before them
+        self._skipped_msgs = 0       # frames in messages a time start skipped (poll thread), older than it
+        self._skipped_frames = 0     # frames of the batch at a time start skipped (application thread)
         self._warned_skip = False
         cfg = t.cfg
         conf = _consumer_config(cfg, t._base, group_id or f"msight_fast-{uuid.uuid4().hex}", self._handle_error)
@@ -799,6 +1057,13 @@ class KafkaSource(Source):
         self._li = 0
         self._gen = self._local_gen = 0
         self._gone: Set[int] = set()
+        # the frames of the batch message being handed out (bytes: each copied out, so a frame
+        # kept does not pin its whole batch) and their shared token
+        self._bframes: List[bytes] = []
+        self._bi = 0
+        self._btok: Optional[_BatchToken] = None
+        self._bfloor: Dict[Tuple[int, int], int] = {}   # (partition, offset) of a time start's first batch -> ms
+        self.batch_rejected = 0                         # malformed batch messages (also in the Subscription's rejected)
         self._since_store = 0
         self._paused = False
         self._assigned: Optional[List[int]] = None
@@ -835,6 +1100,12 @@ class KafkaSource(Source):
         if not ok:
             self.close()
             raise BackendUnavailable(f"Kafka: no partitions of {topic!r} assigned within {self.ASSIGN_TIMEOUT_S} s")
+
+    @property
+    def start_skipped(self) -> int:
+        """Frames that a time start skipped (whole messages, and the older frames of the batch at
+        the start): older than the start, though the broker's lookup included them."""
+        return self._skipped_msgs + self._skipped_frames
 
     def _run(self) -> None:
         # the only thread that touches the consumer: confluent-kafka calls made from two threads
@@ -959,12 +1230,15 @@ class KafkaSource(Source):
                 kind, ts = m.timestamp()
                 if kind != TIMESTAMP_NOT_AVAILABLE and ts < ms:
                     skipped_to[p] = m.offset() + 1
-                    n += 1
+                    n += _frames_skipped(m.value())
                     continue
                 del floor[p]
+                v = m.value()
+                if v is not None and v[:4] == BATCH_MAGIC:   # its older frames are skipped by next()
+                    self._bfloor[(p, m.offset())] = ms
             kept.append(m)
         if n:
-            self.start_skipped += n
+            self._skipped_msgs += n
             if not self._warned_skip:
                 self._warned_skip = True
                 log.warning("msight_fast: the broker's time lookup for %r included messages older than the start "
@@ -1203,6 +1477,8 @@ class KafkaSource(Source):
             self._q_bytes = sum(n for _, n in keep)
             self._gone |= gone
             self._gen += 1
+            for key in [k for k in self._bfloor if k[0] in gone]:
+                del self._bfloor[key]
             for p in gone:
                 self._seen.pop(p, None)
                 self._done.pop(p, None)
@@ -1224,6 +1500,14 @@ class KafkaSource(Source):
                     self._local_gen = self._gen
                     self._local = [m for m in self._local[self._li:] if m.partition() not in gone]
                     self._li = 0
+                    if self._btok is not None and self._btok.p in gone:
+                        self._bframes, self._bi = [], 0   # the partition's next owner reads the whole batch
+            if self._bi < len(self._bframes):
+                # no lock per frame: a frame handed just after its partition was revoked is one
+                # the next owner delivers again (its batch's offset was not stored): a repeat, not a loss
+                f = self._bframes[self._bi]
+                self._bi += 1
+                return f, self._btok
             if self._li < len(self._local):
                 m = self._local[self._li]
                 self._li += 1
@@ -1241,7 +1525,13 @@ class KafkaSource(Source):
                         self._to_store.extend(self._releasable())
                 # the token names the run of offsets it belongs to: once a revocation or a log
                 # that started over has ended that run, the same offset is another message
-                return m.value(), (p, o, seen)
+                v = m.value()
+                if v is not None and v[:4] == BATCH_MAGIC:
+                    got = self._unbatch(v, p, o, seen)
+                    if got is None:
+                        continue
+                    return got
+                return v, (p, o, seen)
             with self._lock:
                 self._to_store.extend(self._releasable())   # the poll thread stores them
                 self._since_store = 0
@@ -1252,6 +1542,38 @@ class KafkaSource(Source):
                 self._q_bytes -= n
                 self._li = 0
                 self._local_gen = self._gen
+
+    def _unbatch(self, v: bytes, p: int, o: int, seen: Deque[int]) -> Optional[Tuple[Any, Any]]:
+        """The first frame of a batch message and its token; the others follow from ``next``.
+        A malformed batch goes on whole, for the Subscription to reject (and release)."""
+        try:
+            spans = batch_spans(v)
+        except FrameError as e:
+            self.batch_rejected += 1
+            if self.batch_rejected == 1 or self.batch_rejected % 1000 == 0:
+                log.warning("msight_fast: a malformed batch message on %r (partition %d, offset %d; %d so far): %s",
+                            self.topic, p, o, self.batch_rejected, e)
+            return v, (p, o, seen)
+        if self._bfloor:
+            ms = self._bfloor.pop((p, o), None)
+            if ms is not None:
+                # the batch at a time start: its frames older than the start (by their publish
+                # time, which the batch's Kafka timestamp follows) are skipped, as older messages are
+                floor_ns, skip = ms * 1_000_000, 0
+                while skip < len(spans) and int.from_bytes(v[spans[skip][0] + 80:spans[skip][0] + 88], "little",
+                                                           signed=True) < floor_ns:
+                    skip += 1
+                if skip:
+                    self._skipped_frames += skip
+                    spans = spans[skip:]
+        if not spans:
+            with self._mutex:
+                self._handed.append((p, o, seen))   # nothing in it for the application
+            return None
+        self._bframes = frames = [v[a:b] for a, b in spans]
+        self._bi = 1
+        self._btok = tok = _BatchToken(p, o, seen, len(frames))
+        return frames[0], tok
 
     def _count_repeats(self, p: int, o: int) -> None:
         """Called with the lock held, for each message taken, in order."""
@@ -1277,8 +1599,19 @@ class KafkaSource(Source):
                 del self._replay_bound[p]
 
     def handed(self, frame: Any, tokens: List[Any]) -> None:
-        with self._mutex:
-            self._handed.extend(tokens)
+        done = []
+        for t in tokens:
+            if type(t) is _BatchToken:
+                # counted without the lock: frames are handed by the receiving thread, one at a
+                # time (a count that went wrong anyway would hold the offset back: a repeat, never a loss)
+                t.left -= 1
+                if t.left:
+                    continue
+                t = (t.p, t.o, t.run)
+            done.append(t)
+        if done:
+            with self._mutex:
+                self._handed.extend(done)
 
     def _releasable(self) -> List[TopicPartition]:
         """Offsets to store: up to the first message whose frame has not been released yet.

@@ -3,7 +3,8 @@
     python tests/golden/make_golden.py
 
 Writes <name>.hex (the frame, hex, 64 bytes a line) and vectors.json (what each decodes to).
-Made with the pure-Python twin, the reference implementation.
+Made with the pure-Python twin, the reference implementation. batch_three.hex is a batch container
+(docs/wire-format.md 2a) of three of those frames; batch_three.json says where each one lies.
 """
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from msight_fast import _pywire as W
-from msight_fast.codec import fragment
+from msight_fast.codec import batch_spans, fragment, pack_batch
 
 HERE = Path(__file__).parent
 LIDAR = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("intensity", "<f4"), ("time", "<f4"),
@@ -45,8 +46,9 @@ def hexlines(b: bytes) -> str:
 
 def main():
     manifest = {}
+    encoded = {}
     for name, f, checksum in cases():
-        enc = W.encode(f, checksum=checksum)
+        enc = encoded[name] = W.encode(f, checksum=checksum)
         (HERE / f"{name}.hex").write_text(hexlines(enc))
         manifest[name] = {
             "sensor_name": f.sensor_name, "device_name": f.device_name, "encoding": f.encoding,
@@ -61,6 +63,11 @@ def main():
     frags = fragment(enc, 200)
     (HERE / "image_bgr8_fragments.hex").write_text("".join(hexlines(x) + "--\n" for x in frags))
     (HERE / "vectors.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    names = ["image_bgr8", "jpeg_crc", "lidar_struct"]
+    batch = pack_batch([[encoded[n]] for n in names])
+    (HERE / "batch_three.hex").write_text(hexlines(batch))
+    (HERE / "batch_three.json").write_text(json.dumps(
+        {"frames": names, "spans": [list(s) for s in batch_spans(batch)], "total": len(batch)}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,24 @@ def make_bus(backend):
 
 
 @pytest.fixture
+def kafka(broker_pool):
+    """connect("kafka", **extra options) to the session's broker; every Bus made is closed after the test
+    (``kafka.options``: the broker's own options)."""
+    info = broker_pool("kafka")
+    made = []
+
+    def make(**opts):
+        bus = msight_fast.connect("kafka", **{**info.options, **opts})
+        made.append(bus)
+        return bus
+
+    make.options = info.options
+    yield make
+    for b in made:
+        b.close()
+
+
+@pytest.fixture
 def topic():
     return f"t_{uuid.uuid4().hex[:12]}"
 
