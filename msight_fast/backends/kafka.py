@@ -971,6 +971,8 @@ class KafkaTransport(Transport):
         if self._batches:
             left = self._drain(end)
             if left:
+                with self._blk:                    # counted lost: the linger thread must not send them after all
+                    self._batches.clear()
                 with self._lock:
                     self._lost += left
                 log.warning("msight_fast: Kafka closed with %d batched frames not handed to the producer; "

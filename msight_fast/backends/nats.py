@@ -54,6 +54,7 @@ import collections
 import concurrent.futures
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
@@ -162,7 +163,11 @@ class _Client(_nats_client.Client):
         tr.set_protocol(fr)
         if left:
             fr.feed(left)
-        if not tr.is_reading():                 # the StreamReader may have paused it when full
+        if tr.is_closing() or r.at_eof() or r.exception() is not None:
+            fr.closed = True                    # it ended before the takeover: the read loop says so now
+            fr.error = r.exception()
+            fr.wake.set()
+        elif not tr.is_reading():               # the StreamReader may have paused it when full
             tr.resume_reading()
         return fr
 
@@ -275,8 +280,11 @@ class _FastReader(asyncio.BufferedProtocol):
             return rest
         if self.s == self.e:
             self.s = self.e = 0
+            if len(self.buf) > STAGE:          # grown for one large message: back to its size
+                self.buf = bytearray(STAGE)
+                self.mv = memoryview(self.buf)
         elif self.e == len(self.buf):
-            self._reserve(len(self.buf))
+            self._reserve(1)                   # moves what is unparsed to the front; grows only when full of it
         return self.mv[self.e:]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -345,7 +353,9 @@ class _FastReader(asyncio.BufferedProtocol):
                 continue
             i = buf.find(b"\r\n", s, e)
             if i < 0:
-                if e - s > MAX_LINE:
+                # a MSG line is short; any other (an INFO naming a large cluster) only bounded
+                msg = buf.startswith(b"MSG ", s) or buf.startswith(b"HMSG ", s)
+                if e - s > (MAX_LINE if msg else MAX_FOREIGN):
                     raise nats_errors.ProtocolError()
                 break
             if buf.startswith(b"MSG ", s) or buf.startswith(b"HMSG ", s):
@@ -361,6 +371,8 @@ class _FastReader(asyncio.BufferedProtocol):
                         self.s = s
                         if len(buf) - s < total:
                             self._reserve(total - (e - s))
+                        if self.control:           # what came before it need not wait for it
+                            self.wake.set()
                         return
                     end = s + total
                     if bytes(mv[end - 2:end]) != b"\r\n":
@@ -391,6 +403,7 @@ class _FastReader(asyncio.BufferedProtocol):
             self.wake.set()
 
 
+_WRITE_COPIES = sys.version_info < (3, 12)   # asyncio's selector transport copies what write() buffers
 ZERO_COPY_MIN = 256 << 10         # whole frames from this size go as views (the caller waits for the write)
 DIRECT_HIGH_WATER = 8 << 20       # bytes asyncio may hold for the socket before the loop waits for it
 
@@ -416,6 +429,8 @@ def _direct_write(nc: Any, subject: str, data: Any, reply: Optional[str]) -> Any
         mv = memoryview(b)
         views.append(mv if mv.ndim == 1 and mv.format in ("B", "b", "c") else mv.cast("B"))
     n = sum(v.nbytes for v in views)
+    if n > nc.max_payload:              # a server failed over to may take less: refuse, do not break the link
+        raise nats_errors.MaxPayloadError
     line = (f"PUB {subject} {reply} {n}\r\n" if reply else f"PUB {subject} {n}\r\n").encode()
     bufs = [memoryview(line), *views, memoryview(b"\r\n")]
     if nc._pending_data_size:           # nats-py's queued commands first, as its flusher would write them
@@ -432,7 +447,9 @@ def _direct_write(nc: Any, subject: str, data: Any, reply: Optional[str]) -> Any
         if sent >= v.nbytes:
             sent -= v.nbytes
             continue
-        tr.write(v[sent:])
+        # asyncio 3.11 copies what it buffers; from 3.12 it keeps the view: copy it here, since the
+        # caller's array (or a fragment buffer) may change once the frame counts as written
+        tr.write(v[sent:] if _WRITE_COPIES else bytes(v[sent:]))
         sent = 0
     return w
 
@@ -880,11 +897,13 @@ class NatsTransport(Transport):
                 return
             with self._lock:
                 entry = self._rest.get(fragment_key(msg.data))
+                # copied now: once the frame leaves the cache, its buffer serves a later frame
+                datas = [] if entry is None else [b"".join(f) if isinstance(f, list) else bytes(f) for f in entry[1]]
             if entry is None or not msg.reply:
                 return
             try:
-                for f in entry[1]:
-                    await self.nc.publish(msg.reply, b"".join(f) if isinstance(f, list) else f)
+                for f in datas:
+                    await self.nc.publish(msg.reply, f)
             except Exception as e:  # noqa: BLE001 - the member's reassembler expires the frame
                 log.debug("msight_fast: NATS could not answer a pull: %r", e)
 

@@ -112,7 +112,7 @@ def test_a_large_payload_is_read_straight_into_its_buffer() -> None:
 @pytest.mark.parametrize("bad", [
     b"MSG t 1 5\r\nhelloXY",                             # no CRLF after a small payload
     b"MSG t 1 5\r\nhello\r\nMSG t 1 70000\r\n" + b"a" * 70000 + b"XY",   # nor after a large one
-    b"X" * 5000,                                         # a control line with no end
+    b"MSG " + b"X" * 5000,                               # a MSG line with no end
     b"MSG t 9 %d\r\n" % ((64 << 20) + 1),                # a foreign message over NATS's own ceiling
 ])
 def test_a_malformed_stream_ends_the_connection_as_a_protocol_error(bad: bytes) -> None:
@@ -142,3 +142,35 @@ def test_flow_control_and_the_end_go_to_the_protocol_it_replaced() -> None:
     reader.connection_lost(err)
     assert old.events == ["pause", "resume", "eof", ("lost", err)]
     assert reader.closed and reader.error is err and reader.wake.is_set()
+
+
+def test_a_long_info_line_split_over_reads_is_not_an_error() -> None:
+    """nats-py's parser waits for the rest of a long INFO (a cluster with many connect_urls)."""
+    info = b'INFO {"connect_urls":[' + b",".join(b'"10.0.%d.%d:4222"' % (i // 250, i % 250) for i in range(400)) \
+        + b"]}\r\n"
+    assert len(info) > 4096
+    reader = _FastReader(_Old(), {})
+    reader.feed(info[:4500])
+    assert reader.error is None and not reader.control
+    reader.feed(info[4500:] + b"PING\r\n")
+    assert list(reader.control) == [info, b"PING\r\n"]
+
+
+def test_control_lines_do_not_wait_behind_a_partial_foreign_message() -> None:
+    reader = _FastReader(_Old(), {1: lambda b: None})
+    reader.feed(b"PONG\r\nMSG _INBOX.a 7 200000\r\n" + b"x" * 1000)
+    assert list(reader.control) == [b"PONG\r\n"] and reader.wake.is_set()
+
+
+def test_the_staging_buffer_grows_only_as_needed_and_shrinks_back() -> None:
+    rng = random.Random(1)
+    reader = _FastReader(_Old(), {})
+    line = b"+OK\r\n"
+    data = line * 2_000_000                               # 10 MB of short lines, read in full buffers
+    _run(reader, data, rng)
+    assert len(reader.buf) <= 2 * STAGE
+    big = b"MSG _INBOX.a 7 %d\r\n" % (5 * STAGE) + b"y" * (5 * STAGE) + b"\r\n"
+    _run(reader, big, rng)                                # a foreign message larger than the stage
+    assert reader.control[-1] == big
+    reader.get_buffer(-1)                                 # all parsed: back to the stage's size
+    assert len(reader.buf) == STAGE
