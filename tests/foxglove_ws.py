@@ -27,17 +27,21 @@ class FoxgloveClient:
 
     ``max_queue``: frames the websockets library buffers before it stops reading the socket (a
     client that never calls ``recv`` then leaves the server's queue for it to fill up; its ``close``
-    then waits ``close_timeout`` for a closing handshake it does not read)."""
+    then waits ``close_timeout`` for a closing handshake it does not read).
+    ``ping_interval``: seconds between the library's keepalive pings; None sends none. A client
+    that stops reading cannot see the pong, so its own keepalive would close it after
+    ``ping_interval`` plus the ping timeout: on a slow machine, in the middle of a test."""
 
     def __init__(self, url: str, timeout: float = 10.0, max_queue: Optional[int] = 16,
-                 close_timeout: float = 10.0) -> None:
+                 close_timeout: float = 10.0, ping_interval: Optional[float] = 20.0) -> None:
         from websockets.sync.client import connect
         from websockets.typing import Subprotocol
         u = urlparse(url)
         # a socket of our own: no proxy from the environment between the test and the server
         sock = socket.create_connection((u.hostname or "127.0.0.1", u.port or 8765), timeout=timeout)
         conn = connect(url, sock=sock, subprotocols=[Subprotocol(p) for p in SUBPROTOCOLS], compression=None,
-                       max_size=None, open_timeout=timeout, max_queue=max_queue, close_timeout=close_timeout)
+                       max_size=None, open_timeout=timeout, max_queue=max_queue, close_timeout=close_timeout,
+                       ping_interval=ping_interval)
         # entered as a context manager: the form websockets 17 wants, and older versions take
         self.ws: Any = conn.__enter__()
         self.timeout = timeout

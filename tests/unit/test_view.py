@@ -127,8 +127,10 @@ def test_a_client_that_never_reads_does_not_slow_the_bus(bus, viewer):
     with FoxgloveClient(viewer.url) as c:
         c.subscribe([c.channel(RAW)["id"]])
     # this client subscribes, then stops reading: once the socket buffers and its one-frame queue
-    # are full, only the server's short queue for it stands between the viewer and the socket
-    stuck = FoxgloveClient(viewer.url, max_queue=1, close_timeout=1)
+    # are full, only the server's short queue for it stands between the viewer and the socket.
+    # It sends no keepalive pings: unread pongs would make it close itself on a slow run, and with
+    # no subscriber left the viewer rightly stops converting
+    stuck = FoxgloveClient(viewer.url, max_queue=1, close_timeout=1, ping_interval=None)
     try:
         stuck_sub = stuck.subscribe([stuck.channel(RAW)["id"]])[0]
         wait_for(lambda: viewer.stats()[RAW]["clients"] == 1, "the stuck client's subscription")
