@@ -135,6 +135,27 @@ class Frame:
     def nbytes(self) -> int:
         return self._payload.nbytes
 
+    def release(self) -> None:
+        """Give back the shared buffer this frame views, if its backend lends one (shm): the array
+        and data must not be used after. Idempotent; a no-op for other frames.
+
+        Only a frame returned by :func:`decode` gives its buffer back: it calls the ``_msf_release``
+        of the object it was decoded from (behind a memoryview, its exporter), once per frame."""
+        o, self._buf = self._buf, None    # set by decode only; cleared: once, even if release raises
+        if o is None:
+            return
+        if type(o) is memoryview:
+            o = o.obj
+        r = getattr(o, "_msf_release", None)
+        if r is not None:
+            r()
+
+    def __enter__(self) -> Frame:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
     def __repr__(self) -> str:
         what = (f"array={self.array.dtype.str if self.array.dtype.names is None else 'struct'}{list(self.array.shape)}"
                 if self.array is not None else f"bytes={self.nbytes}")

@@ -258,6 +258,7 @@ cdef class Frame:
     """
     cdef readonly object array
     cdef object _owner
+    cdef bint _lent                     # decoded: _owner may be a lease to give back (release)
     cdef const uint8_t* _ptr
     cdef Py_ssize_t _len
     cdef bytes _dtype_blob
@@ -341,6 +342,28 @@ cdef class Frame:
     @property
     def nbytes(self):
         return self._len
+
+    def release(self):
+        """Give back the shared buffer this frame views, if its backend lends one (shm): the array
+        and data must not be used after. Idempotent; a no-op for other frames.
+
+        Only a frame returned by :func:`decode` gives its buffer back: it calls the ``_msf_release``
+        of the object it was decoded from (behind a memoryview, its exporter), once per frame."""
+        if not self._lent:
+            return
+        self._lent = False                # once, even if the lease's release raises
+        o = self._owner
+        if type(o) is memoryview:         # _pin's read-only view: the lease is its exporter
+            o = o.obj
+        r = getattr(o, "_msf_release", None)
+        if r is not None:
+            r()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
     def __repr__(self):
         if self.array is not None:
@@ -623,6 +646,7 @@ def decode(buf):
         f.array = None
     f._dtype_blob = blob
     f._owner = owner
+    f._lent = True
     f._ptr = b + poff
     f._len = plen
     f.frame_id = msf_ld64(b + 40)
