@@ -34,7 +34,15 @@ extensions = [
         extra_compile_args=cflags,
         extra_link_args=ldflags,
         depends=["msight_fast/_ext/_crc32c.h"],
-    )
+    ),
+    Extension(
+        "msight_fast._ext._shm",
+        ["msight_fast/_ext/_shm.pyx"],
+        include_dirs=["msight_fast/_ext"],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+        depends=["msight_fast/_ext/_shm_sys.h"],
+    ),
 ]
 
 directives = {

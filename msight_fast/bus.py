@@ -11,6 +11,7 @@ import datetime as _dt
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union, cast, overload
 
@@ -332,7 +333,45 @@ class Bus:
                 msg.fragments = fragment(parts, limit)     # one copy, straight from the parts
             self._t.send(msg, deadline)
             self._seq[topic] = seq                         # a refused frame leaves no gap behind
+        if getattr(msg, "zero_copy", False) and isinstance(obj, np.ndarray):
+            obj.flags.writeable = False                    # readers may be reading the slot it lies in
         return frame
+
+    def loan(self, topic: str, shape: Union[int, Tuple[int, ...]], dtype: Any = np.uint8) -> np.ndarray:
+        """A writable array for the next frame on ``topic``. On shm it lies in a shared slot, and
+        ``publish(topic, array)`` copies nothing (the array then turns read-only; write the next
+        frame into a new loan). On other backends it is a plain new array, so the same code runs
+        everywhere. An array dropped without a publish gives its slot back."""
+        if self._closed:
+            raise ValueError("loan on a closed Bus")
+        if not isinstance(topic, str) or not topic:
+            raise ValueError("topic must be a non-empty str")
+        dt = np.dtype(dtype)
+        shp = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+        if any(d < 0 for d in shp):
+            raise ValueError(f"negative dimension in shape {shp}")
+        count = 1
+        for d in shp:
+            count *= d
+        nbytes = count * dt.itemsize
+        if nbytes > self.config.max_frame_bytes:
+            raise FrameTooLarge(f"a loan of {nbytes} bytes on {topic!r} exceeds max_frame_bytes "
+                                f"{self.config.max_frame_bytes}")
+        lend = getattr(self._t, "loan", None)
+        if lend is None:
+            return np.empty(shp, dt)
+        timeout = self.config.publish_timeout_s
+        if not self._lock.acquire(timeout=timeout):
+            raise BackendUnavailable(f"{self.backend}: loan on {topic!r} waited {timeout} s for the publishes ahead of it")
+        try:
+            view, loan_id = lend(topic, nbytes, time.monotonic() + timeout)
+        except MsightFastError as e:
+            raise _scrubbed(e) from None
+        finally:
+            self._lock.release()
+        arr = np.frombuffer(view, dtype=dt, count=count).reshape(shp) if count else np.empty(shp, dt)
+        weakref.finalize(arr, self._t.unloan, topic, loan_id)   # type: ignore[attr-defined]
+        return arr
 
     def _send_bytes(self, topic: str, data: bytes) -> None:
         """The caller's bytes as one message, untouched (the MSight drop-in's plain mode)."""

@@ -292,6 +292,16 @@ class MemoryConfig(BaseConfig):
     retain_bytes: int = 64 << 20            # the retained log per topic (from_beginning replays it)
 
 
+@dataclass(repr=False)
+class ShmConfig(BaseConfig):
+    ENV_PREFIX: ClassVar[str] = "MSIGHT_SHM_"
+    BACKEND: ClassVar[str] = "shm"
+    dir: str = "/dev/shm"                   # where the segments live (a tmpfs: files there are memory)
+    slots: int = 8                          # per publisher and topic: frames in flight and held
+    slot_bytes: int = 0                     # payload bytes per slot; 0: sized to the frames, growing
+    full_policy: str = "drop"               # every slot held by readers: "drop" the new frame, or "block"
+
+
 _SASL = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 # Kafka timings in ms: librdkafka's own ranges, except auto-commit (0 would turn the periodic
 # commit off) and the reconnect backoff (librdkafka refuses less than reconnect.backoff.ms, 100)
@@ -368,6 +378,15 @@ def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str
         elif name == "partition_key":
             if value not in ("publisher", "frame"):
                 raise ConfigError(f"{var}={_short(value)}: use publisher (ordered) or frame (balanced over partitions)")
+        elif name == "slots":
+            value = _int(var, value, 2, 64, "8")
+        elif name == "slot_bytes":
+            value = _int(var, value, 0, 1 << 40, "0")
+            if 0 < value < 4096:
+                raise ConfigError(f"{var}={value}: use 0 (sized to the frames) or at least 4096 (e.g. {var}=8388608)")
+        elif name == "full_policy":
+            if value not in ("drop", "block"):
+                raise ConfigError(f"{var}={_short(value)}: use drop or block")
         elif name == "drop_policy":
             if value not in ("drop_oldest", "keep_latest"):
                 raise ConfigError(f"{var}={_short(value)}: use drop_oldest or keep_latest")

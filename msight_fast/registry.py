@@ -40,6 +40,8 @@ _SPECS: Dict[str, BackendSpec] = {s.name: s for s in (
                 "broadcast, or a queue group with group_id"),
     BackendSpec("kafka", _config.KafkaConfig, "kafka:KafkaTransport", ("confluent-kafka",), "kafka",
                 "at least once, consumer groups, retained"),
+    BackendSpec("shm", _config.ShmConfig, "shm:ShmTransport", (), None,
+                "same host, shared memory: broadcast, zero copy with loans"),
     BackendSpec("memory", _config.MemoryConfig, "memory:MemoryTransport", (), None,
                 "in-process: broadcast, groups, a retained log and a message limit, for tests"),
 )}

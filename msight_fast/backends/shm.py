@@ -1,0 +1,739 @@
+"""Same-host broadcast through POSIX shared memory: ``connect("shm")``. No broker, no daemon.
+
+Files, under ``dir`` (``/dev/shm``), mode 0600:
+
+- ``msf-<hash>.bell``: the topic's doorbell, one page. A futex word that every publisher of the
+  topic bumps after each frame (readers sleep on it, so no one polls), a word bumped when a
+  publisher's segment appears or closes (readers then list the directory again), and a table of
+  the processes using the topic (the last one out removes the file).
+- ``msf-<hash>-<publisher id>-<epoch>.seg``: one publisher's ring of ``slots`` slots for the topic.
+  A header (owner pid and start time, geometry, the count of frames written), 64 reader rows, a
+  table of slots (generation, message offset, length), a log of which slot holds which frame,
+  and the slots. A slot is 64 KiB for the frame header, then the payload: the header is written
+  so that it ends where the payload starts, and the message is one contiguous span.
+
+Who writes what (the compiled core, msight_fast/_ext/_shm.pyx, does every access with atomics):
+
+- The publisher, the only writer of the slots, takes the oldest slot that no reader holds. It
+  marks it odd (being written), then looks for a reader holding the frame in it; a reader marks
+  its hold, then checks the slot's generation. One of the two sees the other (Dekker's rule, with
+  sequentially consistent atomics): either the publisher gives the slot back and takes another,
+  or the reader counts the frame as lost. A reader never gets a slot while it is written, and a
+  frame that it holds is never overwritten.
+- A reader holds at most one slot: the frame ``recv`` returned last. ``frame.release()`` (or the
+  next ``recv``) gives it back. A dead reader's row is freed by the publisher when the process is
+  gone (pid and start time, so a reused pid does not count as alive).
+- A publisher that dies mid-write leaves its slot odd and its log without the frame: no reader
+  takes it. Its segment is removed by the next process that finds its owner dead.
+- When every slot is held, ``full_policy`` says what a publish does: ``drop`` the new frame
+  (counted in ``Bus.stats()["dropped"]``) or ``block`` until a reader gives one back, at most
+  ``publish_timeout_s`` (then ``BackendUnavailable``).
+
+Zero copy: ``Bus.loan(topic, shape, dtype)`` hands out an array inside a slot, and publishing it
+writes only the frame header. A subscriber's ``frame.array`` is a read-only view into the slot.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import os
+import struct
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import BackendUnavailable, ConfigError, FrameTooLarge
+from .base import Capabilities, Outgoing, Source, Start, Transport
+
+try:
+    from .._ext import _shm
+except ImportError as _e:                      # a build without the compiled core (MSIGHT_FAST_NO_EXTENSIONS)
+    _shm = None
+    _IMPORT_ERROR: Optional[BaseException] = _e
+else:
+    _IMPORT_ERROR = None
+
+log = logging.getLogger("msight_fast")
+
+__all__ = ["ShmTransport", "ShmSource", "sweep", "topic_hash"]
+
+PREFIX = "msf-"
+MAINTAIN_S = 0.5          # how often a reader lists the directory and checks its publishers are alive
+STALE_CREATE_S = 10.0     # a segment still without its magic after this was left by a crashed creator
+MIN_CAPACITY = 64 << 10
+
+
+def topic_hash(topic: str) -> str:
+    """The file-name form of a topic: topics may hold any character, file names may not."""
+    return hashlib.sha1(topic.encode("utf-8")).hexdigest()[:20]
+
+
+def _proc_start(pid: int) -> int:
+    """The process's start time in clock ticks since boot (0 if unknown): with the pid, it names
+    one process, where a pid alone may be reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_me: Tuple[int, int] = (0, 0)
+
+
+def _self() -> Tuple[int, int]:
+    """(pid, start time) of this process, computed again after a fork."""
+    global _me
+    pid = os.getpid()
+    if _me[0] != pid:
+        _me = (pid, _proc_start(pid))
+    return _me
+
+
+def _alive(pid: int, start: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                    # another user's process: it exists
+        pass
+    if start:
+        now = _proc_start(pid)
+        if now and now != start:               # the pid was reused
+            return False
+    return True
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _need_core() -> Any:
+    if _shm is None:
+        raise ConfigError(f"the shm backend needs msight_fast's compiled core, which is not loaded "
+                          f"({_IMPORT_ERROR}); reinstall the wheel, or unset MSIGHT_FAST_NO_EXTENSIONS")
+    if not _shm.HAVE_FUTEX:
+        raise ConfigError(f"the shm backend needs Linux futexes; this is {sys.platform}")
+    return _shm
+
+
+class _Bell:
+    """The topic's doorbell file, mapped; this user's row in its table of users."""
+
+    def __init__(self, directory: str, topic: str) -> None:
+        shm = _need_core()
+        self.path = os.path.join(directory, f"{PREFIX}{topic_hash(topic)}.bell")
+        self.topic = topic
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise BackendUnavailable(f"shm: cannot open {self.path}: {e}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_size < shm.BELL_BYTES:
+                os.ftruncate(fd, shm.BELL_BYTES)       # two creators truncate to the same size: harmless
+            self.ino = st.st_ino
+            self.mm = mmap.mmap(fd, shm.BELL_BYTES)
+        except (OSError, ValueError) as e:
+            raise BackendUnavailable(f"shm: cannot map {self.path}: {e}") from None
+        finally:
+            os.close(fd)
+        m = self.map = shm.Mapping(self.mm)
+        name = topic.encode("utf-8")[:shm.MAX_TOPIC]
+        if m.ld64(0) != shm.BELL_MAGIC:
+            # every writer writes the same bytes, so two first users racing here agree
+            self.mm[shm.B_TOPIC:shm.B_TOPIC + len(name)] = name
+            m.st32(shm.B_TOPIC_LEN, len(name))
+            m.st64(0, shm.BELL_MAGIC)
+        else:
+            n = m.ld32(shm.B_TOPIC_LEN)
+            if n > shm.MAX_TOPIC or bytes(self.mm[shm.B_TOPIC:shm.B_TOPIC + n]) != name:
+                raise ConfigError(f"shm: {self.path} belongs to another topic (a hash collision, or a foreign file)")
+        self.row = -1
+        pid, start = _self()
+        for r in range(shm.MAX_USERS):
+            off = shm.B_USERS + r * shm.USER_SIZE
+            if m.ld32(off) == 0 and m.cas32(off, 0, pid):
+                m.st64(off + 8, start)
+                self.row = r
+                break
+        if self.row < 0:
+            self._reap_users()
+            for r in range(shm.MAX_USERS):
+                off = shm.B_USERS + r * shm.USER_SIZE
+                if m.ld32(off) == 0 and m.cas32(off, 0, pid):
+                    m.st64(off + 8, start)
+                    self.row = r
+                    break
+        # no row: this user goes uncounted, and the file may be removed under it; it checks ``stale``
+
+    def _reap_users(self) -> int:
+        shm, m = _shm, self.map
+        live = 0
+        for r in range(shm.MAX_USERS):
+            off = shm.B_USERS + r * shm.USER_SIZE
+            pid = m.ld32(off)
+            if not pid:
+                continue
+            if _alive(pid, m.ld64(off + 8)):
+                live += 1
+            else:
+                m.cas32(off, pid, 0)
+        return live
+
+    def stale(self) -> bool:
+        """The file at the path is not the one mapped (removed by a last user meanwhile)."""
+        try:
+            return os.stat(self.path).st_ino != self.ino
+        except FileNotFoundError:
+            return True
+
+    def leave(self, directory: str, h: str) -> None:
+        """Give up this user's row; the last user out removes the file (with no segment left)."""
+        if self.row >= 0:
+            off = _shm.B_USERS + self.row * _shm.USER_SIZE
+            self.map.cas32(off, _self()[0], 0)
+            self.row = -1
+        if self._reap_users() == 0 and not _segment_names(directory, h) and not self.stale():
+            _unlink(self.path)
+
+
+def _segment_names(directory: str, h: str) -> List[str]:
+    head = f"{PREFIX}{h}-"
+    try:
+        return sorted(n for n in os.listdir(directory) if n.startswith(head) and n.endswith(".seg"))
+    except OSError:
+        return []
+
+
+_HEAD = struct.Struct("<QIIIIQQIIQQQQQ")   # magic .. write count: what sweep reads without mapping
+
+
+def _read_head(path: str) -> Optional[Dict[str, int]]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_HEAD.size)
+    except OSError:
+        return None
+    if len(raw) < _HEAD.size:
+        return {"magic": 0, "pid": 0, "start": 0}
+    (magic, _ver, _slots, _log, _rows, _sb, _doff, pid, closed, start, pub, created, epoch, _wc) = _HEAD.unpack(raw)
+    return {"magic": magic, "pid": pid, "start": start, "closed": closed, "publisher": pub,
+            "created": created, "epoch": epoch}
+
+
+def sweep(directory: str = "/dev/shm") -> int:
+    """Remove the segments of dead publishers and the doorbells nobody uses; returns how many
+    files went. Every connect runs it; it is also safe to run by hand or from a cron job."""
+    shm = _need_core()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    removed = 0
+    segs = [n for n in names if n.startswith(PREFIX) and n.endswith(".seg")]
+    live_hashes = set()
+    for n in segs:
+        path = os.path.join(directory, n)
+        head = _read_head(path)
+        if head is None:
+            continue
+        if head["magic"] != shm.MAGIC:
+            try:
+                young = time.time() - os.stat(path).st_mtime < STALE_CREATE_S
+            except OSError:
+                continue
+            if young:                          # being created right now
+                live_hashes.add(n[len(PREFIX):].split("-")[0])
+                continue
+        elif _alive(head["pid"], head["start"]):
+            live_hashes.add(n[len(PREFIX):].split("-")[0])
+            continue
+        removed += _unlink(path)
+    for n in names:
+        if not (n.startswith(PREFIX) and n.endswith(".bell")):
+            continue
+        h = n[len(PREFIX):-len(".bell")]
+        if h in live_hashes:
+            continue
+        path = os.path.join(directory, n)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(shm.BELL_BYTES)
+        except OSError:
+            continue
+        users = [struct.unpack_from("<IIQ", raw, shm.B_USERS + r * shm.USER_SIZE)
+                 for r in range(shm.MAX_USERS) if len(raw) >= shm.B_USERS + (r + 1) * shm.USER_SIZE]
+        if any(pid and _alive(pid, start) for pid, _, start in users):
+            continue
+        removed += _unlink(path)
+    return removed
+
+
+class _PubSegment:
+    """A segment this process writes."""
+
+    def __init__(self, seg: Any, path: str, epoch: int) -> None:
+        self.seg = seg
+        self.path = path
+        self.epoch = epoch
+        self.loans: Dict[int, Tuple[int, int, int]] = {}    # payload address -> (slot, bytes, loan id)
+        self.view = memoryview(seg.mm)
+
+
+class ShmTransport(Transport):
+    name = "shm"
+    CAPABILITIES = Capabilities(delivery="best_effort", groups=None, persistence=False, max_message=None)
+
+    def __init__(self, cfg: Any) -> None:
+        _need_core()
+        self.cfg = cfg
+        self.capabilities = self.CAPABILITIES
+        self.dir = cfg.dir
+        if not os.path.isdir(self.dir):
+            raise BackendUnavailable(f"shm: {self.dir} is not a directory (MSIGHT_SHM_DIR)")
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            raise BackendUnavailable(f"shm: {self.dir} is not writable by this user (MSIGHT_SHM_DIR)")
+        from .. import _schema as S
+        self._publisher_id = S.new_publisher_id()
+        self._lock = threading.Lock()
+        self._pubs: Dict[str, _PubSegment] = {}
+        self._bells: Dict[str, _Bell] = {}
+        self._epoch = 0
+        self._abandoned: List[Tuple[str, int]] = []     # loans dropped, maybe unpublished: (topic, id)
+        self._loan_ids = 0
+        self._closed = False
+        self._next_maintain = 0.0
+        self.dropped = 0
+        self.reaped = 0
+        self.blocked = 0
+        self.zero_copy = 0
+        self._retired_overrun = 0
+        sweep(self.dir)
+
+    # ------------------------------------------------------------ segments
+    def _bell(self, topic: str) -> _Bell:
+        b = self._bells.get(topic)
+        if b is None:
+            b = self._bells[topic] = _Bell(self.dir, topic)
+        return b
+
+    def _capacity(self, need: int) -> int:
+        fixed = self.cfg.slot_bytes
+        if fixed:
+            if need > fixed:
+                raise FrameTooLarge(f"a payload of {need} bytes exceeds the shm slot size {fixed} (MSIGHT_SHM_SLOT_BYTES; "
+                                    "0 sizes slots to the frames)")
+            return int(fixed)
+        if need <= 1 << 20:                    # small frames: a power of two, so sizes that vary a little fit
+            cap = MIN_CAPACITY
+            while cap < need:
+                cap <<= 1
+            return cap
+        return need + need // 4                # a quarter to spare for frames that grow (JPEG sizes vary)
+
+    def _segment(self, topic: str, payload: int) -> _PubSegment:
+        """This publisher's segment for ``topic``, with slots for ``payload`` bytes (a bigger one
+        replaces a smaller: readers drain the old one first)."""
+        ps = self._pubs.get(topic)
+        if ps is not None and payload <= ps.seg.slot_bytes - _shm.HDR_AREA:
+            return ps
+        shm = _shm
+        bell = self._bell(topic)
+        cap = self._capacity(payload)
+        log_len, data_off, slot_bytes, size = shm.layout(self.cfg.slots, cap)
+        self._epoch += 1
+        path = os.path.join(self.dir, f"{PREFIX}{topic_hash(topic)}-{self._publisher_id:016x}-{self._epoch:06d}.seg")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise BackendUnavailable(f"shm: cannot create {path}: {e}") from None
+        try:
+            try:
+                # reserve every page now: a full tmpfs is an error here, not a SIGBUS on a later write
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                _unlink(path)
+                raise BackendUnavailable(f"shm: cannot reserve {size} bytes for {topic!r} in {self.dir} "
+                                         f"({self.cfg.slots} slots of {cap}): {e}") from None
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        m = shm.Mapping(mm)
+        pid, start = _self()
+        name = topic.encode("utf-8")[:shm.MAX_TOPIC]
+        m.st32(shm.H_VERSION, shm.VERSION)
+        m.st32(shm.H_SLOTS, self.cfg.slots)
+        m.st32(shm.H_LOG_LEN, log_len)
+        m.st32(shm.H_ROWS, shm.MAX_ROWS)
+        m.st64(shm.H_SLOT_BYTES, slot_bytes)
+        m.st64(shm.H_DATA_OFF, data_off)
+        m.st32(shm.H_OWNER_PID, pid)
+        m.st64(shm.H_OWNER_START, start)
+        m.st64(shm.H_PUBLISHER, self._publisher_id)
+        m.st64(shm.H_CREATED, time.time_ns())
+        m.st64(shm.H_EPOCH, self._epoch)
+        m.st32(shm.H_TOPIC_LEN, len(name))
+        mm[shm.H_TOPIC:shm.H_TOPIC + len(name)] = name
+        m.st64(shm.H_MAGIC, shm.MAGIC)
+        del m
+        seg = shm.Segment(mm, bell.map)
+        new = _PubSegment(seg, path, self._epoch)
+        if ps is not None:
+            self._retire(ps)
+        self._pubs[topic] = new
+        bell.map.add32(shm.B_PUBGEN, 1)
+        seg.ring()                             # readers asleep on the bell look for the new segment
+        return new
+
+    def _retire(self, ps: _PubSegment) -> None:
+        """Close a segment: readers drain what is in it, then let go; no one new finds it."""
+        self._retired_overrun += ps.seg.overrun
+        ps.seg.st32(_shm.H_CLOSED, 1)
+        _unlink(ps.path)
+        ps.seg.bell.add32(_shm.B_PUBGEN, 1)
+        ps.seg.ring()
+        ps.loans.clear()
+
+    def _reap_readers(self, seg: Any, rows: List[int]) -> int:
+        n = 0
+        for r in set(rows):
+            pid, start = seg.row_owner(r)
+            if pid and not _alive(pid, start) and seg.reap_row(r, pid):
+                n += 1
+        self.reaped += n
+        return n
+
+    def _maintain(self) -> None:
+        now = time.monotonic()
+        if now < self._next_maintain:
+            return
+        self._next_maintain = now + MAINTAIN_S
+        for topic, b in list(self._bells.items()):
+            if b.stale():                      # a last user removed it meanwhile: use the one readers find
+                self._bells[topic] = _Bell(self.dir, topic)
+                ps = self._pubs.pop(topic, None)
+                if ps is not None:
+                    self._retire(ps)           # the next frame makes a segment tied to the new bell
+                b.leave(self.dir, topic_hash(topic))
+        for ps in self._pubs.values():
+            self._reap_readers(ps.seg, [r for r in range(_shm.MAX_ROWS) if ps.seg.row_owner(r)[0]])
+
+    def _acquire(self, ps: _PubSegment, deadline: float, what: str) -> int:
+        """A slot, per ``full_policy`` when readers hold every one: -1 (drop) or wait (block)."""
+        seg = ps.seg
+        slot, holders = seg.acquire()
+        if slot >= 0:
+            return int(slot)
+        if holders and self._reap_readers(seg, holders):
+            slot, holders = seg.acquire()
+            if slot >= 0:
+                return int(slot)
+        if self.cfg.full_policy == "drop":
+            return -1
+        self.blocked += 1
+        seg.st32(_shm.H_PUB_WAITING, 1)
+        try:
+            while True:
+                seen = seg.ld32(_shm.H_RELEASES)
+                slot, holders = seg.acquire()
+                if slot >= 0:
+                    return int(slot)
+                self._reap_readers(seg, holders)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BackendUnavailable(f"shm: readers held every one of the {self.cfg.slots} slots of "
+                                             f"{what} for publish_timeout_s (full_policy=block)")
+                seg.futex_wait(_shm.H_RELEASES, seen, min(left, MAINTAIN_S))
+        finally:
+            seg.st32(_shm.H_PUB_WAITING, 0)
+
+    # ------------------------------------------------------------ the contract
+    def send(self, msg: Outgoing, deadline: float) -> None:
+        parts = [memoryview(p).cast("B") if not isinstance(p, bytes) else p for p in msg.parts] \
+            if msg.fragments is None else list(msg.fragments)
+        sizes = [len(p) for p in parts]
+        total = sum(sizes)
+        with self._lock:
+            if self._closed:
+                raise BackendUnavailable("shm: the transport is closed")
+            self._collect_abandoned()
+            self._maintain()
+            ps = self._pubs.get(msg.topic)
+            if ps is not None and ps.loans and len(parts) == 2:
+                loan = ps.loans.get(_shm.address(parts[1]))
+                if loan is not None and sizes[1] <= loan[1] and sizes[0] <= _shm.HDR_AREA:
+                    slot = loan[0]
+                    del ps.loans[_shm.address(parts[1])]
+                    off = _shm.HDR_AREA - sizes[0]
+                    ps.seg.write(ps.seg.slot_data(slot) + off, parts[0])
+                    ps.seg.commit(slot, off, total)
+                    self.zero_copy += 1
+                    msg.zero_copy = True       # type: ignore[attr-defined]  # read by Bus.publish
+                    return
+            head = sizes[0] if len(parts) >= 2 and sizes[0] <= _shm.HDR_AREA else 0
+            ps = self._segment(msg.topic, total - head)
+            off = _shm.HDR_AREA - head
+            slot = self._acquire(ps, deadline, repr(msg.topic))
+            if slot < 0:
+                self.dropped += 1
+                return
+            base = ps.seg.slot_data(slot) + off
+            for p, n in zip(parts, sizes):
+                ps.seg.write(base, p)
+                base += n
+            ps.seg.commit(slot, off, total)
+
+    def loan(self, topic: str, nbytes: int, deadline: float) -> Tuple[memoryview, int]:
+        """A writable span of ``nbytes`` in a free slot of ``topic``, the payload of the next frame
+        published from it (Bus.loan wraps it in an array), and the loan's id for ``unloan``."""
+        with self._lock:
+            if self._closed:
+                raise BackendUnavailable("shm: the transport is closed")
+            self._collect_abandoned()
+            ps = self._segment(topic, nbytes)
+            if len(ps.loans) >= self.cfg.slots - 1:
+                raise BackendUnavailable(f"shm: {len(ps.loans)} loans on {topic!r} are not published yet; "
+                                         f"at most {self.cfg.slots - 1} (publish or drop them)")
+            slot = self._acquire(ps, deadline, repr(topic))
+            if slot < 0:
+                raise BackendUnavailable(f"shm: readers hold every slot of {topic!r}; no slot to lend "
+                                         "(full_policy=drop)")
+            start = ps.seg.slot_data(slot) + _shm.HDR_AREA
+            view = ps.view[start:start + nbytes]
+            self._loan_ids += 1
+            ps.loans[_shm.address(view) if nbytes else -self._loan_ids] = (slot, nbytes, self._loan_ids)
+            return view, self._loan_ids
+
+    def unloan(self, topic: str, loan_id: int) -> None:
+        """A loaned array was dropped (a finalizer, in any thread): if it was never published, its
+        slot is freed at the next call. Never takes the lock: a finalizer may run under it."""
+        self._abandoned.append((topic, loan_id))
+
+    def _collect_abandoned(self) -> None:
+        while self._abandoned:
+            topic, loan_id = self._abandoned.pop()
+            ps = self._pubs.get(topic)
+            if ps is None:
+                continue
+            for addr, (slot, _, lid) in list(ps.loans.items()):
+                if lid == loan_id:
+                    del ps.loans[addr]
+                    ps.seg.abandon(slot)
+
+    def open(self, topic: str, group_id: Optional[str], from_beginning: bool,
+             start: Optional[Start] = None) -> Source:
+        if self._closed:
+            raise BackendUnavailable("shm: the transport is closed")
+        return ShmSource(self, topic)
+
+    def stats(self) -> Dict[str, Any]:
+        with self._lock:
+            overrun = self._retired_overrun + sum(ps.seg.overrun for ps in self._pubs.values())
+        return {"connected": True, "disconnects": 0, "reconnects": 0, "lost": self.dropped,
+                "dropped": self.dropped, "overrun": overrun, "readers_reaped": self.reaped,
+                "zero_copy": self.zero_copy, "blocked": self.blocked}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for ps in self._pubs.values():
+                self._retire(ps)
+            self._pubs.clear()
+            for topic, b in self._bells.items():
+                b.leave(self.dir, topic_hash(topic))
+            self._bells.clear()
+
+
+class _ReadSegment:
+    def __init__(self, seg: Any, path: str, row: int, publisher: int, epoch: int) -> None:
+        self.seg = seg
+        self.path = path
+        self.row = row
+        self.publisher = publisher
+        self.epoch = epoch
+        self.owner = (seg.ld32(_shm.H_OWNER_PID), seg.ld64(_shm.H_OWNER_START))
+        self.dead = False
+
+
+class ShmSource(Source):
+    """A reader of every publisher's segment for one topic."""
+
+    def __init__(self, t: ShmTransport, topic: str) -> None:
+        self.t = t
+        self.topic = topic
+        self.dir = t.dir
+        self.h = topic_hash(topic)
+        self.bell = _Bell(self.dir, topic)
+        self._segs: Dict[str, _ReadSegment] = {}
+        self._order: List[List[_ReadSegment]] = []      # per publisher, oldest epoch first
+        self._rr = 0
+        self._since = time.time_ns()
+        self._held: Any = None
+        self._closed = False
+        self._lock = threading.Lock()          # next() holds it but while asleep; close() waits for it
+        self._pubgen = -1
+        self._next_maintain = 0.0
+        self.dropped = 0
+        self.refused = 0                       # segments this reader could not join (every row taken, or bad)
+        self._scan()
+
+    def _scan(self) -> None:
+        shm = _shm
+        self._pubgen = self.bell.map.ld32(shm.B_PUBGEN)
+        pid, start = _self()
+        for n in _segment_names(self.dir, self.h):
+            path = os.path.join(self.dir, n)
+            if path in self._segs:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue                       # gone meanwhile
+            try:
+                size = os.fstat(fd).st_size
+                if size < shm.SLOTS_OFF:
+                    continue                   # being created
+                mm = mmap.mmap(fd, size)
+            except (OSError, ValueError):
+                continue
+            finally:
+                os.close(fd)
+            try:
+                seg = shm.Segment(mm, self.bell.map)
+            except ValueError:
+                continue                       # not initialised yet, or not a segment: looked at again later
+            tl = seg.ld32(shm.H_TOPIC_LEN)
+            if tl > shm.MAX_TOPIC or bytes(mm[shm.H_TOPIC:shm.H_TOPIC + tl]) != self.topic.encode("utf-8")[:shm.MAX_TOPIC]:
+                continue
+            owner = (seg.ld32(shm.H_OWNER_PID), seg.ld64(shm.H_OWNER_START))
+            if not _alive(*owner):
+                _unlink(path)                  # a dead publisher's: nothing more will come
+                continue
+            # a segment made after this subscription is read from its first frame; an older one from now on
+            first = 0 if seg.ld64(shm.H_CREATED) >= self._since else seg.ld64(shm.H_WRITE_COUNT)
+            row = seg.claim_row(pid, start, first)
+            if row < 0:
+                self.refused += 1
+                log.warning("msight_fast: shm: every reader row of %s is taken; %r misses that publisher", n, self.topic)
+                continue
+            self._segs[path] = _ReadSegment(seg, path, row, seg.ld64(shm.H_PUBLISHER), seg.ld64(shm.H_EPOCH))
+        self._reorder()
+
+    def _reorder(self) -> None:
+        by_pub: Dict[int, List[_ReadSegment]] = {}
+        for rs in self._segs.values():
+            by_pub.setdefault(rs.publisher, []).append(rs)
+        self._order = [sorted(v, key=lambda r: r.epoch) for _, v in sorted(by_pub.items())]
+
+    def _detach(self, rs: _ReadSegment) -> None:
+        rs.seg.free_row(rs.row, _self()[0])
+        self._segs.pop(rs.path, None)
+        if rs.dead:
+            _unlink(rs.path)
+        self._reorder()
+
+    def _poll(self) -> Optional[Any]:
+        order = self._order
+        n = len(order)
+        for i in range(n):
+            group = order[(self._rr + i) % n]
+            rs = group[0]
+            lease, skipped = rs.seg.take(rs.row)
+            if skipped:
+                self.dropped += skipped
+            if lease is not None:
+                self._rr = (self._rr + i + 1) % n
+                self._held = lease
+                return lease
+            if rs.dead or rs.seg.ld32(_shm.H_CLOSED):
+                if rs.seg.pending(rs.row) == 0:
+                    self._detach(rs)           # drained: the next epoch of that publisher, if any, comes next
+                    return self._poll()
+        return None
+
+    def _maintain(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_maintain:
+            return
+        self._next_maintain = now + MAINTAIN_S
+        if self.bell.stale():
+            old = self.bell
+            self.bell = _Bell(self.dir, self.topic)
+            old.leave(self.dir, self.h)
+        for rs in list(self._segs.values()):
+            if not rs.dead and not _alive(*rs.owner):
+                rs.dead = True                 # what it committed is still read; then it is removed
+        self._scan()
+
+    def next(self, timeout: Optional[float]) -> Optional[Tuple[Any, Any]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        shm = _shm
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._held is not None:         # the frame returned last is given back now
+                self._held._msf_release()
+                self._held = None
+            while not self._closed:
+                got = self._poll()
+                if got is not None:
+                    return got, None
+                bell = self.bell.map
+                if bell.ld32(shm.B_PUBGEN) != self._pubgen:
+                    self._maintain(force=True)
+                    continue
+                self._maintain()
+                left = MAINTAIN_S if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                bell.add32(shm.B_WAITERS, 1)
+                try:
+                    seen = bell.ld32(shm.B_COUNTER)
+                    got = self._poll()
+                    if got is not None:
+                        return got, None
+                    lock.release()             # close() may run while this sleeps
+                    try:
+                        bell.futex_wait(shm.B_COUNTER, seen, min(left, MAINTAIN_S))
+                    finally:
+                        lock.acquire()
+                finally:
+                    bell.sub32(shm.B_WAITERS, 1)
+            return None
+        finally:
+            lock.release()
+
+    def stats(self) -> Dict[str, Any]:
+        return {"dropped": self.dropped, "pending_bytes": 0, "segments": len(self._segs),
+                "segments_refused": self.refused}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.bell.map.add32(_shm.B_COUNTER, 1)          # wake a recv blocked in another thread
+        self.bell.map.futex_wake(_shm.B_COUNTER)
+        with self._lock:                       # that recv lets go within one poll
+            self._leave()
+
+    def _leave(self) -> None:
+        if self._held is not None:
+            self._held._msf_release()
+            self._held = None
+        for rs in list(self._segs.values()):
+            rs.seg.free_row(rs.row, _self()[0])
+        self._segs.clear()
+        self._order = []
+        self.bell.leave(self.dir, self.h)
