@@ -521,6 +521,153 @@ def cmd_play(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bridge
+def _key_value(text: str) -> Tuple[str, str]:
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. port=6380)")
+    return key, value
+
+
+def _typed_options(backend: str, pairs: List[Tuple[str, str]], flag: str) -> Dict[str, Any]:
+    """``--from-opt``/``--to-opt`` pairs as connect() keyword options, typed after the backend's
+    config field: numbers and booleans parsed, dicts from a literal, ``none`` for an optional
+    field; the rest (hosts, passwords, server lists) stays text, which the config parses as it
+    parses the ``MSIGHT_*`` variables (so a password of digits stays a str)."""
+    import ast
+    import dataclasses
+    import re
+
+    from . import registry
+    from .errors import ConfigError
+    cls = registry.get(backend).config_cls
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    defaults = cls()
+    out: Dict[str, Any] = {}
+    for key, text in pairs:
+        if key not in fields:
+            out[key] = text                 # the config names it and lists the valid options
+            continue
+        default, t = getattr(defaults, key), text.strip()
+        value: Any = text
+        if t.lower() in ("none", "null") and "Optional" in fields[key]:
+            value = None
+        elif isinstance(default, bool):
+            value = {"true": True, "yes": True, "on": True, "1": True,
+                     "false": False, "no": False, "off": False, "0": False}.get(t.lower(), text)
+        elif isinstance(default, (int, float)) or fields[key] == "Optional[int]":
+            if re.fullmatch(r"[+-]?\d+", t):
+                value = int(t)
+            elif re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?", t):
+                value = float(t)
+        elif isinstance(default, dict):
+            try:
+                value = ast.literal_eval(t)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                raise ConfigError(f"{flag} {key}={text!r} is not a dict literal "
+                                  "(e.g. {'linger.ms': 10})") from None
+        out[key] = value
+    return out
+
+
+def _bridge_setup(args: argparse.Namespace) -> Tuple[str, str, Dict[str, Any], Dict[str, Any]]:
+    """The two backends and their connect() options; ConfigError for what cannot work."""
+    from . import registry
+    from .errors import ConfigError
+    src, dst = registry.backend_name(args.src), registry.backend_name(args.dst)
+    src_opts = _typed_options(src, args.from_opt, "--from-opt")
+    dst_opts = _typed_options(dst, args.to_opt, "--to-opt")
+    if args.timeout:
+        src_opts.setdefault("connect_timeout_s", args.timeout)
+        dst_opts.setdefault("connect_timeout_s", args.timeout)
+    if src == dst:
+        # the same broker would hand the bridge back every frame it forwards, to forward again
+        if not args.allow_same:
+            raise ConfigError(f"--from and --to are both {src}: on the same broker every frame forwarded "
+                              "comes back to the bridge and is forwarded again, without end; give --allow-same "
+                              "if --from-opt and --to-opt point at two different brokers")
+        if registry.load_config(src, src_opts) == registry.load_config(dst, dst_opts):
+            raise ConfigError(f"--allow-same: --from and --to connect to the same {src} broker with the same "
+                              "options; use --from-opt/--to-opt to point them at two brokers")
+    return src, dst, src_opts, dst_opts
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from . import connect
+    from .bridge import Bridge
+    from .config import scrub
+    from .errors import ConfigError
+    try:
+        src_name, dst_name, src_opts, dst_opts = _bridge_setup(args)
+    except ConfigError as e:
+        print(f"msight-fast: error: {scrub(str(e))}", file=sys.stderr)
+        return 2
+    buses: List[Bus] = []
+    try:
+        for flag, name, opts in (("--from", src_name, src_opts), ("--to", dst_name, dst_opts)):
+            try:
+                buses.append(connect(name, **opts))
+            except MsightFastError as e:      # which side could not connect
+                e.args = (f"{flag} {name}: {e}",) + tuple(e.args[1:])
+                raise
+        bridge = Bridge(args.topics, src=buses[0], dst=buses[1], group_id=args.group)
+        return _run_bridge(bridge, args)
+    except ConfigError as e:
+        print(f"msight-fast: error: {scrub(str(e))}", file=sys.stderr)
+        return 2
+    finally:
+        for b in buses:
+            b.close()
+
+
+def _run_bridge(bridge: Any, args: argparse.Namespace) -> int:
+    """Forward until Ctrl-C, SIGTERM or --duration; a line per topic each second on a terminal."""
+    t0 = time.monotonic()
+    end = t0 + args.duration if args.duration else float("inf")
+    with _Interrupts() as intr:
+        try:
+            bridge.start()
+            print(f"bridging {', '.join(bridge.topics)} from {bridge.src.backend} to {bridge.dst.backend} "
+                  "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+            tty = sys.stderr.isatty()
+            last = {t: 0 for t in bridge.topics}
+            shown = 0
+            t_last = time.monotonic()
+            while time.monotonic() < end:
+                time.sleep(min(1.0, max(0.0, end - time.monotonic())))    # display refresh period
+                if not tty:
+                    continue
+                now = time.monotonic()
+                lines = []
+                for topic, st in bridge.stats().items():
+                    rate = (st["forwarded"] - last[topic]) / max(1e-9, now - t_last)
+                    last[topic] = st["forwarded"]
+                    lines.append(f"{topic}: {rate:.1f} frames/s forwarded ({st['forwarded']} in all), "
+                                 f"gaps {_dash(st['gaps'])}, dropped {_dash(st['dropped'])}, errors {st['failed']}")
+                t_last = now
+                if shown:
+                    sys.stderr.write(f"\x1b[{shown}A\x1b[J")
+                sys.stderr.write("\n".join(lines) + "\n")
+                sys.stderr.flush()
+                shown = len(lines)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            intr.quiet()
+            stats = bridge.stop()
+    per = "; ".join(f"{t} {s['forwarded']} forwarded, {s['failed']} failed, {_dash(s['gaps'])} gaps, "
+                    f"{_dash(s['dropped'])} dropped" + (f", {s['undelivered']} undelivered" if s["undelivered"] else "")
+                    for t, s in stats.items())
+    print(f"bridged {bridge.src.backend} -> {bridge.dst.backend} for {time.monotonic() - t0:.1f} s: {per}.",
+          flush=True)
+    return 0
+
+
+def _dash(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
 # ---------------------------------------------------------------- brokers
 def _state_dir() -> Path:
     d = Path(os.environ.get("MSIGHT_FAST_STATE_DIR", Path.home() / ".cache" / "msight_fast" / "brokers"))
@@ -662,6 +809,26 @@ def build_parser() -> argparse.ArgumentParser:
     _view_arguments(q)
     common(q, topic=False)
     q.set_defaults(fn=cmd_view)
+
+    q = sp.add_parser("bridge", help="forward topics from one backend to another (e.g. --from shm --to nats)",
+                      description="Forward every frame of the topics from one backend to the same topics on "
+                      "another; the destination gives each a new seq, publisher id and publish time.")
+    q.add_argument("topics", nargs="+", metavar="TOPIC")
+    q.add_argument("--from", dest="src", required=True, choices=backends, help="the backend to receive from")
+    q.add_argument("--to", dest="dst", required=True, choices=backends, help="the backend to publish on")
+    q.add_argument("--group", default=None, help="receive in this group on the source (NATS queue group / "
+                   "Kafka consumer group), so several bridges share the frames")
+    q.add_argument("--from-opt", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="a connect() option of the source (repeatable), e.g. port=6380 (default: the MSIGHT_* "
+                   "variables)")
+    q.add_argument("--to-opt", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="a connect() option of the destination (repeatable), e.g. servers=nats://host:4222")
+    q.add_argument("--duration", type=_positive, default=None, help="stop after this many seconds")
+    q.add_argument("--timeout", type=_positive, default=None, help="broker connect timeout in seconds (default 5)")
+    q.add_argument("--allow-same", action="store_true",
+                   help="allow --from and --to to be the same backend (two brokers of one kind): on one broker "
+                   "the bridge would get back every frame it forwards")
+    q.set_defaults(fn=cmd_bridge)
 
     q = sp.add_parser("bench", help="a quick transport measurement with the raw-client baseline in the same run")
     q.add_argument("--backend", choices=with_broker, default=None)
