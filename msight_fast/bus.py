@@ -362,7 +362,8 @@ class Bus:
             return np.empty(shp, dt)
         timeout = self.config.publish_timeout_s
         if not self._lock.acquire(timeout=timeout):
-            raise BackendUnavailable(f"{self.backend}: loan on {topic!r} waited {timeout} s for the publishes ahead of it")
+            raise BackendUnavailable(f"{self.backend}: loan on {topic!r} waited {timeout} s for the publishes "
+                                     "ahead of it")
         try:
             view, loan_id = lend(topic, nbytes, time.monotonic() + timeout)
         except MsightFastError as e:

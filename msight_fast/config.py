@@ -300,6 +300,7 @@ class ShmConfig(BaseConfig):
     slots: int = 8                          # per publisher and topic: frames in flight and held
     slot_bytes: int = 0                     # payload bytes per slot; 0: sized to the frames, growing
     full_policy: str = "drop"               # every slot held by readers: "drop" the new frame, or "block"
+    zero_copy: bool = True                  # False: a subscriber copies each frame out and lets the slot go
 
 
 _SASL = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")

@@ -42,18 +42,18 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..errors import BackendUnavailable, ConfigError, FrameTooLarge
 from .base import Capabilities, Outgoing, Source, Start, Transport
 
+_shm: Any
+_IMPORT_ERROR: Optional[BaseException] = None
 try:
     from .._ext import _shm
-except ImportError as _e:                      # a build without the compiled core (MSIGHT_FAST_NO_EXTENSIONS)
+except ImportError as _e:                      # an install without compiled modules (a bare sdist, no compiler)
     _shm = None
-    _IMPORT_ERROR: Optional[BaseException] = _e
-else:
-    _IMPORT_ERROR = None
+    _IMPORT_ERROR = _e
 
 log = logging.getLogger("msight_fast")
 
@@ -63,6 +63,7 @@ PREFIX = "msf-"
 MAINTAIN_S = 0.5          # how often a reader lists the directory and checks its publishers are alive
 STALE_CREATE_S = 10.0     # a segment still without its magic after this was left by a crashed creator
 MIN_CAPACITY = 64 << 10
+MAX_SLOT_BYTES = 1 << 34  # a header asking for more is not from this library (frames stop at 2^31 bytes here)
 
 
 def topic_hash(topic: str) -> str:
@@ -117,10 +118,17 @@ def _unlink(path: str) -> bool:
         return False
 
 
+def _map(fd: int, size: int) -> mmap.mmap:
+    """A shared mapping with its page tables filled now: a first write to each page of a 6 MB
+    slot otherwise costs thousands of page faults (a few ms) on the publish that meets it."""
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(fd, size, flags=flags)
+
+
 def _need_core() -> Any:
     if _shm is None:
-        raise ConfigError(f"the shm backend needs msight_fast's compiled core, which is not loaded "
-                          f"({_IMPORT_ERROR}); reinstall the wheel, or unset MSIGHT_FAST_NO_EXTENSIONS")
+        raise ConfigError(f"the shm backend needs msight_fast's compiled module _shm, which is not "
+                          f"installed ({_IMPORT_ERROR}); install a wheel, or build with a C compiler")
     if not _shm.HAVE_FUTEX:
         raise ConfigError(f"the shm backend needs Linux futexes; this is {sys.platform}")
     return _shm
@@ -231,6 +239,23 @@ def _read_head(path: str) -> Optional[Dict[str, int]]:
             "created": created, "epoch": epoch}
 
 
+def _expected_size(path: str) -> Optional[int]:
+    """The file size a segment's header implies, or None if its geometry is out of range."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(40)
+    except OSError:
+        return None
+    if len(raw) < 40:
+        return None
+    slots, slot_bytes = struct.unpack_from("<I", raw, 12)[0], struct.unpack_from("<Q", raw, 24)[0]
+    shm = _shm
+    if not 2 <= slots <= shm.MAX_SLOTS or slot_bytes < shm.HDR_AREA or slot_bytes % shm.PAGE \
+            or slot_bytes > MAX_SLOT_BYTES:
+        return None
+    return int(shm.layout(slots, slot_bytes - shm.HDR_AREA)[3])
+
+
 def sweep(directory: str = "/dev/shm") -> int:
     """Remove the segments of dead publishers and the doorbells nobody uses; returns how many
     files went. Every connect runs it; it is also safe to run by hand or from a cron job."""
@@ -331,8 +356,8 @@ class ShmTransport(Transport):
         fixed = self.cfg.slot_bytes
         if fixed:
             if need > fixed:
-                raise FrameTooLarge(f"a payload of {need} bytes exceeds the shm slot size {fixed} (MSIGHT_SHM_SLOT_BYTES; "
-                                    "0 sizes slots to the frames)")
+                raise FrameTooLarge(f"a payload of {need} bytes exceeds the shm slot size {fixed} "
+                                    "(MSIGHT_SHM_SLOT_BYTES; 0 sizes slots to the frames)")
             return int(fixed)
         if need <= 1 << 20:                    # small frames: a power of two, so sizes that vary a little fit
             cap = MIN_CAPACITY
@@ -365,7 +390,7 @@ class ShmTransport(Transport):
                 _unlink(path)
                 raise BackendUnavailable(f"shm: cannot reserve {size} bytes for {topic!r} in {self.dir} "
                                          f"({self.cfg.slots} slots of {cap}): {e}") from None
-            mm = mmap.mmap(fd, size)
+            mm = _map(fd, size)
         finally:
             os.close(fd)
         m = shm.Mapping(mm)
@@ -585,7 +610,9 @@ class ShmSource(Source):
         self._lock = threading.Lock()          # next() holds it but while asleep; close() waits for it
         self._pubgen = -1
         self._next_maintain = 0.0
+        self._zero_copy = bool(t.cfg.zero_copy)
         self.dropped = 0
+        self._refused: Set[str] = set()
         self.refused = 0                       # segments this reader could not join (every row taken, or bad)
         self._scan()
 
@@ -597,14 +624,22 @@ class ShmSource(Source):
             path = os.path.join(self.dir, n)
             if path in self._segs:
                 continue
+            if path in self._refused:
+                continue
+            head = _read_head(path)
+            if head is None or head["magic"] != shm.MAGIC:
+                continue                       # being created, or not a segment: looked at again later
             try:
                 fd = os.open(path, os.O_RDWR)
             except OSError:
                 continue                       # gone meanwhile
             try:
                 size = os.fstat(fd).st_size
-                if size < shm.SLOTS_OFF:
-                    continue                   # being created
+                expect = _expected_size(path)
+                if expect is None or size != expect:
+                    self._refuse(path, f"{size} bytes where its header says {expect}")
+                    continue
+                # no MAP_POPULATE here: a reader touches only the slots it reads, once each
                 mm = mmap.mmap(fd, size)
             except (OSError, ValueError):
                 continue
@@ -612,10 +647,12 @@ class ShmSource(Source):
                 os.close(fd)
             try:
                 seg = shm.Segment(mm, self.bell.map)
-            except ValueError:
-                continue                       # not initialised yet, or not a segment: looked at again later
+            except ValueError as e:
+                self._refuse(path, str(e))
+                continue
             tl = seg.ld32(shm.H_TOPIC_LEN)
-            if tl > shm.MAX_TOPIC or bytes(mm[shm.H_TOPIC:shm.H_TOPIC + tl]) != self.topic.encode("utf-8")[:shm.MAX_TOPIC]:
+            mine = self.topic.encode("utf-8")[:shm.MAX_TOPIC]
+            if tl > shm.MAX_TOPIC or bytes(mm[shm.H_TOPIC:shm.H_TOPIC + tl]) != mine:
                 continue
             owner = (seg.ld32(shm.H_OWNER_PID), seg.ld64(shm.H_OWNER_START))
             if not _alive(*owner):
@@ -625,11 +662,16 @@ class ShmSource(Source):
             first = 0 if seg.ld64(shm.H_CREATED) >= self._since else seg.ld64(shm.H_WRITE_COUNT)
             row = seg.claim_row(pid, start, first)
             if row < 0:
-                self.refused += 1
-                log.warning("msight_fast: shm: every reader row of %s is taken; %r misses that publisher", n, self.topic)
+                self._refuse(path, f"all {shm.MAX_ROWS} reader rows are taken")
                 continue
             self._segs[path] = _ReadSegment(seg, path, row, seg.ld64(shm.H_PUBLISHER), seg.ld64(shm.H_EPOCH))
         self._reorder()
+
+    def _refuse(self, path: str, why: str) -> None:
+        """A segment this reader cannot use: counted and logged once, not tried again."""
+        self._refused.add(path)
+        self.refused += 1
+        log.warning("msight_fast: shm: %r cannot read %s: %s", self.topic, os.path.basename(path), why)
 
     def _reorder(self) -> None:
         by_pub: Dict[int, List[_ReadSegment]] = {}
@@ -655,6 +697,10 @@ class ShmSource(Source):
                 self.dropped += skipped
             if lease is not None:
                 self._rr = (self._rr + i + 1) % n
+                if not self._zero_copy:        # frames kept past the next recv: a copy, and the slot goes back
+                    data = bytes(lease)
+                    lease._msf_release()
+                    return data
                 self._held = lease
                 return lease
             if rs.dead or rs.seg.ld32(_shm.H_CLOSED):
