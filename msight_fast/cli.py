@@ -160,9 +160,11 @@ def _table(rows: List[List[Any]], header: List[str]) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import brokers, registry
     backend = registry.backend_name(args.backend)
-    if not registry.get(backend).broker:
+    spec = registry.get(backend)
+    if not spec.crosses_processes:
+        ok = ", ".join(n for n in registry.names() if registry.get(n).crosses_processes)
         return _err(f"the demo runs its sensors in separate processes; the {backend} backend does not cross "
-                    f"processes (use one of {', '.join(registry.with_broker())})")
+                    f"processes (use one of {ok})")
     # the data is checked before a broker is started, so a bad --data leaves none running
     from . import sample
     data = args.data
@@ -176,14 +178,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         source = "synthetic frames"
     env: Dict[str, str] = {}
     local = None
-    try:
-        probe = _connect(argparse.Namespace(backend=backend, timeout=2.0))
-        probe.close()
-        where = "the configured broker"
-    except BackendUnavailable:
-        local = brokers.start(backend)
-        env = local.env()
-        where = f"an embedded {backend} broker at {local.address} (stopped at the end)"
+    if not spec.broker:                        # shm: no broker, the processes meet in shared memory
+        where = "shared memory (no broker)"
+    else:
+        try:
+            probe = _connect(argparse.Namespace(backend=backend, timeout=2.0))
+            probe.close()
+            where = "the configured broker"
+        except BackendUnavailable:
+            local = brokers.start(backend)
+            env = local.env()
+            where = f"an embedded {backend} broker at {local.address} (stopped at the end)"
     os.environ.update(env)
     print(f"msight-fast demo: {backend} via {where}; {args.seconds:g} s; {source}", flush=True)
     from . import connect

@@ -31,6 +31,7 @@ class BackendSpec:
     client: Tuple[str, ...]         # the PyPI packages the transport imports
     broker: Optional[str] = None    # kind for msight_fast.brokers (an embedded broker), if any
     summary: str = ""
+    crosses_processes: bool = True  # False: buses meet only inside one process (memory)
 
 
 _SPECS: Dict[str, BackendSpec] = {s.name: s for s in (
@@ -43,7 +44,8 @@ _SPECS: Dict[str, BackendSpec] = {s.name: s for s in (
     BackendSpec("shm", _config.ShmConfig, "shm:ShmTransport", (), None,
                 "same host, shared memory: broadcast, zero copy with loans"),
     BackendSpec("memory", _config.MemoryConfig, "memory:MemoryTransport", (), None,
-                "in-process: broadcast, groups, a retained log and a message limit, for tests"),
+                "in-process: broadcast, groups, a retained log and a message limit, for tests",
+                crosses_processes=False),
 )}
 
 
