@@ -843,8 +843,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM ends a command as Ctrl-C does, through its finally blocks: buses close, so a shm
+    # publisher removes its segment and a broker connection says goodbye
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         rc: int = args.fn(args)
         return rc

@@ -34,6 +34,7 @@ writes only the frame header. A subscriber's ``frame.array`` is a read-only view
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import mmap
@@ -42,6 +43,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..errors import BackendUnavailable, ConfigError, FrameTooLarge
@@ -315,6 +317,20 @@ class _PubSegment:
         self.view = memoryview(seg.mm)
 
 
+_open: "weakref.WeakSet[ShmTransport]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """At interpreter exit, close what is still open: publishers' segments are removed, not left
+    for the next sweep (a kill -9 or a crash still leaves them to it)."""
+    for t in list(_open):
+        try:
+            t.close()
+        except Exception:                      # exiting: nothing to report it to
+            pass
+
+
 class ShmTransport(Transport):
     name = "shm"
     CAPABILITIES = Capabilities(delivery="best_effort", groups=None, persistence=False, max_message=None)
@@ -344,6 +360,7 @@ class ShmTransport(Transport):
         self.zero_copy = 0
         self._retired_overrun = 0
         sweep(self.dir)
+        _open.add(self)
 
     # ------------------------------------------------------------ segments
     def _bell(self, topic: str) -> _Bell:
