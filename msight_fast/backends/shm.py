@@ -317,7 +317,7 @@ class _PubSegment:
         self.view = memoryview(seg.mm)
 
 
-_open: "weakref.WeakSet[ShmTransport]" = weakref.WeakSet()
+_open: weakref.WeakSet[ShmTransport] = weakref.WeakSet()
 
 
 @atexit.register
