@@ -1,7 +1,7 @@
 """Transport benchmark: every backend x payload, msight_fast against the raw client, plus the
 loopback TCP ceiling, all in one run. Writes benchmarks/results/transport.{json,md,png}.
 
-    python benchmarks/transport.py [--seconds 4] [--backends redis,nats,kafka] \
+    python benchmarks/transport.py [--seconds 4] [--backends redis,nats,kafka,shm] \
         [--payloads 1080p,4k,jpeg,lidar,lidar262k,1k]
 
 With ``--sustained S`` it publishes a sensor profile (``--profile``) at its rates for S seconds
@@ -66,7 +66,7 @@ def plot(results, ceiling, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     payloads = [p for p in PAYLOAD_NAMES if any(r["payload"] == p for r in results)]
-    backends = [b for b in ("redis", "nats", "kafka") if any(r["backend"] == b for r in results)]
+    backends = [b for b in ("redis", "nats", "kafka", "shm") if any(r["backend"] == b for r in results)]
     fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), sharey=True, squeeze=False)
     for ax, b in zip(axes[0], backends):
         xs = range(len(payloads))
@@ -257,6 +257,8 @@ def main() -> int:
     for b in a.backends.split(","):
         for p in a.payloads.split(","):
             for path in a.paths.split(","):
+                if b == "shm" and path != "msight":
+                    continue                   # no broker, no raw client: shm is compared with the others
                 t0 = time.monotonic()
                 core = {"publisher": core_publisher, "subscriber": core_subscriber} if path == "core" else {}
                 try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import socket
 import struct
 import tempfile
@@ -247,10 +248,17 @@ def run_transport(backend: str, payload: str, seconds: float = 4.0, path: str = 
     ``subscriber``, called like ``_pub_raw`` and ``_sub_raw``. Only ``msight`` gets the broker's
     default limits; the others get NATS ``max_payload`` raised."""
     own = broker is None
-    b = broker or start_broker(backend, raw=(path != "msight"))
-    opts = b.options()
+    if backend == "shm":                  # no broker: publisher and subscriber meet in shared memory
+        if path != "msight":
+            raise ValueError("shm has no raw client to compare with: only path='msight'")
+        b: Optional[brokers.Broker] = None
+        opts: Dict[str, Any] = {"dir": tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                                                        prefix="msf-bench-")}
+    else:
+        b = broker or start_broker(backend, raw=(path != "msight"))
+        opts = b.options()
     topic = f"bench_{payload}_{path}_{time.time_ns()}"
-    if backend == "kafka":
+    if backend == "kafka" and b is not None:
         from confluent_kafka.admin import AdminClient, NewTopic
         admin = AdminClient({"bootstrap.servers": b.address})      # kept alive until the call ends
         admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
@@ -269,7 +277,7 @@ def run_transport(backend: str, payload: str, seconds: float = 4.0, path: str = 
     p.start()
     if not child_ready.wait(120):                 # the child has imported and connected
         raise RuntimeError(f"{backend} publisher did not start")
-    broker_cpu = _proc_cpu(b.proc.pid) if own else None
+    broker_cpu = _proc_cpu(b.proc.pid) if own and b is not None else None
     sub_cpu0 = _cpu_s()
     go.set()
     p.join(seconds + 180)
@@ -282,12 +290,14 @@ def run_transport(backend: str, payload: str, seconds: float = 4.0, path: str = 
         last = len(rec.t)
         time.sleep(0.1)
     sub_cpu = _cpu_s() - sub_cpu0
-    if broker_cpu is not None:
+    if broker_cpu is not None and b is not None:
         broker_cpu = (_proc_cpu(b.proc.pid) or 0.0) - broker_cpu
     stop.set()
     th.join(30)
-    if own:
+    if own and b is not None:
         b.stop()
+    if b is None:
+        shutil.rmtree(opts["dir"], ignore_errors=True)
     n = len(rec.t)
     span = rec.t[-1] - rec.t[0] if n > 1 else 0.0
     lat = np.array(rec.lat, dtype=np.float64) / 1e6 if n else np.array([np.nan])
