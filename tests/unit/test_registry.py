@@ -25,10 +25,13 @@ def test_declared_semantics_match_the_readme():
     assert (caps["nats"].delivery, caps["nats"].groups, caps["nats"].persistence) == ("best_effort", "queue", False)
     assert (caps["kafka"].delivery, caps["kafka"].groups, caps["kafka"].persistence) == \
         ("at_least_once", "consumer", True)
+    assert (caps["shm"].delivery, caps["shm"].groups, caps["shm"].persistence, caps["shm"].max_message) == \
+        ("best_effort", None, False, None)
+    assert registry.get("shm").crosses_processes and not registry.get("memory").crosses_processes
 
 
 def test_unknown_backend_is_a_config_error_listing_the_valid_ones():
-    with pytest.raises(ConfigError, match="redis, nats, kafka, memory"):
+    with pytest.raises(ConfigError, match="redis, nats, kafka, shm, memory"):
         registry.get("zeromq")
     with pytest.raises(ConfigError, match="MSIGHT_PUBSUB_BACKEND"):
         registry.backend_name(None, {"MSIGHT_PUBSUB_BACKEND": "rabbit"})
