@@ -44,6 +44,9 @@ class SubscriptionStats(TypedDict, total=False):
     assignments: int
     consumer_errors: int
     paused: bool
+    # shm
+    segments: int                          # publisher segments this subscription reads
+    segments_refused: int                  # segments it could not join (malformed, or every reader row taken)
 
 
 class BusStats(TypedDict, total=False):
@@ -63,6 +66,12 @@ class BusStats(TypedDict, total=False):
     broker_state_lost: int
     idempotent: bool
     queued: Optional[int]
+    # shm
+    dropped: int                           # frames not published: readers held every slot (full_policy=drop)
+    overrun: int                           # frames overwritten before a reader that wanted them took them
+    readers_reaped: int                    # dead readers' rows (and held slots) freed
+    zero_copy: int                         # publishes of loaned arrays
+    blocked: int                           # publishes that waited for a slot (full_policy=block)
 
 
 class _Pub:

@@ -22,6 +22,7 @@ H_WRITE_COUNT: int
 H_RELEASES: int
 H_PUB_WAITING: int
 H_TOPIC_LEN: int
+H_CLOSED_GEN: int
 H_TOPIC: int
 MAX_TOPIC: int
 ROWS_OFF: int
@@ -47,6 +48,7 @@ B_TOPIC_LEN: int
 B_TOPIC: int
 B_USERS: int
 USER_SIZE: int
+U_SEEN: int
 MAX_USERS: int
 BELL_BYTES: int
 

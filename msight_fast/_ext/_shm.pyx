@@ -50,6 +50,7 @@ cdef enum:
     C_H_RELEASES = 88                     # futex: a reader gave a slot back (a blocked publisher waits on it)
     C_H_PUB_WAITING = 92
     C_H_TOPIC_LEN = 96
+    C_H_CLOSED_GEN = 100                  # the topic's segment generation when this one closed (31 bits)
     C_H_TOPIC = 128
     C_MAX_TOPIC = 256
     C_ROWS_OFF = 512
@@ -75,6 +76,7 @@ cdef enum:
     C_B_TOPIC = 32
     C_B_USERS = 512
     C_USER_SIZE = 16
+    C_U_SEEN = 4                          # a reader's: 1 << 31 | the segment generation it last looked at
     C_MAX_USERS = 64
     C_BELL_BYTES = C_PAGE
 cdef uint64_t C_MAGIC = 0x313047455346534D          # b"MSFSEG01" little-endian; written last, so a reader never sees half a header
@@ -99,6 +101,7 @@ H_WRITE_COUNT = C_H_WRITE_COUNT
 H_RELEASES = C_H_RELEASES
 H_PUB_WAITING = C_H_PUB_WAITING
 H_TOPIC_LEN = C_H_TOPIC_LEN
+H_CLOSED_GEN = C_H_CLOSED_GEN
 H_TOPIC = C_H_TOPIC
 MAX_TOPIC = C_MAX_TOPIC
 ROWS_OFF = C_ROWS_OFF
@@ -124,6 +127,7 @@ B_TOPIC_LEN = C_B_TOPIC_LEN
 B_TOPIC = C_B_TOPIC
 B_USERS = C_B_USERS
 USER_SIZE = C_USER_SIZE
+U_SEEN = C_U_SEEN
 MAX_USERS = C_MAX_USERS
 BELL_BYTES = C_BELL_BYTES
 

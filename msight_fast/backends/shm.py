@@ -64,6 +64,7 @@ __all__ = ["ShmTransport", "ShmSource", "sweep", "topic_hash"]
 PREFIX = "msf-"
 MAINTAIN_S = 0.5          # how often a reader lists the directory and checks its publishers are alive
 STALE_CREATE_S = 10.0     # a segment still without its magic after this was left by a crashed creator
+GEN_MASK = (1 << 31) - 1  # segment generations are compared in 31 bits, wrapping
 MIN_CAPACITY = 64 << 10
 MAX_SLOT_BYTES = 1 << 34  # a header asking for more is not from this library (frames stop at 2^31 bytes here)
 
@@ -73,15 +74,20 @@ def topic_hash(topic: str) -> str:
     return hashlib.sha1(topic.encode("utf-8")).hexdigest()[:20]
 
 
-def _proc_start(pid: int) -> int:
-    """The process's start time in clock ticks since boot (0 if unknown): with the pid, it names
-    one process, where a pid alone may be reused."""
+def _proc_stat(pid: int) -> Tuple[str, int]:
+    """(state, start time in clock ticks since boot) of a process, ("", 0) if unknown. With the
+    pid, the start time names one process where a pid alone may be reused."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[19])
+        rest = stat[stat.rindex(b")") + 2:].split()
+        return rest[0].decode("ascii", "replace"), int(rest[19])
     except (OSError, ValueError, IndexError):
-        return 0
+        return "", 0
+
+
+def _proc_start(pid: int) -> int:
+    return _proc_stat(pid)[1]
 
 
 _me: Tuple[int, int] = (0, 0)
@@ -97,7 +103,9 @@ def _self() -> Tuple[int, int]:
 
 
 def _alive(pid: int, start: int) -> bool:
-    if pid <= 0:
+    """Whether the process that wrote (pid, start) into a file still runs. The values come from
+    a file any process of this user could have written: out-of-range ones are a dead process."""
+    if not 0 < pid <= 0x3FFFFFFF:             # above any pid_max Linux allows
         return False
     try:
         os.kill(pid, 0)
@@ -105,10 +113,13 @@ def _alive(pid: int, start: int) -> bool:
         return False
     except PermissionError:                    # another user's process: it exists
         pass
-    if start:
-        now = _proc_start(pid)
-        if now and now != start:               # the pid was reused
-            return False
+    except (OverflowError, OSError):
+        return False
+    state, now = _proc_stat(pid)
+    if state in ("Z", "X"):                    # killed, not yet reaped by its parent: it writes nothing more
+        return False
+    if start and now and now != start:         # the pid was reused
+        return False
     return True
 
 
@@ -139,8 +150,9 @@ def _need_core() -> Any:
 class _Bell:
     """The topic's doorbell file, mapped; this user's row in its table of users."""
 
-    def __init__(self, directory: str, topic: str) -> None:
+    def __init__(self, directory: str, topic: str, reader: bool = False) -> None:
         shm = _need_core()
+        self.reader = reader
         self.path = os.path.join(directory, f"{PREFIX}{topic_hash(topic)}.bell")
         self.topic = topic
         try:
@@ -169,22 +181,42 @@ class _Bell:
             if n > shm.MAX_TOPIC or bytes(self.mm[shm.B_TOPIC:shm.B_TOPIC + n]) != name:
                 raise ConfigError(f"shm: {self.path} belongs to another topic (a hash collision, or a foreign file)")
         self.row = -1
+        for attempt in range(2):
+            if attempt:
+                self._reap_users()
+            if self._claim():
+                break
+        # no row: this user goes uncounted, and the file may be removed under it; it checks ``stale``
+
+    def _claim(self) -> bool:
+        shm, m = _shm, self.map
         pid, start = _self()
         for r in range(shm.MAX_USERS):
             off = shm.B_USERS + r * shm.USER_SIZE
             if m.ld32(off) == 0 and m.cas32(off, 0, pid):
                 m.st64(off + 8, start)
+                # a reader is owed segments that close from now on (see ``readers_behind``)
+                m.st32(off + shm.U_SEEN, (1 << 31 | m.ld32(shm.B_PUBGEN) & GEN_MASK) if self.reader else 0)
                 self.row = r
-                break
-        if self.row < 0:
-            self._reap_users()
-            for r in range(shm.MAX_USERS):
-                off = shm.B_USERS + r * shm.USER_SIZE
-                if m.ld32(off) == 0 and m.cas32(off, 0, pid):
-                    m.st64(off + 8, start)
-                    self.row = r
-                    break
-        # no row: this user goes uncounted, and the file may be removed under it; it checks ``stale``
+                return True
+        return False
+
+    def mark_seen(self, gen: int) -> None:
+        """This reader has listed the directory at segment generation ``gen``: every segment
+        closed up to then that it had frames to read from, it has joined."""
+        if self.row >= 0 and self.reader:
+            self.map.st32(_shm.B_USERS + self.row * _shm.USER_SIZE + _shm.U_SEEN, 1 << 31 | gen & GEN_MASK)
+
+    def readers_behind(self, gen: int) -> bool:
+        """A live reader of the topic has not listed the directory since generation ``gen``."""
+        shm, m = _shm, self.map
+        for r in range(shm.MAX_USERS):
+            off = shm.B_USERS + r * shm.USER_SIZE
+            pid = m.ld32(off)
+            seen = m.ld32(off + shm.U_SEEN)
+            if pid and seen >> 31 and 0 < (gen - seen) & GEN_MASK < 1 << 30 and _alive(pid, m.ld64(off + 8)):
+                return True
+        return False
 
     def _reap_users(self) -> int:
         shm, m = _shm, self.map
@@ -208,12 +240,18 @@ class _Bell:
             return True
 
     def leave(self, directory: str, h: str) -> None:
-        """Give up this user's row; the last user out removes the file (with no segment left)."""
+        """Give up this user's row. Closed segments nobody needs now are removed; the last user out
+        removes every closed or orphaned segment of the topic, then the doorbell (if no segment is left)."""
         if self.row >= 0:
             off = _shm.B_USERS + self.row * _shm.USER_SIZE
             self.map.cas32(off, _self()[0], 0)
             self.row = -1
-        if self._reap_users() == 0 and not _segment_names(directory, h) and not self.stale():
+        last = self._reap_users() == 0
+        for n in _segment_names(directory, h):
+            path = os.path.join(directory, n)
+            if _unused(path, None if last else self):
+                _unlink(path)
+        if last and not _segment_names(directory, h) and not self.stale():
             _unlink(self.path)
 
 
@@ -225,7 +263,7 @@ def _segment_names(directory: str, h: str) -> List[str]:
         return []
 
 
-_HEAD = struct.Struct("<QIIIIQQIIQQQQQ")   # magic .. write count: what sweep reads without mapping
+_HEAD = struct.Struct("<QIIIIQQIIQQQQQIIII")   # magic .. closed generation (offset 100): read without mapping
 
 
 def _read_head(path: str) -> Optional[Dict[str, int]]:
@@ -235,10 +273,36 @@ def _read_head(path: str) -> Optional[Dict[str, int]]:
     except OSError:
         return None
     if len(raw) < _HEAD.size:
-        return {"magic": 0, "pid": 0, "start": 0}
-    (magic, _ver, _slots, _log, _rows, _sb, _doff, pid, closed, start, pub, created, epoch, _wc) = _HEAD.unpack(raw)
+        return {"magic": 0, "pid": 0, "start": 0, "closed": 0, "closed_gen": 0}
+    (magic, _ver, _slots, _log, _rows, _sb, _doff, pid, closed, start, pub, created, epoch, _wc, _rel, _waiting,
+     _tl, closed_gen) = _HEAD.unpack(raw)
     return {"magic": magic, "pid": pid, "start": start, "closed": closed, "publisher": pub,
-            "created": created, "epoch": epoch}
+            "created": created, "epoch": epoch, "closed_gen": closed_gen}
+
+
+def _unused(path: str, bell: Optional[_Bell]) -> bool:
+    """A segment no one needs any more: closed or left by a dead publisher, with no live reader
+    joined to it, and (closed) with every live reader of the topic past its closing (``bell``
+    None: there are no readers left to wait for)."""
+    head = _read_head(path)
+    if head is None or head["magic"] != _shm.MAGIC:
+        return False
+    owner_dead = not _alive(head["pid"], head["start"])
+    if not head["closed"] and not owner_dead:
+        return False
+    try:
+        with open(path, "rb") as f:
+            f.seek(_shm.ROWS_OFF)
+            rows = f.read(_shm.MAX_ROWS * _shm.ROW_SIZE)
+    except OSError:
+        return False
+    for r in range(len(rows) // _shm.ROW_SIZE):
+        pid, start = struct.unpack_from("<I4xQ", rows, r * _shm.ROW_SIZE)
+        if pid and _alive(pid, start):
+            return False
+    if head["closed"] and bell is not None and bell.readers_behind(head["closed_gen"]):
+        return False
+    return True
 
 
 def _expected_size(path: str) -> Optional[int]:
@@ -359,6 +423,7 @@ class ShmTransport(Transport):
         self.blocked = 0
         self.zero_copy = 0
         self._retired_overrun = 0
+        self._retired: List[Tuple[str, _Bell]] = []     # closed segments not removed yet
         sweep(self.dir)
         _open.add(self)
 
@@ -422,7 +487,7 @@ class ShmTransport(Transport):
         m.st32(shm.H_OWNER_PID, pid)
         m.st64(shm.H_OWNER_START, start)
         m.st64(shm.H_PUBLISHER, self._publisher_id)
-        m.st64(shm.H_CREATED, time.time_ns())
+        m.st64(shm.H_CREATED, time.monotonic_ns())   # CLOCK_MONOTONIC: one clock for every process, never stepped
         m.st64(shm.H_EPOCH, self._epoch)
         m.st32(shm.H_TOPIC_LEN, len(name))
         mm[shm.H_TOPIC:shm.H_TOPIC + len(name)] = name
@@ -431,20 +496,26 @@ class ShmTransport(Transport):
         seg = shm.Segment(mm, bell.map)
         new = _PubSegment(seg, path, self._epoch)
         if ps is not None:
-            self._retire(ps)
+            self._retire(ps, bell)
         self._pubs[topic] = new
         bell.map.add32(shm.B_PUBGEN, 1)
         seg.ring()                             # readers asleep on the bell look for the new segment
         return new
 
-    def _retire(self, ps: _PubSegment) -> None:
-        """Close a segment: readers drain what is in it, then let go; no one new finds it."""
+    def _retire(self, ps: _PubSegment, bell: _Bell) -> None:
+        """Close a segment. It is removed once every reader of the topic has listed the directory
+        since (so a reader that had not found it yet still reads it out) and none is still joined;
+        until then this publisher, its readers, or the last user out removes it."""
         self._retired_overrun += ps.seg.overrun
+        gen = ps.seg.bell.add32(_shm.B_PUBGEN, 1) & GEN_MASK
+        ps.seg.st32(_shm.H_CLOSED_GEN, gen)
         ps.seg.st32(_shm.H_CLOSED, 1)
-        _unlink(ps.path)
-        ps.seg.bell.add32(_shm.B_PUBGEN, 1)
         ps.seg.ring()
         ps.loans.clear()
+        if _unused(ps.path, bell):
+            _unlink(ps.path)
+        else:
+            self._retired.append((ps.path, bell))
 
     def _reap_readers(self, seg: Any, rows: List[int]) -> int:
         n = 0
@@ -465,10 +536,15 @@ class ShmTransport(Transport):
                 self._bells[topic] = _Bell(self.dir, topic)
                 ps = self._pubs.pop(topic, None)
                 if ps is not None:
-                    self._retire(ps)           # the next frame makes a segment tied to the new bell
+                    self._retire(ps, self._bells[topic])   # the next frame makes a segment tied to the new bell
                 b.leave(self.dir, topic_hash(topic))
         for ps in self._pubs.values():
             self._reap_readers(ps.seg, [r for r in range(_shm.MAX_ROWS) if ps.seg.row_owner(r)[0]])
+        still = []
+        for path, bell in self._retired:
+            if os.path.exists(path) and not (_unused(path, bell) and _unlink(path)):
+                still.append((path, bell))
+        self._retired = still
 
     def _acquire(self, ps: _PubSegment, deadline: float, what: str) -> int:
         """A slot, per ``full_policy`` when readers hold every one: -1 (drop) or wait (block)."""
@@ -490,7 +566,8 @@ class ShmTransport(Transport):
                 slot, holders = seg.acquire()
                 if slot >= 0:
                     return int(slot)
-                self._reap_readers(seg, holders)
+                if self._reap_readers(seg, holders):
+                    continue                   # a dead holder's slot is free now
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise BackendUnavailable(f"shm: readers held every one of the {self.cfg.slots} slots of "
@@ -579,8 +656,8 @@ class ShmTransport(Transport):
         return ShmSource(self, topic)
 
     def stats(self) -> Dict[str, Any]:
-        with self._lock:
-            overrun = self._retired_overrun + sum(ps.seg.overrun for ps in self._pubs.values())
+        # no lock: a publish blocked on full slots (full_policy=block) holds it for up to publish_timeout_s
+        overrun = self._retired_overrun + sum(ps.seg.overrun for ps in list(self._pubs.values()))
         return {"connected": True, "disconnects": 0, "reconnects": 0, "lost": self.dropped,
                 "dropped": self.dropped, "overrun": overrun, "readers_reaped": self.reaped,
                 "zero_copy": self.zero_copy, "blocked": self.blocked}
@@ -590,9 +667,10 @@ class ShmTransport(Transport):
             if self._closed:
                 return
             self._closed = True
-            for ps in self._pubs.values():
-                self._retire(ps)
+            for topic, ps in self._pubs.items():
+                self._retire(ps, self._bells[topic])
             self._pubs.clear()
+            self._retired.clear()              # what is left, its readers or the last user out removes
             for topic, b in self._bells.items():
                 b.leave(self.dir, topic_hash(topic))
             self._bells.clear()
@@ -617,11 +695,11 @@ class ShmSource(Source):
         self.topic = topic
         self.dir = t.dir
         self.h = topic_hash(topic)
-        self.bell = _Bell(self.dir, topic)
+        self.bell = _Bell(self.dir, topic, reader=True)
         self._segs: Dict[str, _ReadSegment] = {}
         self._order: List[List[_ReadSegment]] = []      # per publisher, oldest epoch first
         self._rr = 0
-        self._since = time.time_ns()
+        self._since = time.monotonic_ns()
         self._held: Any = None
         self._closed = False
         self._lock = threading.Lock()          # next() holds it but while asleep; close() waits for it
@@ -629,7 +707,9 @@ class ShmSource(Source):
         self._next_maintain = 0.0
         self._zero_copy = bool(t.cfg.zero_copy)
         self.dropped = 0
-        self._refused: Set[str] = set()
+        self._refused: Set[str] = set()        # segments this reader gave up on for good (malformed)
+        self._full: Set[str] = set()           # segments with no free reader row, at the last look
+        self._done: Set[str] = set()           # segments read out and left: never joined again
         self.refused = 0                       # segments this reader could not join (every row taken, or bad)
         self._scan()
 
@@ -637,9 +717,14 @@ class ShmSource(Source):
         shm = _shm
         self._pubgen = self.bell.map.ld32(shm.B_PUBGEN)
         pid, start = _self()
-        for n in _segment_names(self.dir, self.h):
+        names = _segment_names(self.dir, self.h)
+        present = {os.path.join(self.dir, n) for n in names}
+        self._done &= present                  # forget what is gone, so the sets stay small
+        self._refused &= present
+        self._full &= present
+        for n in names:
             path = os.path.join(self.dir, n)
-            if path in self._segs:
+            if path in self._segs or path in self._done:
                 continue
             if path in self._refused:
                 continue
@@ -678,11 +763,21 @@ class ShmSource(Source):
             # a segment made after this subscription is read from its first frame; an older one from now on
             first = 0 if seg.ld64(shm.H_CREATED) >= self._since else seg.ld64(shm.H_WRITE_COUNT)
             row = seg.claim_row(pid, start, first)
-            if row < 0:
-                self._refuse(path, f"all {shm.MAX_ROWS} reader rows are taken")
+            if row < 0:                        # tried again at the next look: readers come and go
+                if path not in self._full:
+                    self._full.add(path)
+                    self.refused += 1
+                    log.warning("msight_fast: shm: %r cannot join %s yet: all %d reader rows are taken",
+                                self.topic, n, shm.MAX_ROWS)
                 continue
+            self._full.discard(path)
             self._segs[path] = _ReadSegment(seg, path, row, seg.ld64(shm.H_PUBLISHER), seg.ld64(shm.H_EPOCH))
         self._reorder()
+        self.bell.mark_seen(self._pubgen)
+        for path in list(self._done):          # read out before this look: removable now that it is past
+            if _unused(path, self.bell):
+                _unlink(path)
+                self._done.discard(path)
 
     def _refuse(self, path: str, why: str) -> None:
         """A segment this reader cannot use: counted and logged once, not tried again."""
@@ -699,7 +794,8 @@ class ShmSource(Source):
     def _detach(self, rs: _ReadSegment) -> None:
         rs.seg.free_row(rs.row, _self()[0])
         self._segs.pop(rs.path, None)
-        if rs.dead:
+        self._done.add(rs.path)
+        if _unused(rs.path, self.bell):
             _unlink(rs.path)
         self._reorder()
 
@@ -733,7 +829,7 @@ class ShmSource(Source):
         self._next_maintain = now + MAINTAIN_S
         if self.bell.stale():
             old = self.bell
-            self.bell = _Bell(self.dir, self.topic)
+            self.bell = _Bell(self.dir, self.topic, reader=True)
             old.leave(self.dir, self.h)
         for rs in list(self._segs.values()):
             if not rs.dead and not _alive(*rs.owner):

@@ -8,13 +8,14 @@ import tempfile
 import numpy as np
 import pytest
 
-from msight_fast import brokers, codec
+from msight_fast import brokers
+from msight_fast.backends import shm
 
 from .test_cli import EXE, needs_exe, run
 
 pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not sys.platform.startswith("linux") or not codec.HAS_EXTENSIONS,
-                                 reason="the shm backend needs Linux and the compiled core")]
+              pytest.mark.skipif(not sys.platform.startswith("linux") or shm._shm is None,
+                                 reason="the shm backend needs Linux and its compiled module")]
 
 
 @pytest.fixture
