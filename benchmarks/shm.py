@@ -61,6 +61,9 @@ def _publisher(d: str, topic: str, name: str, mode: str, hz: float, seconds: flo
     shape, dtype = SHAPES[name]
     bus = mf.connect("shm", dir=d, slots=16)
     src = np.ones(shape, dtype)
+    # the segment is made (and its pages reserved) at a topic's first frame: not in the measured window
+    a = bus.loan(topic, shape, dtype)
+    del a
     ready.set()
     go.wait()
     period = 1.0 / hz if hz else 0.0

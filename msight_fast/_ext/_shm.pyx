@@ -26,6 +26,7 @@ cdef extern from "_shm_sys.h" nogil:
     void msf_pause()
     int msf_futex_wait(uint8_t* p, uint32_t expected, double timeout_s)
     int msf_futex_wake(uint8_t* p, int n)
+    void msf_copy(uint8_t* dst, const uint8_t* src, size_t n)
     int MSF_HAVE_FUTEX
 
 HAVE_FUTEX = bool(MSF_HAVE_FUTEX)
@@ -207,14 +208,14 @@ cdef class Mapping:
         return msf_futex_wake(self.at(off, 4), n)
 
     def write(self, Py_ssize_t off, data):
-        """Copy ``data`` (any contiguous buffer) to ``off``; one memcpy, without the GIL."""
+        """Copy ``data`` (any contiguous buffer) to ``off``: one copy, streamed when large, without the GIL."""
         cdef Py_buffer v
         PyObject_GetBuffer(data, &v, PyBUF_SIMPLE)
         try:
             if off < 0 or v.len > self.size - off:
                 raise ValueError(f"{v.len} bytes at {off} overrun the {self.size}-byte mapping")
             with nogil:
-                memcpy(self.base + off, v.buf, v.len)
+                msf_copy(self.base + off, <const uint8_t*>v.buf, v.len)
         finally:
             PyBuffer_Release(&v)
 

