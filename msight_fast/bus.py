@@ -422,6 +422,14 @@ class Bus:
         if where is not None and where.kind != "end" and not caps.persistence:
             raise ConfigError(f"{self.backend} keeps no messages: start={start!r} needs a backend with "
                               "persistence (kafka, memory)")
+        if not self._t.LENIENT:
+            if group_id and caps.groups is None:
+                raise ConfigError(f"{self.backend} is broadcast only: every subscriber gets every frame; "
+                                  f"group_id={group_id!r} needs a backend with groups (nats: queue groups, "
+                                  "kafka: consumer groups)")
+            if from_beginning and not caps.persistence:
+                raise ConfigError(f"{self.backend} keeps no messages: from_beginning=True needs a backend with "
+                                  "persistence (kafka, memory)")
         gid = group_id
         if gid is None and self.node is not None:
             gid = self.node.effective_group(self.backend) if caps.groups else self.node.group_id

@@ -131,6 +131,10 @@ class Transport(abc.ABC):
     # True: ``send`` gets frames over ``max_message`` whole (``fragments`` None) and splits them itself
     # (into buffers of its own, in the wire format's fragments), instead of the Bus doing it
     FRAGMENTS_ITSELF: ClassVar[bool] = False
+    # True: ``group_id`` and ``from_beginning`` on a backend without groups or persistence are
+    # ignored with a warning, as MSight Core's clients do (Redis); False: a ConfigError (shm, which
+    # has no MSight Core counterpart whose callers to keep working)
+    LENIENT: ClassVar[bool] = True
 
     def max_message(self, topic: str) -> Optional[int]:
         """The largest message for ``topic``; frames above it are fragmented by the Bus."""

@@ -398,6 +398,7 @@ def _close_all() -> None:
 class ShmTransport(Transport):
     name = "shm"
     CAPABILITIES = Capabilities(delivery="best_effort", groups=None, persistence=False, max_message=None)
+    LENIENT = False
 
     def __init__(self, cfg: Any) -> None:
         _need_core()

@@ -925,3 +925,23 @@ def test_out_of_range_environment_is_a_config_error(shm_dir: str, monkeypatch: p
 def test_a_missing_directory_is_backend_unavailable(shm_dir: str) -> None:
     with pytest.raises(BackendUnavailable, match="not a directory"):
         msight_fast.connect("shm", dir=os.path.join(shm_dir, "nope"))
+
+
+def test_groups_and_persistence_are_clear_errors(shm_dir: str) -> None:
+    bus = msight_fast.connect("shm", dir=shm_dir)
+    try:
+        with pytest.raises(ConfigError, match="broadcast only"):
+            bus.subscribe("t", group_id="workers")
+        with pytest.raises(ConfigError, match="keeps no messages"):
+            bus.subscribe("t", from_beginning=True)
+        with pytest.raises(ConfigError, match="keeps no messages"):
+            bus.subscribe("t", start="beginning")
+        # a node's group (shared with its other backends) is ignored with a warning, not refused
+        node = msight_fast.connect_node(msight_fast.NodeConfig(name="n", group_id="g", backend="shm",
+                                                               options={"dir": shm_dir}))
+        try:
+            node.subscribe("t").close()
+        finally:
+            node.close()
+    finally:
+        bus.close()
