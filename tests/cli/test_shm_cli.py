@@ -31,7 +31,7 @@ def shm_env():
 
 @needs_exe
 def test_demo_on_shm_needs_no_broker(shm_env):
-    r = run("demo", "--seconds", "4", env=shm_env)
+    r = run("demo", "--backend", "shm", "--seconds", "4", env={"MSIGHT_SHM_DIR": shm_env["MSIGHT_SHM_DIR"]})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "shared memory (no broker)" in r.stdout
     summary = r.stdout.split("summary", 1)[1]
@@ -47,7 +47,8 @@ def test_pub_then_echo_hz_bw_lat_on_shm(shm_env, tmp_path):
     proc = subprocess.Popen([EXE, "pub", "cam/front", str(tmp_path / "f.npy"), "--rate", "20", "--loop"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        r = run("echo", "cam/front", "--count", "3", "--seconds", "20", env=shm_env)
+        r = run("echo", "cam/front", "--backend", "shm", "--count", "3", "--seconds", "20",
+                env={"MSIGHT_SHM_DIR": shm_env["MSIGHT_SHM_DIR"]})
         assert r.returncode == 0, r.stderr
         assert len(r.stdout.strip().splitlines()) == 3 and "shape=[120, 160, 3]" in r.stdout
         r = run("hz", "cam/front", "--seconds", "3", env=shm_env)
