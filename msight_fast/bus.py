@@ -361,18 +361,23 @@ class Bus:
         if lend is None:
             return np.empty(shp, dt)
         timeout = self.config.publish_timeout_s
+        deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=timeout):
             raise BackendUnavailable(f"{self.backend}: loan on {topic!r} waited {timeout} s for the publishes "
                                      "ahead of it")
         try:
-            view, loan_id = lend(topic, nbytes, time.monotonic() + timeout)
+            view, loan_id = lend(topic, nbytes, deadline)
         except MsightFastError as e:
             raise _scrubbed(e) from None
         finally:
             self._lock.release()
-        arr = np.frombuffer(view, dtype=dt, count=count).reshape(shp) if count else np.empty(shp, dt)
-        weakref.finalize(arr, self._t.unloan, topic, loan_id)   # type: ignore[attr-defined]
-        return arr
+        if not count:
+            return np.empty(shp, dt)
+        # the finalizer goes on the array every view of the loan has as its base (numpy gives
+        # reshapes and slices the frombuffer array as .base): the slot is freed only when none is left
+        base = np.frombuffer(view, dtype=dt, count=count)
+        weakref.finalize(base, self._t.unloan, topic, loan_id)   # type: ignore[attr-defined]
+        return base.reshape(shp)
 
     def _send_bytes(self, topic: str, data: bytes) -> None:
         """The caller's bytes as one message, untouched (the MSight drop-in's plain mode)."""

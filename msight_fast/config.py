@@ -382,7 +382,7 @@ def load(cls: Type[C], options: Mapping[str, Any], environ: Optional[Mapping[str
         elif name == "slots":
             value = _int(var, value, 2, 64, "8")
         elif name == "slot_bytes":
-            value = _int(var, value, 0, 1 << 40, "0")
+            value = _int(var, value, 0, 1 << 34, "0")      # what a reader accepts (backends/shm.py)
             if 0 < value < 4096:
                 raise ConfigError(f"{var}={value}: use 0 (sized to the frames) or at least 4096 (e.g. {var}=8388608)")
         elif name == "full_policy":

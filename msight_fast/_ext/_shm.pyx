@@ -314,7 +314,7 @@ cdef class Segment(Mapping):
                 n_old = old // 2 - 1
                 for r in range(C_MAX_ROWS):
                     row = self._row(r)
-                    if msf_ld32(row + C_R_PID) == 0:
+                    if msf_ld32_sc(row + C_R_PID) == 0:
                         continue
                     if msf_ld64_sc(row + C_R_HOLD) == want:
                         holder = r
@@ -385,6 +385,9 @@ cdef class Segment(Mapping):
         if msf_ld32(row + C_R_PID) != pid:
             return
         msf_st64_sc(row + C_R_HOLD, 0)
+        # the start time goes before the pid: a row claimed again meanwhile reads (pid, 0), which a
+        # reaper takes for alive, never (new pid, old start), which it would take for dead
+        msf_st64_sc(row + C_R_START, 0)
         msf_cas32(row + C_R_PID, pid, 0)
         self._released()
 
@@ -403,6 +406,7 @@ cdef class Segment(Mapping):
         if msf_ld32(row + C_R_PID) != pid:
             return False
         msf_st64_sc(row + C_R_HOLD, 0)
+        msf_st64_sc(row + C_R_START, 0)
         return bool(msf_cas32(row + C_R_PID, pid, 0))
 
     cdef inline void _released(self):

@@ -39,6 +39,7 @@ import hashlib
 import logging
 import mmap
 import os
+import stat
 import struct
 import sys
 import threading
@@ -127,8 +128,40 @@ def _unlink(path: str) -> bool:
     try:
         os.unlink(path)
         return True
-    except FileNotFoundError:
+    except OSError:                            # gone already, or not ours to remove (a sticky /dev/shm)
         return False
+
+
+def _open_own(path: str, flags: int) -> Optional[int]:
+    """A descriptor of ``path`` if it is a regular file of this user that no one else may write or
+    read (as this library makes them), else None. /dev/shm is writable by every local user: a FIFO
+    there would hang an open, another user's file must be neither trusted nor removed."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _read_own(path: str, n: int, offset: int = 0) -> Optional[bytes]:
+    """Up to ``n`` bytes at ``offset`` of one of this user's files (see ``_open_own``), or None."""
+    fd = _open_own(path, os.O_RDONLY)
+    if fd is None:
+        return None
+    try:
+        return os.pread(fd, n, offset)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
@@ -156,13 +189,17 @@ class _Bell:
         self.path = os.path.join(directory, f"{PREFIX}{topic_hash(topic)}.bell")
         self.topic = topic
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise BackendUnavailable(f"shm: cannot open {self.path}: {e}") from None
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                raise BackendUnavailable(f"shm: {self.path} is not a private file of this user (mode "
+                                         f"{st.st_mode:o}, uid {st.st_uid}); remove it or use another MSIGHT_SHM_DIR")
             if st.st_size < shm.BELL_BYTES:
-                os.ftruncate(fd, shm.BELL_BYTES)       # two creators truncate to the same size: harmless
+                # reserved, not sparse: a full tmpfs is an error here, not a SIGBUS at the first touch
+                os.posix_fallocate(fd, 0, shm.BELL_BYTES)
             self.ino = st.st_ino
             self.mm = mmap.mmap(fd, shm.BELL_BYTES)
         except (OSError, ValueError) as e:
@@ -229,6 +266,8 @@ class _Bell:
             if _alive(pid, m.ld64(off + 8)):
                 live += 1
             else:
+                m.st64(off + 8, 0)
+                m.st32(off + shm.U_SEEN, 0)
                 m.cas32(off, pid, 0)
         return live
 
@@ -244,7 +283,10 @@ class _Bell:
         removes every closed or orphaned segment of the topic, then the doorbell (if no segment is left)."""
         if self.row >= 0:
             off = _shm.B_USERS + self.row * _shm.USER_SIZE
-            self.map.cas32(off, _self()[0], 0)
+            if self.map.ld32(off) == _self()[0]:
+                self.map.st64(off + 8, 0)      # start and seen before the pid: see Segment.free_row
+                self.map.st32(off + _shm.U_SEEN, 0)
+                self.map.cas32(off, _self()[0], 0)
             self.row = -1
         last = self._reap_users() == 0
         for n in _segment_names(directory, h):
@@ -267,10 +309,8 @@ _HEAD = struct.Struct("<QIIIIQQIIQQQQQIIII")   # magic .. closed generation (off
 
 
 def _read_head(path: str) -> Optional[Dict[str, int]]:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_HEAD.size)
-    except OSError:
+    raw = _read_own(path, _HEAD.size)
+    if raw is None:
         return None
     if len(raw) < _HEAD.size:
         return {"magic": 0, "pid": 0, "start": 0, "closed": 0, "closed_gen": 0}
@@ -290,11 +330,8 @@ def _unused(path: str, bell: Optional[_Bell]) -> bool:
     owner_dead = not _alive(head["pid"], head["start"])
     if not head["closed"] and not owner_dead:
         return False
-    try:
-        with open(path, "rb") as f:
-            f.seek(_shm.ROWS_OFF)
-            rows = f.read(_shm.MAX_ROWS * _shm.ROW_SIZE)
-    except OSError:
+    rows = _read_own(path, _shm.MAX_ROWS * _shm.ROW_SIZE, _shm.ROWS_OFF)
+    if rows is None:
         return False
     for r in range(len(rows) // _shm.ROW_SIZE):
         pid, start = struct.unpack_from("<I4xQ", rows, r * _shm.ROW_SIZE)
@@ -307,12 +344,8 @@ def _unused(path: str, bell: Optional[_Bell]) -> bool:
 
 def _expected_size(path: str) -> Optional[int]:
     """The file size a segment's header implies, or None if its geometry is out of range."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(40)
-    except OSError:
-        return None
-    if len(raw) < 40:
+    raw = _read_own(path, 40)
+    if raw is None or len(raw) < 40:
         return None
     slots, slot_bytes = struct.unpack_from("<I", raw, 12)[0], struct.unpack_from("<Q", raw, 24)[0]
     shm = _shm
@@ -357,10 +390,8 @@ def sweep(directory: str = "/dev/shm") -> int:
         if h in live_hashes:
             continue
         path = os.path.join(directory, n)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(shm.BELL_BYTES)
-        except OSError:
+        raw = _read_own(path, shm.BELL_BYTES)
+        if raw is None:
             continue
         users = [struct.unpack_from("<IIQ", raw, shm.B_USERS + r * shm.USER_SIZE)
                  for r in range(shm.MAX_USERS) if len(raw) >= shm.B_USERS + (r + 1) * shm.USER_SIZE]
@@ -382,6 +413,24 @@ class _PubSegment:
 
 
 _open: weakref.WeakSet[ShmTransport] = weakref.WeakSet()
+_sources: weakref.WeakSet[ShmSource] = weakref.WeakSet()
+FORKED = "an shm Bus does not survive fork(): connect again in the child"
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not act on its parent's segments: it would close them at exit (the
+    parent's readers would then stop reading them) or write into them as a second writer. Its
+    copies are put out of use without touching shared memory."""
+    for t in list(_open):
+        t._forked()
+    for src in list(_sources):
+        src._forked()
+    _open.clear()
+    _sources.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register
@@ -425,6 +474,7 @@ class ShmTransport(Transport):
         self.zero_copy = 0
         self._retired_overrun = 0
         self._retired: List[Tuple[str, _Bell]] = []     # closed segments not removed yet
+        self._fork_lost = False
         sweep(self.dir)
         _open.add(self)
 
@@ -508,10 +558,11 @@ class ShmTransport(Transport):
         since (so a reader that had not found it yet still reads it out) and none is still joined;
         until then this publisher, its readers, or the last user out removes it."""
         self._retired_overrun += ps.seg.overrun
-        gen = ps.seg.bell.add32(_shm.B_PUBGEN, 1) & GEN_MASK
+        gen = bell.map.add32(_shm.B_PUBGEN, 1) & GEN_MASK       # the bell readers use now, not the segment's
         ps.seg.st32(_shm.H_CLOSED_GEN, gen)
         ps.seg.st32(_shm.H_CLOSED, 1)
-        ps.seg.ring()
+        bell.map.add32(_shm.B_COUNTER, 1)
+        bell.map.futex_wake(_shm.B_COUNTER)
         ps.loans.clear()
         if _unused(ps.path, bell):
             _unlink(ps.path)
@@ -585,7 +636,7 @@ class ShmTransport(Transport):
         total = sum(sizes)
         with self._lock:
             if self._closed:
-                raise BackendUnavailable("shm: the transport is closed")
+                raise BackendUnavailable(FORKED if self._fork_lost else "shm: the transport is closed")
             self._collect_abandoned()
             self._maintain()
             ps = self._pubs.get(msg.topic)
@@ -607,18 +658,22 @@ class ShmTransport(Transport):
             if slot < 0:
                 self.dropped += 1
                 return
-            base = ps.seg.slot_data(slot) + off
-            for p, n in zip(parts, sizes):
-                ps.seg.write(base, p)
-                base += n
-            ps.seg.commit(slot, off, total)
+            try:
+                base = ps.seg.slot_data(slot) + off
+                for p, n in zip(parts, sizes):
+                    ps.seg.write(base, p)
+                    base += n
+                ps.seg.commit(slot, off, total)
+            except BaseException:              # an interrupt mid-copy must not leave the slot odd for good
+                ps.seg.abandon(slot)
+                raise
 
     def loan(self, topic: str, nbytes: int, deadline: float) -> Tuple[memoryview, int]:
         """A writable span of ``nbytes`` in a free slot of ``topic``, the payload of the next frame
         published from it (Bus.loan wraps it in an array), and the loan's id for ``unloan``."""
         with self._lock:
             if self._closed:
-                raise BackendUnavailable("shm: the transport is closed")
+                raise BackendUnavailable(FORKED if self._fork_lost else "shm: the transport is closed")
             self._collect_abandoned()
             ps = self._segment(topic, nbytes)
             if len(ps.loans) >= self.cfg.slots - 1:
@@ -628,10 +683,14 @@ class ShmTransport(Transport):
             if slot < 0:
                 raise BackendUnavailable(f"shm: readers hold every slot of {topic!r}; no slot to lend "
                                          "(full_policy=drop)")
-            start = ps.seg.slot_data(slot) + _shm.HDR_AREA
-            view = ps.view[start:start + nbytes]
-            self._loan_ids += 1
-            ps.loans[_shm.address(view) if nbytes else -self._loan_ids] = (slot, nbytes, self._loan_ids)
+            try:
+                start = ps.seg.slot_data(slot) + _shm.HDR_AREA
+                view = ps.view[start:start + nbytes]
+                self._loan_ids += 1
+                ps.loans[_shm.address(view) if nbytes else -self._loan_ids] = (slot, nbytes, self._loan_ids)
+            except BaseException:
+                ps.seg.abandon(slot)
+                raise
             return view, self._loan_ids
 
     def unloan(self, topic: str, loan_id: int) -> None:
@@ -653,8 +712,13 @@ class ShmTransport(Transport):
     def open(self, topic: str, group_id: Optional[str], from_beginning: bool,
              start: Optional[Start] = None) -> Source:
         if self._closed:
-            raise BackendUnavailable("shm: the transport is closed")
+            raise BackendUnavailable(FORKED if self._fork_lost else "shm: the transport is closed")
         return ShmSource(self, topic)
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = self._fork_lost = True
+        self._pubs, self._bells, self._retired, self._abandoned = {}, {}, [], []
 
     def stats(self) -> Dict[str, Any]:
         # no lock: a publish blocked on full slots (full_policy=block) holds it for up to publish_timeout_s
@@ -710,6 +774,7 @@ class ShmSource(Source):
         self.dropped = 0
         self._refused: Set[str] = set()        # segments this reader gave up on for good (malformed)
         self._full: Set[str] = set()           # segments with no free reader row, at the last look
+        _sources.add(self)
         self._done: Set[str] = set()           # segments read out and left: never joined again
         self.refused = 0                       # segments this reader could not join (every row taken, or bad)
         self._scan()
@@ -732,10 +797,9 @@ class ShmSource(Source):
             head = _read_head(path)
             if head is None or head["magic"] != shm.MAGIC:
                 continue                       # being created, or not a segment: looked at again later
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except OSError:
-                continue                       # gone meanwhile
+            fd = _open_own(path, os.O_RDWR)
+            if fd is None:
+                continue                       # gone meanwhile, or not this user's
             try:
                 size = os.fstat(fd).st_size
                 expect = _expected_size(path)
@@ -853,7 +917,9 @@ class ShmSource(Source):
                 bell = self.bell.map
                 if bell.ld32(shm.B_PUBGEN) != self._pubgen:
                     self._maintain(force=True)
-                    continue
+                    if deadline is None or time.monotonic() < deadline:
+                        continue
+                    return None
                 self._maintain()
                 left = MAINTAIN_S if deadline is None else deadline - time.monotonic()
                 if left <= 0:
@@ -878,6 +944,11 @@ class ShmSource(Source):
     def stats(self) -> Dict[str, Any]:
         return {"dropped": self.dropped, "pending_bytes": 0, "segments": len(self._segs),
                 "segments_refused": self.refused}
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = True
+        self._segs, self._order, self._held = {}, [], None
 
     def close(self) -> None:
         if self._closed:
