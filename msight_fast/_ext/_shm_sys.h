@@ -47,8 +47,8 @@ static inline void msf_pause(void) {
 }
 
 /* A copy into a slot. Large ones use non-temporal stores on x86-64: the slots rotate, so the
- * destination is never in cache, and ordinary stores first read every line they write (measured
- * here: 6.2 MB into rotating slots, 790 us with memcpy, 440-500 us streamed, as a cached memcpy).
+ * destination is never in cache, and ordinary stores first read every line they write
+ * (benchmarks/shm_costs.py: 6.2 MB into rotating slots, 684-746 us with memcpy, 359-389 us streamed).
  * The sfence orders the streamed stores before the commit that publishes them. */
 #define MSF_STREAM_MIN (256 * 1024)
 static inline void msf_copy(uint8_t* dst, const uint8_t* src, size_t n) {
