@@ -333,8 +333,12 @@ class Bus:
                 msg.fragments = fragment(parts, limit)     # one copy, straight from the parts
             self._t.send(msg, deadline)
             self._seq[topic] = seq                         # a refused frame leaves no gap behind
-        if getattr(msg, "zero_copy", False) and isinstance(obj, np.ndarray):
-            obj.flags.writeable = False                    # readers may be reading the slot it lies in
+        if getattr(msg, "zero_copy", False):
+            # readers may be reading the slot the loan lies in: it is written no more, through the
+            # array given or the one a ready Frame wraps
+            lent = obj if isinstance(obj, np.ndarray) else frame.array
+            if lent is not None:
+                lent.flags.writeable = False
         return frame
 
     def loan(self, topic: str, shape: Union[int, Tuple[int, ...]], dtype: Any = np.uint8) -> np.ndarray:

@@ -1025,3 +1025,15 @@ def test_foreign_files_in_the_directory_are_neither_trusted_nor_a_hang(rig: Rig)
             p = os.path.join(rig.dir, n)
             if not os.path.isfile(p) or os.stat(p).st_mode & 0o077:
                 os.unlink(p)
+
+
+def test_a_loan_published_inside_a_frame_turns_read_only_too(rig: Rig) -> None:
+    pub = rig.connect()
+    sub = rig.connect().subscribe(rig.topic)
+    img = pub.loan(rig.topic, SMALL)
+    pattern(SMALL, 1, out=img)
+    pub.publish(rig.topic, msight_fast.Frame.from_array(img, sensor_name="cam", meta={"k": 1}))
+    assert pub.stats()["zero_copy"] == 1 and not img.flags.writeable
+    with pytest.raises(ValueError):
+        img[0, 0, 0] = 7                               # the slot is committed: readers may hold it
+    assert [(g.seq, g.ok) for g in receive(sub, 1, timeout=10)] == [(1, True)]
