@@ -181,9 +181,23 @@ def _signal_recorder(tmp_path: Path) -> Tuple[subprocess.Popen[bytes], Path]:
             "signal.signal(signal.SIGUSR2, on)\n"
             "open(sys.argv[1], 'a').write('ready\\n')\n"
             "time.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(out)])
+    err = open(tmp_path / "stderr", "wb")            # a failing handler's traceback, for the failure message
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stderr=err)
+    err.close()
     wait_for(lambda: out.exists() and "ready" in out.read_text(), "the child to install its handlers")
     return proc, out
+
+
+def _wait_signals(proc: subprocess.Popen[bytes], out: Path, want: List[str], what: str) -> None:
+    """Wait for the child's file to read ``want``; on a timeout, say what it read instead, whether
+    the child still runs and what it printed."""
+    deadline = time.monotonic() + 30
+    while out.read_text().split() != want:
+        if time.monotonic() > deadline:
+            err = (out.parent / "stderr").read_bytes().decode(errors="replace")
+            pytest.fail(f"timed out after 30 s waiting for {what}: the file reads {out.read_text()!r}, "
+                        f"the child's exit status is {proc.poll()}, its stderr {err!r}")
+        time.sleep(0.02)                 # polling a file another process writes
 
 
 @posix_signals
@@ -195,9 +209,9 @@ def test_pause_and_resume_send_the_signals_by_name(tmp_path: Path, monkeypatch: 
         monkeypatch.setattr(signal, "SIGSTOP", signal.SIGUSR1)
         monkeypatch.setattr(signal, "SIGCONT", signal.SIGUSR2)
         b.pause()
-        wait_for(lambda: out.read_text().split() == ["ready", str(int(signal.SIGUSR1))], "SIGUSR1 for pause()")
+        _wait_signals(proc, out, ["ready", str(int(signal.SIGUSR1))], "SIGUSR1 for pause()")
         b.resume()
-        wait_for(lambda: out.read_text().split()[2:] == [str(int(signal.SIGUSR2))], "SIGUSR2 for resume()")
+        _wait_signals(proc, out, ["ready", str(int(signal.SIGUSR1)), str(int(signal.SIGUSR2))], "SIGUSR2 for resume()")
     finally:
         proc.kill()
         proc.wait(10)
