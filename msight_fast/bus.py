@@ -317,22 +317,39 @@ class Bus:
             else:
                 frame_fields.setdefault("encoding", "bytes")
                 frame = Frame.from_bytes(obj, **frame_fields)
-        with self._turn(topic) as deadline:
+        # the turn of _turn, written out: a generator context manager costs more than a small
+        # frame's whole encode
+        cfg = self.config
+        deadline = time.monotonic() + cfg.publish_timeout_s
+        lock = self._lock
+        if not lock.acquire(False) and not lock.acquire(timeout=cfg.publish_timeout_s):
+            self.publish_errors += 1
+            raise self._waited(topic)
+        try:
             seq = self._seq.get(topic, 0) + 1
             frame.seq = seq
             frame.publisher_id = self.publisher_id
             frame.publish_ts_ns = time.time_ns()
-            parts = encode_parts(frame, checksum=self.config.checksum)
+            parts = encode_parts(frame, checksum=cfg.checksum)
             nbytes = len(parts[0]) + frame.nbytes
-            if nbytes > self.config.max_frame_bytes:
+            if nbytes > cfg.max_frame_bytes:
                 raise FrameTooLarge(f"frame of {nbytes} bytes on {topic!r} exceeds max_frame_bytes "
-                                    f"{self.config.max_frame_bytes} (raise it with connect(max_frame_bytes=...))")
-            msg = Outgoing(topic, self.publisher_id, frame.frame_id, nbytes, parts=parts)
-            limit = self._t.max_message(topic)
-            if limit is not None and nbytes > limit and not self._t.FRAGMENTS_ITSELF:
+                                    f"{cfg.max_frame_bytes} (raise it with connect(max_frame_bytes=...))")
+            msg = Outgoing(topic, self.publisher_id, frame.frame_id, nbytes, parts)
+            t = self._t
+            limit = t.max_message(topic)
+            if limit is not None and nbytes > limit and not t.FRAGMENTS_ITSELF:
                 msg.fragments = fragment(parts, limit)     # one copy, straight from the parts
-            self._t.send(msg, deadline)
+            t.send(msg, deadline)
             self._seq[topic] = seq                         # a refused frame leaves no gap behind
+            self.published += 1
+        except FrameTooLarge:
+            raise
+        except MsightFastError as e:
+            self.publish_errors += 1
+            raise _scrubbed(e) from None
+        finally:
+            lock.release()
         if getattr(msg, "zero_copy", False):
             # readers may be reading the slot the loan lies in: it is written no more, through the
             # array given or the one a ready Frame wraps
@@ -392,14 +409,14 @@ class Bus:
 
     @contextlib.contextmanager
     def _turn(self, topic: str) -> Iterator[float]:
-        """This thread's turn to put a frame on the wire, waited for at most publish_timeout_s;
-        yields the deadline of the send. Counts the outcome; errors come out with secrets masked."""
+        """This thread's turn to put a message on the wire, waited for at most publish_timeout_s;
+        yields the deadline of the send. Counts the outcome; errors come out with secrets masked.
+        ``publish`` does the same inline."""
         timeout = self.config.publish_timeout_s
         deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=timeout):
             self.publish_errors += 1
-            raise BackendUnavailable(f"{self.backend}: publish on {topic!r} waited {timeout} s for the "
-                                     "publishes ahead of it (is the broker away?)")
+            raise self._waited(topic)
         try:
             yield deadline
             self.published += 1
@@ -410,6 +427,10 @@ class Bus:
             raise _scrubbed(e) from None
         finally:
             self._lock.release()
+
+    def _waited(self, topic: str) -> BackendUnavailable:
+        return BackendUnavailable(f"{self.backend}: publish on {topic!r} waited {self.config.publish_timeout_s} s "
+                                  "for the publishes ahead of it (is the broker away?)")
 
     def subscribe(self, topic: str, *, group_id: Optional[str] = None, from_beginning: bool = False,
                   start: StartLike = None) -> Subscription:

@@ -650,13 +650,17 @@ class KafkaTransport(Transport):
 
     # -- publish
     def max_message(self, topic: str) -> Optional[int]:
-        self.ensure_topic(topic)
-        return self._limits[topic]
+        limit = self._limits.get(topic)          # known: the common case, a dict lookup per frame
+        if limit is None:
+            self.ensure_topic(topic)
+            limit = self._limits[topic]
+        return limit
 
     def send(self, msg: Outgoing, deadline: float) -> None:
         if self._broken is not None:
             self._replace_producer(msg.topic)
-        self.ensure_topic(msg.topic)
+        if msg.topic not in self._limits:
+            self.ensure_topic(msg.topic)
         # all fragments of a frame share its key, hence one partition; "publisher" keeps a
         # publisher's frames in order, "frame" spreads them for a consumer group to share
         k = msg.publisher_id if self._by_publisher or not msg.frame_id else msg.frame_id
