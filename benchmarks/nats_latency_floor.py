@@ -1,10 +1,12 @@
-"""Publish-to-receipt latency of one idle 1080p frame over NATS, in one process with a
-nats-server started for each measurement:
+"""Publish-to-receipt latency of one idle 1080p frame over NATS, a frame every 30 ms, with a
+nats-server started for each measurement and the subscriber in a process of its own:
 
-- msight_fast: the default server, so the frame goes as 7 fragments;
-- bare nats-py: one 6 MB message, max_payload raised;
-- raw sockets: one 6 MB PUB written with ``sendmsg`` and read with ``recv_into`` by a thread, no
-  client library at all: the floor the server hop itself sets on this machine.
+- msight_fast: the default server, so the frame goes as 7 fragments; and through the raised
+  server below, as one message;
+- bare nats-py: one 6 MB message, max_payload raised (its publish time in the first 8 bytes, taken
+  before nats-py copies the message);
+- raw sockets: one 6 MB PUB written with ``sendmsg`` and read with ``recv_into`` by a thread of
+  the same process, no client library at all: the floor the server hop itself sets here.
 
     python benchmarks/nats_latency_floor.py [--frames 40] [--runs 3]
 
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing as mp
 import socket
 import statistics
 import threading
 import time
+from typing import Any, Callable
 
 import numpy as np
 
@@ -25,51 +29,90 @@ from msight_fast import connect
 from msight_fast.bench import start_broker
 
 
-def ours(n: int) -> list:
-    b = start_broker("nats")
+def _sub_ours(servers: list, n: int, ready: Any, out: Any) -> None:
+    """The subscriber process: the latency of every frame it gets, until ``n`` or 3 s of silence."""
+    bus = connect("nats", servers=servers)
+    sub = bus.subscribe("floor")
+    ready.set()
+    lat = []
+    while len(lat) < n:
+        f = sub.recv(3)
+        if f is None:
+            break
+        lat.append((time.time_ns() - f.publish_ts_ns) / 1e6)
+        f.release()
+    out.send(lat)
+    bus.close()
+
+
+def _sub_raw(servers: list, n: int, ready: Any, out: Any) -> None:
+    import nats
+
+    async def run() -> list:
+        nc = await nats.connect(servers)
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def cb(m: Any) -> None:
+            await q.put((time.time_ns() - int.from_bytes(m.data[:8], "little")) / 1e6)
+        await nc.subscribe("floor", cb=cb)
+        await nc.flush()
+        ready.set()
+        lat: list = []
+        try:
+            while len(lat) < n:
+                lat.append(await asyncio.wait_for(q.get(), 3))
+        except asyncio.TimeoutError:
+            pass
+        await nc.close()
+        return lat
+    out.send(asyncio.run(run()))
+
+
+def _split(n: int, raised: bool, sub_main: Callable[..., None], publish: Callable[[list], None]) -> list:
+    """Start a server and a subscriber process; ``publish(servers)`` sends ``n`` frames here."""
+    b = start_broker("nats", raw=raised)
     try:
-        pub, subbus = connect("nats", **b.options()), connect("nats", **b.options())
-        sub = subbus.subscribe("floor")
-        arr = np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
-        lat = []
-        for _ in range(n):
-            pub.publish("floor", arr)
-            f = sub.recv(10)
-            lat.append((time.time_ns() - f.publish_ts_ns) / 1e6)
-            time.sleep(0.03)
-        pub.close()
-        subbus.close()
+        ctx = mp.get_context("spawn")
+        ready, (rx, tx) = ctx.Event(), ctx.Pipe(False)
+        p = ctx.Process(target=sub_main, args=(b.options()["servers"], n, ready, tx), daemon=True)
+        p.start()
+        if not ready.wait(60):
+            raise RuntimeError("the subscriber process did not start")
+        time.sleep(0.2)                  # its SUB reaches the server (a first frame lost only shortens the run)
+        publish(b.options()["servers"])
+        lat = rx.recv() if rx.poll(60) else []
+        p.join(10)
         return lat[5:]
     finally:
         b.stop()
+
+
+def ours(n: int, raised: bool = False) -> list:
+    def publish(servers: list) -> None:
+        bus = connect("nats", servers=servers)
+        arr = np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+        for _ in range(n):
+            bus.publish("floor", arr)
+            time.sleep(0.03)
+        bus.close()
+    return _split(n, raised, _sub_ours, publish)
 
 
 def raw(n: int) -> list:
     import nats
-    b = start_broker("nats", raw=True)
 
-    async def run() -> list:
-        pub, subc = await nats.connect(b.options()["servers"]), await nats.connect(b.options()["servers"])
-        q: asyncio.Queue = asyncio.Queue()
-
-        async def cb(m) -> None:
-            await q.put(time.time_ns())
-        await subc.subscribe("floor", cb=cb)
-        await subc.flush()
-        body, lat = bytes(6_220_800), []
-        for _ in range(n):
-            t0 = time.time_ns()
-            await pub.publish("floor", body)
-            await pub.flush()
-            lat.append((await asyncio.wait_for(q.get(), 10) - t0) / 1e6)
-            await asyncio.sleep(0.03)
-        await pub.close()
-        await subc.close()
-        return lat[5:]
-    try:
-        return asyncio.run(run())
-    finally:
-        b.stop()
+    def publish(servers: list) -> None:
+        async def run() -> None:
+            nc = await nats.connect(servers)
+            body = bytearray(6_220_800)
+            for _ in range(n):
+                body[:8] = time.time_ns().to_bytes(8, "little")
+                await nc.publish("floor", bytes(body))     # nats-py takes bytes
+                await nc.flush()
+                await asyncio.sleep(0.03)
+            await nc.close()
+        asyncio.run(run())
+    return _split(n, True, _sub_raw, publish)
 
 
 def sockets(n: int) -> list:
@@ -81,6 +124,7 @@ def sockets(n: int) -> list:
             c = socket.create_connection((host, int(port)), timeout=10)
             c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c.makefile("rb").readline()                               # INFO
+            c.settimeout(None)          # blocking: sendmsg then takes the whole message
             c.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\n')
             conns.append(c)
         pub, sub = conns
@@ -103,11 +147,13 @@ def sockets(n: int) -> list:
                 while k < want:
                     k += sub.recv_into(mv[k:])
                 done.append(time.perf_counter())
-            th = threading.Thread(target=read)
+            th = threading.Thread(target=read, daemon=True)
             th.start()
             t0 = time.perf_counter()
             pub.sendmsg([b"PUB floor %d\r\n" % len(body), body, b"\r\n"])
             th.join(10)
+            if not done:
+                raise RuntimeError("raw sockets: the message did not come back within 10 s")
             lat.append((done[0] - t0) * 1e3)
             time.sleep(0.03)
         pub.close()
@@ -123,8 +169,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     a = ap.parse_args()
     n = a.frames + 5
-    contenders = (("msight_fast (fragmented, default server)", ours), ("bare nats-py (one message)", raw),
-                  ("raw sockets (one message, no client)", sockets))
+    contenders = (("msight_fast (fragmented, default server)", ours),
+                  ("msight_fast (one message, raised server)", lambda k: ours(k, True)),
+                  ("bare nats-py (one message)", raw), ("raw sockets (one message, no client)", sockets))
     p50s: dict = {name: [] for name, _ in contenders}
     for r in range(a.runs):
         for name, fn in contenders:                  # interleaved: a busy moment hits every contender

@@ -209,6 +209,22 @@ def test_crc32c_hardware_software_and_twin_agree(data, seed):
     assert _wire.crc32c(data, seed) == _wire._crc32c_software(data, seed) == _pywire.crc32c(data, seed)
 
 
+@pytest.mark.skipif(not HAS_EXTENSIONS, reason="compares the compiled core with its twin")
+@pytest.mark.parametrize("n", [767, 768, 769, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 1, 3 * 8192 + 768,
+                               2 * 3 * 8192 + 3 * 256 + 7, (1 << 20) + 13])
+def test_crc32c_three_chains_join_like_one(n):
+    """The hardware CRC runs three chains over neighbouring 8 KiB and 256-byte blocks and joins
+    them; every block boundary, start alignment and seed must give the one-chain table's CRC."""
+    from msight_fast._ext import _wire
+    buf = np.random.default_rng(n).integers(0, 256, n + 8, dtype=np.uint8).tobytes()
+    for off in range(8):
+        mv = memoryview(buf)[off:off + n]
+        for seed in (0, 0xFFFFFFFF, 0x1234ABCD):
+            assert _wire.crc32c(mv, seed) == _wire._crc32c_software(mv, seed), (n, off, seed)
+    if n < 4096:
+        assert _wire.crc32c(buf[:n]) == _pywire.crc32c(buf[:n])
+
+
 def test_crc32c_check_value(wire):
     assert wire.crc32c(b"123456789") == 0xE3069283
 
