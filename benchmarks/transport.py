@@ -192,13 +192,13 @@ def plot_profile(profile: str, seconds: float, results, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def sustained_profile(profile: str, seconds: float, backends, out: Path) -> int:
+def sustained_profile(profile: str, seconds: float, backends, out: Path, nats_max_payload: int = 0) -> int:
     """Run ``profile`` on each backend; write results/sustained_<profile>.{md,json,png}."""
     results = []
     for b in backends:
         t0 = time.monotonic()
         try:
-            r = run_profile(b, seconds, profile)
+            r = run_profile(b, seconds, profile, nats_max_payload=nats_max_payload)
         except Exception as e:  # noqa: BLE001 - one backend failing does not discard the others
             r = {"backend": b, "profile": profile, "seconds": seconds,
                  "broker_args": profile_broker_args(profile, b), "error": repr(e)}
@@ -235,11 +235,14 @@ def main() -> int:
     ap.add_argument("--profile", default="roadside", choices=list(PROFILES),
                     help="with --sustained: roadside (1080p@30, JPEG@30, lidar@10 Hz from one thread) or "
                     "intersection (4 raw 1080p cameras@15, 262k-point lidar@10, JPEG@30, a thread per sensor)")
+    ap.add_argument("--nats-max-payload", type=int, default=0,
+                    help="with --sustained and a profile: start nats-server with this max_payload (default: the "
+                    "server's 1 MB), so frames up to it go as one message instead of fragments")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.sustained and a.profile != "roadside":
-        return sustained_profile(a.profile, a.sustained, a.backends.split(","), out)
+        return sustained_profile(a.profile, a.sustained, a.backends.split(","), out, a.nats_max_payload)
     if a.sustained:
         rows = [r for b in a.backends.split(",") for r in run_sustained(b, a.sustained)]
         lines = [f"Sustained sensor load on one bus for {a.sustained:g} s", "",

@@ -61,11 +61,16 @@ def start_broker(backend: str, raw: bool = False, extra_args: Sequence[str] = ()
     if backend == "nats" and raw:
         # max_payload only, the one limit raised when the raw-client references were measured; the
         # slow-consumer bound (max_pending, 64 MB) stays the server's default for every path
-        conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
-        conf.write("max_payload: 67108864\n")
-        conf.close()
-        extra += ["-c", conf.name]
+        extra += nats_config_args(64 << 20)
     return brokers.start(backend, extra_args=extra)
+
+
+def nats_config_args(max_payload: int) -> List[str]:
+    """nats-server arguments for a config file that sets ``max_payload`` (it has no flag for it)."""
+    conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
+    conf.write(f"max_payload: {int(max_payload)}\n")
+    conf.close()
+    return ["-c", conf.name]
 
 
 # ---------------------------------------------------------------- publishers (child processes)
@@ -594,7 +599,7 @@ def _pct(ms: List[float], q: float) -> float:
 
 
 def run_profile(backend: str, seconds: float = 20.0, profile: str = "roadside",
-                load: Optional[Load] = None) -> Dict[str, Any]:
+                load: Optional[Load] = None, nats_max_payload: int = 0) -> Dict[str, Any]:
     """Publish a profile's sensor load (``PROFILES``; ``load`` overrides its sensors) for ``seconds``
     from one publisher process (a thread on the in-process ``memory`` backend) to a broker started
     for the run, and receive every topic on one Bus here.
@@ -611,12 +616,16 @@ def run_profile(backend: str, seconds: float = 20.0, profile: str = "roadside",
     load = tuple(load or PROFILES[profile])
     extra = profile_broker_args(profile, backend)
     in_process = backend == "memory"
+    reported = list(extra)
+    if backend == "nats" and nats_max_payload:
+        extra += nats_config_args(nats_max_payload)
+        reported.append(f"max_payload: {nats_max_payload} (config file)")   # the file itself is temporary
     b = None if in_process else start_broker(backend, extra_args=extra)
     try:
         opts: Dict[str, Any] = b.options() if b is not None else {"name": f"bench-{os.getpid()}-{time.time_ns()}"}
         bus = connect(backend, **opts)
         try:
-            return _run_profile(bus, b, backend, opts, seconds, profile, load, extra)
+            return _run_profile(bus, b, backend, opts, seconds, profile, load, reported)
         finally:
             bus.close()
     finally:
