@@ -51,9 +51,35 @@ static uint32_t msf_crc_sw(uint32_t crc, const uint8_t *p, size_t n) {
 #define MSF_HAVE_HW 1
 /* One chain of `crc32` instructions waits 3 cycles on each 8 bytes; three independent chains over
  * three neighbouring blocks keep the unit busy (about 3x: 7.5 -> 20 GB/s here), and the three
- * CRCs are joined by shifting each over the zero bytes of the blocks after it. This is the method
- * of Mark Adler's public crc32c.c (zlib licence): the shift is a GF(2) 32x32 matrix for a
- * power-of-two length, applied a byte at a time through four 256-entry tables. */
+ * CRCs are joined by shifting each over the zero bytes of the blocks after it: a GF(2) 32x32
+ * matrix for a power-of-two length, applied a byte at a time through four 256-entry tables.
+ *
+ * The code from here to msf_crc_hw_impl is derived from crc32c.c, version 1.1, by Mark Adler,
+ * under the zlib licence below. ALTERED: renamed, restyled, loads through memcpy, the i386 and
+ * run-time dispatch of this file, tables built only when the instruction exists.
+ *
+ *   crc32c.c -- compute CRC-32C using the Intel crc32 instruction
+ *   Copyright (C) 2013 Mark Adler
+ *
+ *   This software is provided 'as-is', without any express or implied
+ *   warranty.  In no event will the author be held liable for any damages
+ *   arising from the use of this software.
+ *
+ *   Permission is granted to anyone to use this software for any purpose,
+ *   including commercial applications, and to alter it and redistribute it
+ *   freely, subject to the following restrictions:
+ *
+ *   1. The origin of this software must not be misrepresented; you must not
+ *      claim that you wrote the original software. If you use this software
+ *      in a product, an acknowledgment in the product documentation would be
+ *      appreciated but is not required.
+ *   2. Altered source versions must be plainly marked as such, and must not be
+ *      misrepresented as being the original software.
+ *   3. This notice may not be removed or altered from any source distribution.
+ *
+ *   Mark Adler
+ *   madler@alumni.caltech.edu
+ */
 #define MSF_CRC_LONG 8192
 #define MSF_CRC_SHORT 256
 static uint32_t msf_crc_long[4][256];
@@ -102,8 +128,10 @@ static inline uint32_t msf_crc_shift(uint32_t zeros[4][256], uint32_t crc) {
 }
 
 static void msf_crc_hw_tables(void) {
+#if defined(__x86_64__)                         /* the three chains run on x86-64 only */
     msf_crc_zeros(msf_crc_long, MSF_CRC_LONG);
     msf_crc_zeros(msf_crc_short, MSF_CRC_SHORT);
+#endif
 }
 
 __attribute__((target("sse4.2")))
@@ -167,8 +195,9 @@ static void msf_crc_hw_tables(void) {}
 static void msf_crc32c_init(void) {
     if (!msf_crc_ready) {
         msf_crc_init_table();
-        msf_crc_hw = msf_detect_hw();
-        if (msf_crc_hw) msf_crc_hw_tables();
+        int hw = msf_detect_hw();
+        if (hw) msf_crc_hw_tables();       /* before the flag: no caller may see hw with empty tables */
+        msf_crc_hw = hw;
         msf_crc_ready = 1;
     }
 }
