@@ -20,19 +20,14 @@ import statistics
 import sys
 from typing import Any, Dict, List
 
-from msight_fast.bench import _proc_cpu, run_transport, start_broker
+from msight_fast.bench import run_transport, start_broker
 
 
 def _one(name: str, seconds: float) -> Dict[str, Any]:
     if name == "msight, same server as raw":
         b = start_broker("nats", raw=True)
         try:
-            cpu0 = _proc_cpu(b.proc.pid)       # run_transport measures only a broker of its own
-            res = run_transport("nats", "1080p", seconds, "msight", broker=b)
-            cpu1 = _proc_cpu(b.proc.pid)
-            if cpu0 is not None and cpu1 is not None:
-                res["broker_cpu_s"] = cpu1 - cpu0
-            return res
+            return run_transport("nats", "1080p", seconds, "msight", broker=b)
         finally:
             b.stop()
     return run_transport("nats", "1080p", seconds, "raw" if name == "raw" else "msight")

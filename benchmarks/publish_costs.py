@@ -43,10 +43,14 @@ def main() -> int:
     obj, enc, _ = make_payload(a.payload)
     body = (obj.tobytes() if isinstance(obj, np.ndarray) else obj)[8:]
     broker = start_broker("kafka")
+    buses: List[Any] = []
     try:
         from confluent_kafka import Producer
         opts: Dict[str, Any] = broker.options()
-        mem, kafka = connect("memory"), connect("kafka", **opts)
+        mem = connect("memory")
+        buses.append(mem)
+        kafka = connect("kafka", **opts)
+        buses.append(kafka)
         raw = Producer({"bootstrap.servers": ",".join(opts["servers"]), "linger.ms": 5})
         for bus in (mem, kafka):               # topics made and limits known before timing
             bus.publish("costs", obj, encoding=enc)
@@ -74,9 +78,9 @@ def main() -> int:
         print(f"{a.payload} frames, {a.frames} calls a round, {a.rounds} rounds: µs per call, median [range]")
         for name, v in out.items():
             print(f"  {name:30s} {statistics.median(v):6.2f}  [{min(v):.2f}–{max(v):.2f}]")
-        mem.close()
-        kafka.close()
     finally:
+        for bus in buses:
+            bus.close()
         broker.stop()
     return 0
 

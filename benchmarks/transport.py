@@ -239,6 +239,8 @@ def main() -> int:
                     help="with --sustained and a profile: start nats-server with this max_payload (default: the "
                     "server's 1 MB), so frames up to it go as one message instead of fragments")
     a = ap.parse_args()
+    if a.nats_max_payload and not (a.sustained and a.profile != "roadside"):
+        ap.error("--nats-max-payload applies to --sustained runs of a profile other than roadside")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.sustained and a.profile != "roadside":

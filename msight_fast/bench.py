@@ -7,6 +7,7 @@ frame, frames lost, and publish-to-receipt latency percentiles.
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import shutil
@@ -66,11 +67,20 @@ def start_broker(backend: str, raw: bool = False, extra_args: Sequence[str] = ()
 
 
 def nats_config_args(max_payload: int) -> List[str]:
-    """nats-server arguments for a config file that sets ``max_payload`` (it has no flag for it)."""
+    """nats-server arguments for a config file that sets ``max_payload`` (it has no flag for it);
+    the file goes when this process exits (a restarted broker reads it again)."""
     conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
     conf.write(f"max_payload: {int(max_payload)}\n")
     conf.close()
+    atexit.register(_unlink_quietly, conf.name)
     return ["-c", conf.name]
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------- publishers (child processes)
@@ -282,7 +292,8 @@ def run_transport(backend: str, payload: str, seconds: float = 4.0, path: str = 
     p.start()
     if not child_ready.wait(120):                 # the child has imported and connected
         raise RuntimeError(f"{backend} publisher did not start")
-    broker_cpu = _proc_cpu(b.proc.pid) if own and b is not None else None
+    # a broker passed in is measured too: whatever else it serves meanwhile is counted with it
+    broker_cpu = _proc_cpu(b.proc.pid) if b is not None else None
     sub_cpu0 = _cpu_s()
     go.set()
     p.join(seconds + 180)

@@ -181,11 +181,19 @@ def _signal_recorder(tmp_path: Path) -> Tuple[subprocess.Popen[bytes], Path]:
             "signal.signal(signal.SIGUSR2, on)\n"
             "open(sys.argv[1], 'a').write('ready\\n')\n"
             "time.sleep(120)\n")
-    err = open(tmp_path / "stderr", "wb")            # a failing handler's traceback, for the failure message
-    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stderr=err)
-    err.close()
-    wait_for(lambda: out.exists() and "ready" in out.read_text(), "the child to install its handlers")
+    with open(tmp_path / "stderr", "wb") as err:     # a failing handler's traceback, for the failure message
+        proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stderr=err)
+    try:
+        wait_for(lambda: out.exists() and "ready" in out.read_text(), "the child to install its handlers")
+    except AssertionError:
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"the signal recorder never got ready; its stderr: {_stderr(tmp_path)!r}") from None
     return proc, out
+
+
+def _stderr(tmp_path: Path) -> str:
+    return (tmp_path / "stderr").read_bytes().decode(errors="replace")
 
 
 def _wait_signals(proc: subprocess.Popen[bytes], out: Path, want: List[str], what: str) -> None:
@@ -194,9 +202,8 @@ def _wait_signals(proc: subprocess.Popen[bytes], out: Path, want: List[str], wha
     deadline = time.monotonic() + 30
     while out.read_text().split() != want:
         if time.monotonic() > deadline:
-            err = (out.parent / "stderr").read_bytes().decode(errors="replace")
             pytest.fail(f"timed out after 30 s waiting for {what}: the file reads {out.read_text()!r}, "
-                        f"the child's exit status is {proc.poll()}, its stderr {err!r}")
+                        f"the child's exit status is {proc.poll()}, its stderr {_stderr(out.parent)!r}")
         time.sleep(0.02)                 # polling a file another process writes
 
 
