@@ -6,7 +6,6 @@ table). Sequence numbers, encoding, fragmentation, locking and statistics live h
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import logging
 import threading
@@ -317,14 +316,8 @@ class Bus:
             else:
                 frame_fields.setdefault("encoding", "bytes")
                 frame = Frame.from_bytes(obj, **frame_fields)
-        # the turn of _turn, written out: a generator context manager costs more than a small
-        # frame's whole encode
         cfg = self.config
-        deadline = time.monotonic() + cfg.publish_timeout_s
-        lock = self._lock
-        if not lock.acquire(False) and not lock.acquire(timeout=cfg.publish_timeout_s):
-            self.publish_errors += 1
-            raise self._waited(topic)
+        deadline = self._take_turn(topic)
         try:
             seq = self._seq.get(topic, 0) + 1
             frame.seq = seq
@@ -343,13 +336,10 @@ class Bus:
             t.send(msg, deadline)
             self._seq[topic] = seq                         # a refused frame leaves no gap behind
             self.published += 1
-        except FrameTooLarge:
-            raise
         except MsightFastError as e:
-            self.publish_errors += 1
-            raise _scrubbed(e) from None
+            raise self._failed(e) from None
         finally:
-            lock.release()
+            self._lock.release()
         if getattr(msg, "zero_copy", False):
             # readers may be reading the slot the loan lies in: it is written no more, through the
             # array given or the one a ready Frame wraps
@@ -404,33 +394,35 @@ class Bus:
         """The caller's bytes as one message, untouched (the MSight drop-in's plain mode)."""
         if self._closed:
             raise ValueError("publish on a closed Bus")
-        with self._turn(topic) as deadline:
-            self._t.send_bytes(topic, bytes(data), deadline, key=self.publisher_id)
-
-    @contextlib.contextmanager
-    def _turn(self, topic: str) -> Iterator[float]:
-        """This thread's turn to put a message on the wire, waited for at most publish_timeout_s;
-        yields the deadline of the send. Counts the outcome; errors come out with secrets masked.
-        ``publish`` does the same inline."""
-        timeout = self.config.publish_timeout_s
-        deadline = time.monotonic() + timeout
-        if not self._lock.acquire(timeout=timeout):
-            self.publish_errors += 1
-            raise self._waited(topic)
+        deadline = self._take_turn(topic)
         try:
-            yield deadline
+            self._t.send_bytes(topic, bytes(data), deadline, key=self.publisher_id)
             self.published += 1
-        except FrameTooLarge:
-            raise
         except MsightFastError as e:
-            self.publish_errors += 1
-            raise _scrubbed(e) from None
+            raise self._failed(e) from None
         finally:
             self._lock.release()
 
-    def _waited(self, topic: str) -> BackendUnavailable:
-        return BackendUnavailable(f"{self.backend}: publish on {topic!r} waited {self.config.publish_timeout_s} s "
-                                  "for the publishes ahead of it (is the broker away?)")
+    # The turn of a send, as plain calls around a try block: a context manager per frame cost more
+    # than a small frame's whole encode.
+    def _take_turn(self, topic: str) -> float:
+        """Wait at most publish_timeout_s for this thread's turn to put a message on the wire (the
+        lock is then held: the caller releases it); returns the send's deadline."""
+        timeout = self.config.publish_timeout_s
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(False) and not self._lock.acquire(timeout=timeout):
+            self.publish_errors += 1
+            raise BackendUnavailable(f"{self.backend}: publish on {topic!r} waited {timeout} s for the "
+                                     "publishes ahead of it (is the broker away?)")
+        return deadline
+
+    def _failed(self, e: MsightFastError) -> MsightFastError:
+        """A send's error as the caller sees it: counted (a frame too large is the caller's, not a
+        failure of the bus) and with secrets masked."""
+        if isinstance(e, FrameTooLarge):
+            return e
+        self.publish_errors += 1
+        return _scrubbed(e)
 
     def subscribe(self, topic: str, *, group_id: Optional[str] = None, from_beginning: bool = False,
                   start: StartLike = None) -> Subscription:
