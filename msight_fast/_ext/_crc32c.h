@@ -134,39 +134,33 @@ static void msf_crc_hw_tables(void) {
 #endif
 }
 
+#if defined(__x86_64__)
+/* Three chains over the blocks at p, p + blk and p + 2 blk (blk a power of two, 8-aligned p),
+ * joined onto c: the CRC register after all 3 blk bytes. */
+__attribute__((target("sse4.2")))
+static inline uint64_t msf_crc_3way(uint64_t c, const uint8_t *p, size_t blk, uint32_t zeros[4][256]) {
+    uint64_t c1 = 0, c2 = 0;
+    const uint8_t *end = p + blk;
+    do {
+        uint64_t v0, v1, v2;
+        memcpy(&v0, p, 8); memcpy(&v1, p + blk, 8); memcpy(&v2, p + 2 * blk, 8);
+        c = _mm_crc32_u64(c, v0); c1 = _mm_crc32_u64(c1, v1); c2 = _mm_crc32_u64(c2, v2);
+        p += 8;
+    } while (p < end);
+    c = msf_crc_shift(zeros, (uint32_t)c) ^ (uint32_t)c1;
+    return msf_crc_shift(zeros, (uint32_t)c) ^ (uint32_t)c2;
+}
+#endif
+
 __attribute__((target("sse4.2")))
 static uint32_t msf_crc_hw_impl(uint32_t crc, const uint8_t *p, size_t n) {
     uint64_t c = (uint32_t)~crc;
     while (n && ((uintptr_t)p & 7)) { c = _mm_crc32_u8((uint32_t)c, *p++); n--; }
 #if defined(__x86_64__)
-    while (n >= 3 * MSF_CRC_LONG) {
-        uint64_t c1 = 0, c2 = 0;
-        const uint8_t *end = p + MSF_CRC_LONG;
-        do {
-            uint64_t v0, v1, v2;
-            memcpy(&v0, p, 8); memcpy(&v1, p + MSF_CRC_LONG, 8); memcpy(&v2, p + 2 * MSF_CRC_LONG, 8);
-            c = _mm_crc32_u64(c, v0); c1 = _mm_crc32_u64(c1, v1); c2 = _mm_crc32_u64(c2, v2);
-            p += 8;
-        } while (p < end);
-        c = msf_crc_shift(msf_crc_long, (uint32_t)c) ^ (uint32_t)c1;
-        c = msf_crc_shift(msf_crc_long, (uint32_t)c) ^ (uint32_t)c2;
-        p += 2 * MSF_CRC_LONG;
-        n -= 3 * MSF_CRC_LONG;
-    }
-    while (n >= 3 * MSF_CRC_SHORT) {
-        uint64_t c1 = 0, c2 = 0;
-        const uint8_t *end = p + MSF_CRC_SHORT;
-        do {
-            uint64_t v0, v1, v2;
-            memcpy(&v0, p, 8); memcpy(&v1, p + MSF_CRC_SHORT, 8); memcpy(&v2, p + 2 * MSF_CRC_SHORT, 8);
-            c = _mm_crc32_u64(c, v0); c1 = _mm_crc32_u64(c1, v1); c2 = _mm_crc32_u64(c2, v2);
-            p += 8;
-        } while (p < end);
-        c = msf_crc_shift(msf_crc_short, (uint32_t)c) ^ (uint32_t)c1;
-        c = msf_crc_shift(msf_crc_short, (uint32_t)c) ^ (uint32_t)c2;
-        p += 2 * MSF_CRC_SHORT;
-        n -= 3 * MSF_CRC_SHORT;
-    }
+    for (; n >= 3 * MSF_CRC_LONG; p += 3 * MSF_CRC_LONG, n -= 3 * MSF_CRC_LONG)
+        c = msf_crc_3way(c, p, MSF_CRC_LONG, msf_crc_long);
+    for (; n >= 3 * MSF_CRC_SHORT; p += 3 * MSF_CRC_SHORT, n -= 3 * MSF_CRC_SHORT)
+        c = msf_crc_3way(c, p, MSF_CRC_SHORT, msf_crc_short);
     while (n >= 8) { uint64_t v; memcpy(&v, p, 8); c = _mm_crc32_u64(c, v); p += 8; n -= 8; }
 #endif
     while (n--) c = _mm_crc32_u8((uint32_t)c, *p++);
