@@ -78,9 +78,8 @@ def _split(n: int, raised: bool, sub_main: Callable[..., None], publish: Callabl
         ready, (rx, tx) = ctx.Event(), ctx.Pipe(False)
         p = ctx.Process(target=sub_main, args=(b.options()["servers"], n, ready, tx), daemon=True)
         p.start()
-        if not ready.wait(60):
+        if not ready.wait(60):          # set once its SUB is flushed to the server (both clients flush)
             raise RuntimeError("the subscriber process did not start")
-        time.sleep(0.2)                  # its SUB reaches the server (a first frame lost only shortens the run)
         publish(b.options()["servers"])
         lat = rx.recv() if rx.poll(60) else []
         if len(lat) < n // 2:
