@@ -214,10 +214,14 @@ def test_fatal_idempotent_producer_is_replaced(own_broker, topic):
         stop.set()
         th.join(30)
         errors = [e for _, e in outcomes if e is not None]
-        assert errors and all(isinstance(e, MsightFastError) for e in errors), errors[:5]
+        assert all(isinstance(e, MsightFastError) for e in errors), errors[:5]
         replaced = [e for e in errors if isinstance(e, PublishError) and "new producer" in str(e)]
-        assert replaced, errors[:5]
-        print(f"MEASURE kafka fatal: {replaced[0]}", flush=True)
+        # the fatal error reaches a publish as a PublishError naming the new producer, or, when a
+        # batch of these small frames met it in the linger thread, is counted there (the frames of
+        # that batch and what the old producer held: lost); either way no librdkafka error escapes
+        assert replaced or bus.stats()["lost"] > 0, (errors[:5], bus.stats()["lost"])
+        if replaced:
+            print(f"MEASURE kafka fatal: {replaced[0]}", flush=True)
         bus.flush(30)
         # every frame accepted after the restart is in the log (the broker stays up from then on)
         # or counted lost (held by the producer that was thrown away); after the replacement, all
