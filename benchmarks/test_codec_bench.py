@@ -194,3 +194,25 @@ def test_crc32c_1mib(benchmark, how):
     benchmark.extra_info.update(contender=f"crc32c_{how}", payload="1MiB")
     fn = _wire.crc32c if how == "hardware" else _wire._crc32c_software
     assert benchmark(fn, data) == _wire._crc32c_software(data)
+
+
+def _small_frames(n=225):
+    """A Kafka batch's worth of 1 KB frames, as ``Bus.publish`` hands them over (encode_parts)."""
+    from msight_fast.codec import Frame, encode_parts
+    return [encode_parts(Frame.from_bytes(bytes([i % 256]) * 1024, sensor_name="t", encoding="bytes"))
+            for i in range(n)]
+
+
+@pytest.mark.skipif(not HAS_EXTENSIONS, reason="the compiled batch reader")
+@pytest.mark.parametrize("which", ["compiled", "twin"])
+def test_batch_frames_225x1k(benchmark, which):
+    """Splitting a 225-frame container back into frames (every rule checked), as a Kafka
+    subscriber does for each batch message: compiled against the twin."""
+    from msight_fast import codec
+    from msight_fast._ext import _wire
+    frames = _small_frames()
+    c = codec.pack_batch(frames)
+    fn = _wire.batch_frames if which == "compiled" else codec._batch_frames
+    benchmark.group = "batch frames 225 x 1 KB"
+    benchmark.extra_info.update(contender=f"batch_frames_{which}", payload="225x1k")
+    assert benchmark(fn, c) == [b"".join(p) for p in frames]

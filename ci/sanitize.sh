@@ -44,4 +44,5 @@ MSIGHT_FUZZ_CASES=100000 \
 "$py" -m pytest -q -p no:cacheprovider tests/unit/test_hostile.py tests/unit/test_fragment.py \
   tests/unit/test_golden.py tests/unit/test_codec.py tests/unit/test_hostile_regressions.py \
   tests/unit/test_differential.py tests/unit/test_mutation_corpus.py \
-  tests/unit/test_subscription_hostile.py tests/unit/test_frame_release.py tests/unit/test_shm.py -k "not frame_ids_unique" "$@"
+  tests/unit/test_subscription_hostile.py tests/unit/test_frame_release.py tests/unit/test_shm.py \
+  tests/unit/test_batch.py -k "not frame_ids_unique" "$@"

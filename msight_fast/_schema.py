@@ -19,6 +19,9 @@ from .errors import FrameError
 
 MAGIC = b"\x93MSF"            # frame
 FRAG_MAGIC = b"\x93MSP"       # fragment of a frame
+BATCH_MAGIC = b"\x93MSB"      # batch container of whole frames (docs/wire-format.md 2a)
+BATCH_HEADER_LEN = 24         # magic, major, minor, flags, count, header CRC, total; the index follows
+MAX_BATCH_COUNT = 65536       # most frames one container may hold
 VERSION_MAJOR = 1
 VERSION_MINOR = 0
 

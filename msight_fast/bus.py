@@ -82,7 +82,8 @@ class Subscription:
         inside, and frames lost meanwhile show up in ``stats()``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._rlock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+        if not self._rlock.acquire(False) and \
+                not self._rlock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             return None
         try:
             return self._recv(deadline)
@@ -100,41 +101,45 @@ class Subscription:
                     return None
                 continue
             buf, token = got
-            if buf is None:                    # a Kafka record with no value (a tombstone)
-                buf = b""
-            if self._passthrough and not _framed(buf):
-                passed = Frame.from_bytes(bytes(buf), sensor_name=self.topic, encoding="bytes")
-                self.received += 1
-                self.bytes += passed.nbytes
-                self._src.handed(passed, [] if token is None else [token])
-                return passed
-            r = self._reasm
-            skipped = r.duplicates + r.refused
-            try:
-                frag = is_fragment(buf)
-                frame = r.feed(buf)
-            except Exception as e:             # FrameError; anything else is a bug, but no message may end the stream
-                self.rejected += 1
-                if not isinstance(e, FrameError):
-                    log.error("msight_fast: a message on %r raised %r; dropped (please report this)",
-                              self.topic, e, exc_info=True)
-                elif self.rejected == 1 or self.rejected % 1000 == 0:
-                    log.warning("msight_fast: dropped a malformed message on %r (%d so far): %s", self.topic,
-                                self.rejected, e)
-                if token is not None:          # done with it: it must not hold back the offsets
-                    self._src.handed(None, [token])
-                if self._tokens:               # it may have ended a frame whose fragments are held
-                    self._check_abandoned()
-                continue
-            if token is not None and frag:
-                if frame is None and r.duplicates + r.refused != skipped:
-                    self._src.handed(None, [token])   # a copy or a straggler: no frame needs it
-                else:                          # held until the whole frame is handed over
-                    self._tokens.setdefault(frame_key(buf), []).append(token)
-            if frame is None:
-                if self._tokens:
-                    self._check_abandoned()
-                continue
+            frame: Optional[Frame]
+            if type(buf) is Frame:             # decoded by the backend, with the rest of its batch
+                frame, frag = buf, False
+            else:
+                if buf is None:                # a Kafka record with no value (a tombstone)
+                    buf = b""
+                if self._passthrough and not _framed(buf):
+                    passed = Frame.from_bytes(bytes(buf), sensor_name=self.topic, encoding="bytes")
+                    self.received += 1
+                    self.bytes += passed.nbytes
+                    self._src.handed(passed, [] if token is None else [token])
+                    return passed
+                r = self._reasm
+                skipped = r.duplicates + r.refused
+                try:
+                    frag = is_fragment(buf)
+                    frame = r.feed(buf)
+                except Exception as e:         # FrameError; anything else is a bug, but no message may end the stream
+                    self.rejected += 1
+                    if not isinstance(e, FrameError):
+                        log.error("msight_fast: a message on %r raised %r; dropped (please report this)",
+                                  self.topic, e, exc_info=True)
+                    elif self.rejected == 1 or self.rejected % 1000 == 0:
+                        log.warning("msight_fast: dropped a malformed message on %r (%d so far): %s", self.topic,
+                                    self.rejected, e)
+                    if token is not None:      # done with it: it must not hold back the offsets
+                        self._src.handed(None, [token])
+                    if self._tokens:           # it may have ended a frame whose fragments are held
+                        self._check_abandoned()
+                    continue
+                if token is not None and frag:
+                    if frame is None and r.duplicates + r.refused != skipped:
+                        self._src.handed(None, [token])   # a copy or a straggler: no frame needs it
+                    else:                      # held until the whole frame is handed over
+                        self._tokens.setdefault(frame_key(buf), []).append(token)
+                if frame is None:
+                    if self._tokens:
+                        self._check_abandoned()
+                    continue
             self.received += 1
             self.bytes += frame.nbytes
             if frame.publish_ts_ns:          # any i64 from the wire: LatencyWindow drops the absurd

@@ -40,7 +40,7 @@ _B = TypeVar("_B", bound="BufferLike")
 
 __all__ = ["Frame", "encode", "encode_parts", "decode", "crc32c", "fragment", "Reassembler",
            "is_fragment", "fragment_key", "frame_key", "HAS_EXTENSIONS", "FrameError",
-           "BATCH_MAGIC", "MAX_BATCH_COUNT", "BatchWriter", "batch_size", "batch_spans", "is_batch",
+           "BATCH_MAGIC", "MAX_BATCH_COUNT", "BatchWriter", "batch_size", "batch_spans", "batch_frames", "is_batch",
            "pack_batch", "unpack_batch"]
 
 
@@ -148,10 +148,10 @@ def fragment(frame_bytes: Union[BufferLike, Sequence[BufferLike]], max_size: int
 
 
 # -- batch containers (docs/wire-format.md, section 2a)
-BATCH_MAGIC = b"\x93MSB"
-BATCH_HEADER_LEN = 24        # magic, major, minor, flags, count, header CRC, total; the index follows
+BATCH_MAGIC = S.BATCH_MAGIC
+BATCH_HEADER_LEN = S.BATCH_HEADER_LEN
 BATCH_ALIGN = 8              # every frame starts at a multiple of 8 from the container's start
-MAX_BATCH_COUNT = 65536      # most frames one container may hold
+MAX_BATCH_COUNT = S.MAX_BATCH_COUNT
 _BATCH_HEAD = struct.Struct("<4sBBHIIQ")
 assert _BATCH_HEAD.size == BATCH_HEADER_LEN
 _PAD = tuple(b"\0" * i for i in range(BATCH_ALIGN))
@@ -250,7 +250,6 @@ class BatchWriter:
     def frames(self) -> List[bytes]:
         """The frames added, in order, without their padding."""
         return [p for p in self.pieces if len(p) >= S.FIXED_LEN]
-
     def pack(self) -> bytes:
         return _assemble(self.lengths, self.pieces, self.size)
 
@@ -309,6 +308,24 @@ def batch_spans(buf: BufferLike) -> List[Tuple[int, int]]:
     if pos != n:
         raise FrameError(f"{n - pos} bytes after the last batch frame (at offset {pos})")
     return spans
+
+
+def _batch_frames(buf: BufferLike) -> List[bytes]:
+    """The twin of the compiled ``batch_frames``: ``batch_spans``, then each frame copied."""
+    spans = batch_spans(buf)
+    if type(buf) is bytes:
+        return [buf[a:b] for a, b in spans]
+    mv = _view(buf)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")                      # batch_spans has checked that it casts
+    return [bytes(mv[a:b]) for a, b in spans]
+
+
+if TYPE_CHECKING:
+    from ._ext._wire import batch_frames
+else:
+    # the frames of a batch container, each its own bytes; FrameError as batch_spans raises it
+    batch_frames = impl.batch_frames if HAS_EXTENSIONS else _batch_frames
 
 
 def unpack_batch(buf: BufferLike) -> List[memoryview]:

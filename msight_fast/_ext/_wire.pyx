@@ -658,6 +658,66 @@ def decode(buf):
     return f
 
 
+# ---------------------------------------------------------------- batch container
+cdef bytes BATCH_MAGIC = S.BATCH_MAGIC
+cdef Py_ssize_t BATCH_HEADER_LEN = S.BATCH_HEADER_LEN
+cdef uint64_t MAX_BATCH_COUNT = S.MAX_BATCH_COUNT
+
+
+def batch_frames(buf):
+    """The frames of a batch container (docs/wire-format.md 2a), each copied into a bytes of its
+    own (a frame kept does not keep the container alive). Every rule of the container is checked
+    before anything is returned, with the twin's FrameError messages (codec.batch_spans); the
+    frames' own headers are left to ``decode``. Nothing is read outside ``buf``."""
+    cdef const uint8_t* b
+    cdef Py_ssize_t n
+    owner = _pin(buf, &b, &n)
+    if n < BATCH_HEADER_LEN:
+        raise FrameError(f"truncated batch: {n} bytes, its header needs {BATCH_HEADER_LEN} (at offset {n})")
+    if memcmp(b, <const char*>BATCH_MAGIC, 4) != 0:
+        raise FrameError(f"bad batch magic {PyBytes_FromStringAndSize(<const char*>b, 4)!r} at offset 0 "
+                         f"(expected {BATCH_MAGIC!r})")
+    if b[4] != 1:
+        raise FrameError(f"unsupported batch major version {b[4]} at offset 4 (this reader knows 1)")
+    cdef uint64_t count = msf_ld32(b + 8)
+    if count < 1 or count > MAX_BATCH_COUNT:
+        raise FrameError(f"batch count {count} at offset 8 out of range [1, {MAX_BATCH_COUNT}]")
+    cdef uint64_t index_end = BATCH_HEADER_LEN + 4 * count
+    if index_end > <uint64_t>n:
+        raise FrameError(f"batch index of {count} lengths runs past the {n}-byte message "
+                         f"(at offset {BATCH_HEADER_LEN})")
+    if msf_crc32c(msf_crc32c(0, b, 12), b + 16, index_end - 16) != msf_ld32(b + 12):
+        raise FrameError("batch header CRC32C mismatch at offset 12")
+    cdef uint64_t total = msf_ld64(b + 16)
+    if total != <uint64_t>n:
+        raise FrameError(f"batch total {total} at offset 16 differs from the message length {n}")
+    cdef uint64_t pos = (index_end + 7) & ~(<uint64_t>7), i, j, ln, end, nxt
+    if pos > <uint64_t>n:
+        raise FrameError(f"batch padding at offset {index_end} is truncated or not zero")
+    for j in range(index_end, pos):
+        if b[j]:
+            raise FrameError(f"batch padding at offset {index_end} is truncated or not zero")
+    cdef list out = []
+    for i in range(count):
+        ln = msf_ld32(b + BATCH_HEADER_LEN + 4 * i)
+        end = pos + ln
+        nxt = (end + 7) & ~(<uint64_t>7)
+        if ln < FIXED_LEN or nxt > <uint64_t>n:
+            raise FrameError(f"batch frame {i} of {ln} bytes at offset {pos} (length at offset "
+                             f"{BATCH_HEADER_LEN + 4 * i}) is shorter than a frame header or runs past the message")
+        if memcmp(b + pos, <const char*>MAGIC, 4) != 0:
+            raise FrameError(f"batch frame {i} at offset {pos} is not a frame (magic "
+                             f"{PyBytes_FromStringAndSize(<const char*>b + pos, 4)!r}): a batch holds whole frames only")
+        for j in range(end, nxt):
+            if b[j]:
+                raise FrameError(f"non-zero batch padding after frame {i}, at offset {end}")
+        out.append(PyBytes_FromStringAndSize(<const char*>b + pos, ln))
+        pos = nxt
+    if pos != <uint64_t>n:
+        raise FrameError(f"{n - pos} bytes after the last batch frame (at offset {pos})")
+    return out
+
+
 # ---------------------------------------------------------------- fragment header
 def pack_fragment_header(uint64_t frame_id, uint64_t publisher_id, uint32_t index, uint32_t count,
                          uint64_t total, uint64_t offset, uint32_t chunk_size, chunk):

@@ -100,7 +100,9 @@ class Source(abc.ABC):
     def next(self, timeout: Optional[float]) -> Optional[Tuple[Any, Token]]:
         """The next message and an opaque token (None if the backend keeps no offsets), or None
         once ``timeout`` seconds pass. Must return within the timeout plus a small slack, whatever
-        the network does; a lost connection is re-established here, not raised."""
+        the network does; a lost connection is re-established here, not raised. The message may
+        be a whole frame already decoded (a ``Frame``, no larger than ``max_frame_bytes``): a
+        backend that unpacks many frames from one broker message decodes them together."""
 
     def handed(self, frame: Any, tokens: List[Token]) -> None:
         """A frame made of the messages with these tokens was handed to the application (or

@@ -89,7 +89,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from ..codec import BATCH_MAGIC, MAX_BATCH_COUNT, BatchWriter, batch_size, batch_spans
+from ..codec import BATCH_MAGIC, MAX_BATCH_COUNT, BatchWriter, batch_frames, batch_size, batch_spans, decode
 from ..errors import (
     AuthError,
     BackendUnavailable,
@@ -1063,9 +1063,9 @@ class KafkaSource(Source):
         self._li = 0
         self._gen = self._local_gen = 0
         self._gone: Set[int] = set()
-        # the frames of the batch message being handed out (bytes: each copied out, so a frame
-        # kept does not pin its whole batch) and their shared token
-        self._bframes: List[bytes] = []
+        # the frames of the batch message being handed out (each copied out, so a frame kept does
+        # not pin its whole batch; decoded, or bytes for the Subscription to reject) and their token
+        self._bframes: List[Any] = []
         self._bi = 0
         self._btok: Optional[_BatchToken] = None
         self._bfloor: Dict[Tuple[int, int], int] = {}   # (partition, offset) of a time start's first batch -> ms
@@ -1553,7 +1553,7 @@ class KafkaSource(Source):
         """The first frame of a batch message and its token; the others follow from ``next``.
         A malformed batch goes on whole, for the Subscription to reject (and release)."""
         try:
-            spans = batch_spans(v)
+            frames = batch_frames(v)
         except FrameError as e:
             self.batch_rejected += 1
             if self.batch_rejected == 1 or self.batch_rejected % 1000 == 0:
@@ -1566,17 +1566,28 @@ class KafkaSource(Source):
                 # the batch at a time start: its frames older than the start (by their publish
                 # time, which the batch's Kafka timestamp follows) are skipped, as older messages are
                 floor_ns, skip = ms * 1_000_000, 0
-                while skip < len(spans) and int.from_bytes(v[spans[skip][0] + 80:spans[skip][0] + 88], "little",
-                                                           signed=True) < floor_ns:
+                while skip < len(frames) and int.from_bytes(frames[skip][80:88], "little", signed=True) < floor_ns:
                     skip += 1
                 if skip:
                     self._skipped_frames += skip
-                    spans = spans[skip:]
-        if not spans:
+                    frames = frames[skip:]
+        if not frames:
             with self._mutex:
                 self._handed.append((p, o, seen))   # nothing in it for the application
             return None
-        self._bframes = frames = [v[a:b] for a, b in spans]
+        # decoded here, once for the batch: the Subscription takes a Frame as it is; a frame too
+        # large for this subscriber or malformed stays bytes, for the Subscription to reject
+        limit = self.t.cfg.max_frame_bytes
+        out: List[Any] = []
+        for fb in frames:
+            if len(fb) <= limit:
+                try:
+                    out.append(decode(fb))
+                    continue
+                except FrameError:
+                    pass
+            out.append(fb)
+        self._bframes = frames = out
         self._bi = 1
         self._btok = tok = _BatchToken(p, o, seen, len(frames))
         return frames[0], tok
@@ -1605,6 +1616,13 @@ class KafkaSource(Source):
                 del self._replay_bound[p]
 
     def handed(self, frame: Any, tokens: List[Any]) -> None:
+        if len(tokens) == 1 and type(tokens[0]) is _BatchToken:
+            b = tokens[0]                      # a batch's frame, the common case: a count
+            b.left -= 1
+            if not b.left:
+                with self._mutex:
+                    self._handed.append((b.p, b.o, b.run))
+            return
         done = []
         for t in tokens:
             if type(t) is _BatchToken:

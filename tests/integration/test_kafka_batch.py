@@ -289,23 +289,27 @@ def test_a_consumer_killed_mid_batch_leaves_its_batch_to_the_group(kafka: Any, t
 
 def test_malformed_batches_are_rejected_and_release_their_offsets(kafka: Any, topic: str) -> None:
     frames = [encode(Frame.from_bytes(b"frame %d" % i, sensor_name="raw", encoding="bytes", frame_id=i + 1))
-              for i in range(6)]
+              for i in range(8)]
     good = pack_batch([[f] for f in frames[:3]])
+    broken = bytearray(frames[7])
+    broken[50] ^= 1                              # its seq: the frame's header CRC no longer holds
+    # a sound container with one bad frame: the frames around it are delivered, it is rejected
+    holed = forged_batch([frames[6], bytes(broken), frames[7]])
     bad_crc = bytearray(good)
     bad_crc[12] ^= 1
     frag = fragment(encode(Frame.from_bytes(b"z" * 3000, sensor_name="raw", encoding="bytes")), 1000)[0]
     nested = forged_batch([frames[0], frag])     # a fragment inside a batch, with a right CRC
     p = Producer({"bootstrap.servers": ",".join(kafka.options["servers"])})
     kafka().subscribe(topic).close()             # the topic, with the library's partitions
-    for value in (good, bytes(bad_crc), nested, pack_batch([[f] for f in frames[3:]])):
+    for value in (good, bytes(bad_crc), nested, pack_batch([[f] for f in frames[3:6]]), holed):
         p.produce(topic, value=value, key=b"k")
     assert p.flush(30) == 0
     group = f"g_{uuid.uuid4().hex[:8]}"
     sub = kafka().subscribe(topic, group_id=group, from_beginning=True)
-    got = collect(sub, 6, timeout=60)
-    assert [bytes(f.data) for f in got] == [b"frame %d" % i for i in range(6)]
+    got = collect(sub, 8, timeout=60)
+    assert [bytes(f.data) for f in got] == [b"frame %d" % i for i in range(8)]
     assert sub.recv(timeout=2) is None
-    assert sub.stats()["rejected"] == 2 and sub._src.batch_rejected == 2    # type: ignore[attr-defined]
+    assert sub.stats()["rejected"] == 3 and sub._src.batch_rejected == 2    # type: ignore[attr-defined]
     sub.ack()
     sub.close()
     again = kafka().subscribe(topic, group_id=group, from_beginning=True)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import msight_fast
-from msight_fast import FrameError, _pywire
+from msight_fast import FrameError, _pywire, codec
 from msight_fast import _schema as S
 from msight_fast.codec import (
     BATCH_MAGIC,
@@ -29,6 +29,11 @@ from msight_fast.codec import (
     unpack_batch,
 )
 from msight_fast.errors import ConfigError
+
+try:
+    from msight_fast._ext import _wire
+except ImportError:                               # the twin alone: it is still checked against batch_spans
+    _wire = None  # type: ignore[assignment]
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
@@ -52,6 +57,22 @@ def reseal(buf: bytearray) -> bytes:
 
 def frames_back(buf: bytes) -> List[bytes]:
     return [bytes(v) for v in unpack_batch(buf)]
+
+
+def _agree(buf: Any) -> None:
+    """batch_frames, compiled and twin, give unpack_batch's frames, or FrameError with its message."""
+    try:
+        want: Any = [bytes(v) for v in unpack_batch(buf)]
+    except FrameError as e:
+        want = str(e)
+    impls = [codec._batch_frames] + ([_wire.batch_frames] if _wire is not None else [])
+    for fn in impls:
+        try:
+            got: Any = fn(buf)
+            assert all(type(f) is bytes for f in got)
+        except FrameError as e:
+            got = str(e)
+        assert got == want, fn
 
 
 # -- round trips
@@ -167,9 +188,11 @@ def test_every_truncation_and_extension_is_rejected() -> None:
     for n in range(len(GOOD)):
         with pytest.raises(FrameError):
             batch_spans(GOOD[:n])
+        _agree(GOOD[:n])
     for extra in (b"\0", b"\0" * 8, b"x" * 8):
         with pytest.raises(FrameError):
             batch_spans(GOOD + extra)
+        _agree(GOOD + extra)
 
 
 def test_every_single_byte_change_of_the_header_and_index_is_rejected() -> None:
@@ -220,6 +243,7 @@ def _forge(**fields: int) -> bytes:
 def test_forged_counts_lengths_and_totals_are_rejected(fields: dict, what: Any) -> None:
     with pytest.raises(FrameError, match=what):
         batch_spans(_forge(**fields))
+    _agree(_forge(**fields))
 
 
 def test_a_length_that_takes_in_its_padding_leaves_the_frame_to_decode() -> None:
@@ -241,6 +265,7 @@ def test_a_fragment_or_a_batch_inside_a_batch_is_refused() -> None:
         struct.pack_into("<Q", buf, 16, len(buf))
         with pytest.raises(FrameError, match="whole frames only"):
             batch_spans(reseal(buf))
+        _agree(reseal(buf))
 
 
 def test_non_zero_padding_is_rejected() -> None:
@@ -251,21 +276,26 @@ def test_non_zero_padding_is_rejected() -> None:
     bad[end0] = 1
     with pytest.raises(FrameError, match="padding"):
         batch_spans(bytes(bad))
+    _agree(bytes(bad))
     bad = bytearray(GOOD)
     bad[36] = 1                                      # between the index (ends at 36) and frame 0 (at 40)
     with pytest.raises(FrameError, match="padding"):
         batch_spans(bytes(bad))
+    _agree(bytes(bad))
 
 
 def test_a_non_byte_buffer_is_read_as_its_bytes() -> None:
     import numpy as np
     arr = np.frombuffer(GOOD, dtype="<u8")
     assert batch_spans(arr) == batch_spans(GOOD)
+    _agree(arr)
+    _agree(memoryview(bytearray(GOOD)))
     assert [bytes(v) for v in unpack_batch(memoryview(bytearray(GOOD)))] == frames_back(GOOD)
 
 
 def _outcome(buf: bytes) -> None:
     """The only outcomes: FrameError for the container, or frames each decoding or failing alone."""
+    _agree(buf)
     try:
         views = unpack_batch(buf)
     except FrameError:

@@ -2,6 +2,7 @@
 exactly until its frame is handed over or given up, never forever, and never released with
 another frame; and no message, whatever its bytes, ends the stream."""
 import struct
+import time
 
 import numpy as np
 
@@ -127,3 +128,23 @@ def test_frame_key_and_fragment_key_read_the_header():
     assert codec.fragment_key(frags[1]) == (pub, fid) == (0xABCDEF, f.frame_id)
     assert codec.frame_key(frags[1]) == (pub, fid, count, total, chunk_size)
     assert struct.unpack_from("<I", frags[1], 28)[0] == count and len(frags[1]) >= S.FRAG_HEADER_LEN
+
+
+def test_a_frame_the_backend_decoded_is_counted_and_its_token_released_like_bytes():
+    # a batch's frames come from the backend decoded; they must be accounted as the same bytes would be
+    def stamped(seq):
+        f = codec.decode(_good(seq))
+        f.publish_ts_ns = time.time_ns()
+        return encode(f)
+    msgs = [stamped(1), stamped(3), stamped(3)]
+    sub_b, src_b = _sub([(m, i + 1) for i, m in enumerate(msgs)])
+    sub_f, src_f = _sub([(codec.decode(m), i + 1) for i, m in enumerate(msgs)])
+    got_b, got_f = _drain(sub_b), _drain(sub_f)
+    assert [(g.seq, g.sensor_name) for g in got_f] == [(g.seq, g.sensor_name) for g in got_b] == \
+        [(1, "good"), (3, "good"), (3, "good")]
+    assert src_f.released() == src_b.released() == [1, 2, 3]
+    keys = ("received", "bytes", "gaps", "duplicates", "publishers", "rejected")
+    want = {k: sub_b.stats()[k] for k in keys}
+    assert {k: sub_f.stats()[k] for k in keys} == want
+    assert want["gaps"] == 1 and want["duplicates"] == 1 and want["received"] == 3
+    assert sub_f.stats()["latency_p50_ns"] is not None and sub_b.stats()["latency_p50_ns"] is not None
