@@ -203,6 +203,26 @@ def _small_frames(n=225):
             for i in range(n)]
 
 
+@pytest.mark.skipif(not HAS_EXTENSIONS, reason="the compiled batch writer")
+@pytest.mark.parametrize("which", ["compiled", "twin"])
+def test_batch_pack_225x1k(benchmark, which):
+    """Adding 225 small frames to a batch and packing the container, as a Kafka publisher does
+    for each batch: the compiled writer against the twin (the code that ran before it)."""
+    from msight_fast import codec
+    from msight_fast._ext import _wire
+    writer = _wire.BatchWriter if which == "compiled" else codec._BatchWriter
+    frames = _small_frames()
+
+    def fill():
+        w = writer()
+        for parts in frames:
+            w.add(parts)
+        return w.pack()
+    benchmark.group = "batch pack 225 x 1 KB"
+    benchmark.extra_info.update(contender=f"batch_pack_{which}", payload="225x1k")
+    assert codec.batch_frames(benchmark(fill)) == [b"".join(p) for p in frames]
+
+
 @pytest.mark.skipif(not HAS_EXTENSIONS, reason="the compiled batch reader")
 @pytest.mark.parametrize("which", ["compiled", "twin"])
 def test_batch_frames_225x1k(benchmark, which):

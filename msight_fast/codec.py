@@ -207,11 +207,12 @@ def pack_batch(frames: Sequence[Sequence[BufferLike]]) -> bytes:
     return _assemble(lengths, pieces, batch_size(lengths))
 
 
-class BatchWriter:
-    """Frames gathered for one batch container. Each frame is copied when added (unless it is
-    ``bytes`` already), so the caller's buffers are free again once ``add`` returns; ``pack``
-    copies them once more, into the container. ``count`` and ``size`` (the length of the
-    container ``pack`` would make now) are plain attributes: a producer reads them per frame."""
+class _BatchWriter:
+    """Frames gathered for one batch container (the twin of the compiled ``BatchWriter``). Each
+    frame is copied when added (unless it is ``bytes`` already), so the caller's buffers are free
+    again once ``add`` returns; ``pack`` copies them once more, into the container. ``count`` and
+    ``size`` (the length of the container ``pack`` would make now) are plain attributes: a
+    producer reads them per frame."""
 
     __slots__ = ("pieces", "lengths", "body", "count", "size")
 
@@ -250,8 +251,22 @@ class BatchWriter:
     def frames(self) -> List[bytes]:
         """The frames added, in order, without their padding."""
         return [p for p in self.pieces if len(p) >= S.FIXED_LEN]
+
+    def first(self) -> bytes:
+        """The first frame added (a batch of one goes out as that frame alone)."""
+        if not self.count:
+            raise ValueError("an empty batch has no first frame")
+        return self.pieces[0]
+
     def pack(self) -> bytes:
         return _assemble(self.lengths, self.pieces, self.size)
+
+
+if TYPE_CHECKING:
+    from ._ext._wire import BatchWriter
+else:
+    # compiled: each frame copied into one growing buffer, no Python work per frame beyond the call
+    BatchWriter = impl.BatchWriter if HAS_EXTENSIONS else _BatchWriter
 
 
 def batch_spans(buf: BufferLike) -> List[Tuple[int, int]]:

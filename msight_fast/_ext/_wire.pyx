@@ -33,6 +33,7 @@ cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
@@ -716,6 +717,120 @@ def batch_frames(buf):
     if pos != <uint64_t>n:
         raise FrameError(f"{n - pos} bytes after the last batch frame (at offset {pos})")
     return out
+
+
+cdef class BatchWriter:
+    """Frames gathered for one batch container, the compiled twin of ``codec._BatchWriter``. Each
+    frame is copied when added, so the caller's buffers are free again once ``add`` returns;
+    ``pack`` copies them once more, into the container. ``count`` and ``size`` (the length of the
+    container ``pack`` would make now) are plain attributes: a producer reads them per frame."""
+
+    cdef uint8_t* _buf            # the frames, each followed by its padding to a multiple of 8
+    cdef Py_ssize_t _cap
+    cdef uint32_t* _lens
+    cdef Py_ssize_t _lcap
+    cdef public Py_ssize_t body   # bytes of the frames and their padding
+    cdef public Py_ssize_t count
+    cdef public Py_ssize_t size
+
+    def __cinit__(self):
+        self._buf = NULL
+        self._lens = NULL
+        self._cap = self._lcap = 0
+        self.body = self.count = 0
+        self.size = (BATCH_HEADER_LEN + 7) & ~7
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+        PyMem_Free(self._lens)
+
+    cdef int _room(self, Py_ssize_t need) except -1:
+        cdef Py_ssize_t cap
+        cdef uint8_t* p
+        if need > self._cap:
+            cap = max(need, 2 * self._cap, 4096)
+            p = <uint8_t*>PyMem_Realloc(self._buf, cap)
+            if p == NULL:
+                raise MemoryError()
+            self._buf, self._cap = p, cap
+        return 0
+
+    def size_with(self, Py_ssize_t nbytes):
+        """The container's length with one more frame of ``nbytes``."""
+        return ((BATCH_HEADER_LEN + 11 + 4 * self.count) & ~7) + self.body + ((nbytes + 7) & ~7)
+
+    def add(self, parts):
+        """Add one encoded frame (its ``encode_parts`` list, or its bytes as a one-item list);
+        returns the container's new ``size``."""
+        if self.count >= <Py_ssize_t>MAX_BATCH_COUNT:
+            raise ValueError(f"a batch holds at most {MAX_BATCH_COUNT} frames")
+        cdef Py_ssize_t start = self.body, n = 0, pad
+        cdef Py_buffer v
+        cdef uint32_t* lens
+        for part in parts:
+            PyObject_GetBuffer(part, &v, PyBUF_SIMPLE)
+            try:
+                self._room(start + n + v.len + 8)
+                memcpy(self._buf + start + n, v.buf, v.len)
+                n += v.len
+            finally:
+                PyBuffer_Release(&v)
+        if n < FIXED_LEN or memcmp(self._buf + start, <const char*>MAGIC, 4) != 0:
+            raise ValueError("not an encoded frame (a batch holds whole frames only)")
+        if n > 0xFFFFFFFF:
+            raise ValueError(f"a frame of {n} bytes does not fit a batch's 32-bit length")
+        if self.count == self._lcap:
+            lens = <uint32_t*>PyMem_Realloc(self._lens, sizeof(uint32_t) * max(64, 2 * self._lcap))
+            if lens == NULL:
+                raise MemoryError()
+            self._lens, self._lcap = lens, max(64, 2 * self._lcap)
+        pad = -n & 7
+        memset(self._buf + start + n, 0, pad)            # _room left 8 bytes for it
+        self._lens[self.count] = <uint32_t>n
+        self.body = start + n + pad
+        self.count += 1
+        self.size = ((BATCH_HEADER_LEN + 7 + 4 * self.count) & ~7) + self.body
+        return self.size
+
+    @property
+    def lengths(self):
+        """The lengths of the frames added, in order."""
+        return [self._lens[i] for i in range(self.count)]
+
+    def frames(self):
+        """The frames added, in order, without their padding."""
+        cdef list out = []
+        cdef Py_ssize_t pos = 0, i
+        for i in range(self.count):
+            out.append(PyBytes_FromStringAndSize(<const char*>self._buf + pos, self._lens[i]))
+            pos += (self._lens[i] + 7) & ~7
+        return out
+
+    def first(self):
+        """The first frame added (a batch of one goes out as that frame alone)."""
+        if not self.count:
+            raise ValueError("an empty batch has no first frame")
+        return PyBytes_FromStringAndSize(<const char*>self._buf, self._lens[0])
+
+    def pack(self):
+        """The container (docs/wire-format.md 2a): header, index, padding, the frames; one copy."""
+        if not self.count:
+            raise ValueError(f"a batch holds 1 to {MAX_BATCH_COUNT} frames, not 0")
+        cdef Py_ssize_t index_end = BATCH_HEADER_LEN + 4 * self.count, pos = (index_end + 7) & ~7, i
+        out = PyBytes_FromStringAndSize(NULL, self.size)
+        cdef uint8_t* o = <uint8_t*>PyBytes_AS_STRING(out)
+        memcpy(o, <const char*>BATCH_MAGIC, 4)
+        o[4] = 1
+        o[5] = 0
+        msf_st16(o + 6, 0)
+        msf_st32(o + 8, <uint32_t>self.count)
+        msf_st64(o + 16, <uint64_t>self.size)
+        for i in range(self.count):
+            msf_st32(o + BATCH_HEADER_LEN + 4 * i, self._lens[i])
+        memset(o + index_end, 0, pos - index_end)
+        msf_st32(o + 12, msf_crc32c(msf_crc32c(0, o, 12), o + 16, index_end - 16))
+        memcpy(o + pos, self._buf, self.body)
+        return out
 
 
 # ---------------------------------------------------------------- fragment header

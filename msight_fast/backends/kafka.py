@@ -751,7 +751,7 @@ class KafkaTransport(Transport):
         no room by ``deadline``, ``b`` stays pending; PublishError: ``b`` is dropped, its frames
         counted as lost."""
         topic = b.topic
-        value = b.pieces[0] if b.count == 1 else b.pack()
+        value = b.first() if b.count == 1 else b.pack()
         try:
             self._produce(topic, [value], b.key, deadline, b.part)
         except PublishError as e:

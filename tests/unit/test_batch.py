@@ -59,6 +59,15 @@ def frames_back(buf: bytes) -> List[bytes]:
     return [bytes(v) for v in unpack_batch(buf)]
 
 
+WRITERS = [codec._BatchWriter] + ([_wire.BatchWriter] if _wire is not None else [])
+
+
+@pytest.fixture(params=WRITERS, ids=lambda w: "compiled" if w is not codec._BatchWriter else "twin")
+def Writer(request: Any) -> Any:  # noqa: N802 - it stands for a class
+    """Each BatchWriter: the twin, and the compiled one (codec.BatchWriter) where it is built."""
+    return request.param
+
+
 def _agree(buf: Any) -> None:
     """batch_frames, compiled and twin, give unpack_batch's frames, or FrameError with its message."""
     try:
@@ -92,11 +101,11 @@ def test_round_trip_keeps_every_frame_and_its_alignment(sizes: List[int]) -> Non
         assert bytes(got.data) == bytes(decode(f).data) and got.frame_id == decode(f).frame_id
 
 
-def test_a_writer_makes_what_pack_batch_makes_and_frees_the_callers_buffers() -> None:
+def test_a_writer_makes_what_pack_batch_makes_and_frees_the_callers_buffers(Writer: Any) -> None:  # noqa: N803
     payload = bytearray(b"a" * 300)
     f = Frame.from_bytes(payload, sensor_name="cam", encoding="bytes")
     parts = msight_fast.codec.encode_parts(f)
-    w = BatchWriter()
+    w = Writer()
     predicted = w.size_with(sum(len(memoryview(p)) for p in parts))
     assert w.add(parts) == predicted == w.size
     payload[:] = b"b" * 300                                    # the frame was copied when added
@@ -107,7 +116,41 @@ def test_a_writer_makes_what_pack_batch_makes_and_frees_the_callers_buffers() ->
     first, second = frames_back(c)
     assert bytes(decode(first).data) == b"a" * 300 and second == more
     assert c == pack_batch([[first], [more]])
-    assert w.frames() == [first, more]
+    assert w.frames() == [first, more] and w.first() == first
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 700), st.booleans()), min_size=1, max_size=40))
+def test_the_compiled_writer_packs_what_the_twin_packs(items: List[Any]) -> None:
+    """Any frames, given whole or as encode_parts lists: the same container, bit for bit, and
+    the same sizes along the way; the container splits back into exactly those frames."""
+    writers = [w() for w in WRITERS]
+    want: List[bytes] = []
+    for n, as_parts in items:
+        f = Frame.from_bytes(bytes([n % 251]) * n, sensor_name="s", encoding="bytes", frame_id=n + 1)
+        parts = msight_fast.codec.encode_parts(f) if as_parts else [encode(f)]
+        want.append(encode(f))
+        sizes = {(w.size_with(len(want[-1])), w.add(parts), w.size, w.count, w.body) for w in writers}
+        assert len(sizes) == 1
+    packs = {w.pack() for w in writers}
+    assert len(packs) == 1
+    c = packs.pop()
+    assert len(c) == batch_size([len(x) for x in want])
+    assert frames_back(c) == want and codec.batch_frames(c) == want
+    for w in writers:
+        assert w.frames() == want and w.first() == want[0] and w.lengths == [len(x) for x in want]
+
+
+def test_an_empty_writer_has_nothing_to_pack(Writer: Any) -> None:  # noqa: N803
+    w = Writer()
+    assert w.count == 0 and w.size == 24 and w.frames() == [] and w.lengths == []
+    with pytest.raises(ValueError):
+        w.pack()
+    with pytest.raises(ValueError):
+        w.first()
+    with pytest.raises(ValueError):
+        w.add([b"\x93MSF" + bytes(10)])                 # refused: the writer stays empty
+    assert w.count == 0 and w.size == 24 and w.body == 0
 
 
 def test_a_frame_of_any_length_is_padded_to_eight() -> None:
@@ -118,13 +161,13 @@ def test_a_frame_of_any_length_is_padded_to_eight() -> None:
         assert set(c[b0:a1]) <= {0}
 
 
-def test_a_batch_that_reaches_its_byte_bound_exactly() -> None:
+def test_a_batch_that_reaches_its_byte_bound_exactly(Writer: Any) -> None:  # noqa: N803
     """What the producer does with batch_max_bytes: frames join while they fit; the one that
     fills the bound exactly is taken, and then no frame fits any more."""
     frames = [frame_of(1024, i) for i in range(4)]
     bound = batch_size([1024] * 4)                             # 40 + 4 x 1024
     assert bound == 4136
-    w = BatchWriter()
+    w = Writer()
     for f in frames:
         assert w.size_with(len(f)) <= bound
         w.add([f])
@@ -133,9 +176,9 @@ def test_a_batch_that_reaches_its_byte_bound_exactly() -> None:
     assert frames_back(w.pack()) == frames
 
 
-def test_the_count_bound() -> None:
+def test_the_count_bound(Writer: Any) -> None:  # noqa: N803
     f = frame_of(128)
-    w = BatchWriter()
+    w = Writer()
     for _ in range(MAX_BATCH_COUNT):
         w.add([f])
     with pytest.raises(ValueError):
@@ -161,8 +204,9 @@ def test_only_whole_frames_go_into_a_batch() -> None:
     for bad in (frag, inner, b"\x93MSF" + bytes(10), b"not a frame at all, but long enough" * 4):
         with pytest.raises(ValueError):
             pack_batch([[bad]])
-        with pytest.raises(ValueError):
-            BatchWriter().add([bad])
+        for writer in WRITERS:
+            with pytest.raises(ValueError):
+                writer().add([bad])
 
 
 # -- the golden vector
@@ -365,3 +409,8 @@ def test_a_batch_a_backend_could_not_split_is_rejected_not_passed_on_as_bytes() 
         assert sub.stats()["rejected"] == 1
     finally:
         bus.close()
+
+
+def test_the_codec_uses_the_compiled_writer_where_it_is_built() -> None:
+    want = _wire.BatchWriter if (_wire is not None and msight_fast.codec.HAS_EXTENSIONS) else codec._BatchWriter
+    assert BatchWriter is want
