@@ -232,6 +232,8 @@ class _BatchWriter:
         returns the container's new ``size``."""
         if self.count >= MAX_BATCH_COUNT:
             raise ValueError(f"a batch holds at most {MAX_BATCH_COUNT} frames")
+        if not parts:
+            raise ValueError("not an encoded frame (a batch holds whole frames only)")
         first = parts[0]
         # an ndarray part is a buffer; numpy's stubs say so only from Python 3.12 on
         data = first if len(parts) == 1 and type(first) is bytes else b"".join(parts)  # type: ignore[arg-type]
@@ -278,6 +280,8 @@ def batch_spans(buf: BufferLike) -> List[Tuple[int, int]]:
         n = len(buf)
     else:
         chk = _view(buf)
+        if not chk.c_contiguous:               # the compiled batch_frames' check and message
+            raise FrameError("the buffer is not C-contiguous")
         if chk.ndim != 1 or chk.itemsize != 1:
             try:
                 chk = chk.cast("B")

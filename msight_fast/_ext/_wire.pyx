@@ -729,9 +729,10 @@ cdef class BatchWriter:
     cdef Py_ssize_t _cap
     cdef uint32_t* _lens
     cdef Py_ssize_t _lcap
-    cdef public Py_ssize_t body   # bytes of the frames and their padding
-    cdef public Py_ssize_t count
-    cdef public Py_ssize_t size
+    # read-only from Python: pack, frames and first trust them to describe the buffers
+    cdef readonly Py_ssize_t body   # bytes of the frames and their padding
+    cdef readonly Py_ssize_t count
+    cdef readonly Py_ssize_t size
 
     def __cinit__(self):
         self._buf = NULL
@@ -755,9 +756,10 @@ cdef class BatchWriter:
             self._buf, self._cap = p, cap
         return 0
 
-    def size_with(self, Py_ssize_t nbytes):
+    def size_with(self, nbytes):
         """The container's length with one more frame of ``nbytes``."""
-        return ((BATCH_HEADER_LEN + 11 + 4 * self.count) & ~7) + self.body + ((nbytes + 7) & ~7)
+        # nbytes a Python int: no overflow, whatever the caller passes (as in the twin)
+        return ((BATCH_HEADER_LEN + 11 + 4 * self.count) & ~7) + self.body + ((nbytes + 7) & -8)
 
     def add(self, parts):
         """Add one encoded frame (its ``encode_parts`` list, or its bytes as a one-item list);

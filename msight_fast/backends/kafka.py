@@ -1584,8 +1584,8 @@ class KafkaSource(Source):
                 try:
                     out.append(decode(fb))
                     continue
-                except FrameError:
-                    pass
+                except Exception:  # noqa: BLE001 - FrameError, or a bug: left to the Subscription,
+                    pass               # which rejects it (logging a bug as such) and releases its token
             out.append(fb)
         self._bframes = frames = out
         self._bi = 1

@@ -150,7 +150,35 @@ def test_an_empty_writer_has_nothing_to_pack(Writer: Any) -> None:  # noqa: N803
         w.first()
     with pytest.raises(ValueError):
         w.add([b"\x93MSF" + bytes(10)])                 # refused: the writer stays empty
+    with pytest.raises(ValueError):
+        w.add([])
     assert w.count == 0 and w.size == 24 and w.body == 0
+
+
+def test_a_refused_frame_leaves_a_filled_writer_as_it_was(Writer: Any) -> None:  # noqa: N803
+    """Refused after its bytes were copied in (long enough, wrong magic), over frames already added."""
+    w = Writer()
+    for n in (130, 300):
+        w.add([frame_of(n, n)])
+    before = (w.pack(), w.count, w.size, w.body, w.frames())
+    bad = frame_of(200, 1)
+    for parts in ([b"XXXX" + bad[4:]], [b"XXXX", bad[4:]], [bad[:100], bad[100:], "not a buffer"]):
+        with pytest.raises((ValueError, TypeError)):
+            w.add(parts)
+        assert (w.pack(), w.count, w.size, w.body, w.frames()) == before
+    w.add([bad])
+    assert w.frames() == before[4] + [bad]
+
+
+@pytest.mark.skipif(_wire is None, reason="the compiled writer")
+def test_the_compiled_writers_sizes_cannot_be_forged() -> None:
+    """pack trusts count, size and body: Python may read them, never write them."""
+    w = _wire.BatchWriter()
+    w.add([frame_of(130)])
+    for name in ("count", "size", "body"):
+        with pytest.raises(AttributeError):
+            setattr(w, name, 30)
+    assert len(w.pack()) == w.size
 
 
 def test_a_frame_of_any_length_is_padded_to_eight() -> None:
@@ -334,6 +362,12 @@ def test_a_non_byte_buffer_is_read_as_its_bytes() -> None:
     assert batch_spans(arr) == batch_spans(GOOD)
     _agree(arr)
     _agree(memoryview(bytearray(GOOD)))
+    # not C-contiguous: one FrameError, the same from both, whatever the shape
+    _agree(memoryview(GOOD + GOOD)[::2])
+    _agree(memoryview(GOOD[:20])[::2])
+    _agree(np.asfortranarray(np.frombuffer(GOOD, dtype=np.uint8).reshape(-1, 8)))
+    with pytest.raises(FrameError, match="C-contiguous"):
+        batch_spans(memoryview(GOOD + GOOD)[::2])
     assert [bytes(v) for v in unpack_batch(memoryview(bytearray(GOOD)))] == frames_back(GOOD)
 
 
