@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union, cast, overload
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union, cast, overload
 
 import numpy as np
 
@@ -98,6 +98,45 @@ def _frame_ids(frame_bytes: memoryview) -> Tuple[int, int]:
     return (S.new_frame_id(), 0)
 
 
+def fragment_views(frame_bytes: Sequence[BufferLike], max_size: int) -> Tuple[int, Iterator[List[Any]]]:
+    """The fragments of an encoded frame of more than ``max_size`` bytes (given as the parts
+    ``encode_parts`` returned) without copying it: their count, and an iterator that makes each
+    in turn (its CRC is computed then, so the first can go before the last is ready) as a list
+    of its 64-byte header (``bytes``) and views of the parts that make its chunk, to be written
+    back to back. The views pin the parts, which must not change until the fragments are
+    written. Raises FrameError at once where ``max_size`` cannot carry the frame (see ``fragment``)."""
+    parts = [_view(p).cast("B") for p in frame_bytes]
+    total = sum(len(p) for p in parts)
+    chunk = max_size - S.FRAG_HEADER_LEN
+    if chunk < 1:
+        raise ValueError(f"max_size {max_size} leaves no room after the {S.FRAG_HEADER_LEN}-byte fragment header")
+    chunk = min(chunk, 0xFFFFFFFF)
+    count = -(-total // chunk)
+    if count > S.MAX_FRAGMENT_COUNT:
+        # receivers reject more (their per-frame map of received chunks is bounded by it)
+        least = -(-total // S.MAX_FRAGMENT_COUNT) + S.FRAG_HEADER_LEN
+        raise FrameError(f"a frame of {total} bytes would need {count} fragments of at most {max_size} bytes, "
+                         f"over the {S.MAX_FRAGMENT_COUNT} allowed; max_size must be at least {least}")
+    frame_id, pub_id = _frame_ids(parts[0] if len(parts[0]) >= S.FIXED_LEN else memoryview(b"".join(parts)))
+
+    def each() -> Iterator[List[Any]]:
+        k, pos = 0, 0                   # current part, position in it
+        for i in range(count):
+            want = min(chunk, total - i * chunk)
+            pieces: List[Any] = []
+            while want:
+                p = parts[k]
+                take = min(want, len(p) - pos)
+                if take:
+                    pieces.append(p[pos:pos + take])
+                pos += take
+                want -= take
+                if pos == len(p):
+                    k, pos = k + 1, 0
+            yield [impl.pack_fragment_header(frame_id, pub_id, i, count, total, i * chunk, chunk, pieces), *pieces]
+    return count, each()
+
+
 @overload
 def fragment(frame_bytes: Sequence[BufferLike], max_size: int) -> List[bytes]: ...
 @overload
@@ -117,34 +156,7 @@ def fragment(frame_bytes: Union[BufferLike, Sequence[BufferLike]], max_size: int
     if total <= max_size:
         return [frame_bytes if len(parts) == 1 and not isinstance(frame_bytes, (list, tuple))
                 else b"".join(parts)]
-    chunk = max_size - S.FRAG_HEADER_LEN
-    if chunk < 1:
-        raise ValueError(f"max_size {max_size} leaves no room after the {S.FRAG_HEADER_LEN}-byte fragment header")
-    chunk = min(chunk, 0xFFFFFFFF)
-    count = -(-total // chunk)
-    if count > S.MAX_FRAGMENT_COUNT:
-        # receivers reject more (their per-frame map of received chunks is bounded by it)
-        least = -(-total // S.MAX_FRAGMENT_COUNT) + S.FRAG_HEADER_LEN
-        raise FrameError(f"a frame of {total} bytes would need {count} fragments of at most {max_size} bytes, "
-                         f"over the {S.MAX_FRAGMENT_COUNT} allowed; max_size must be at least {least}")
-    frame_id, pub_id = _frame_ids(parts[0] if len(parts[0]) >= S.FIXED_LEN else memoryview(b"".join(parts)))
-    out = []
-    k, pos = 0, 0                       # current part, position in it
-    for i in range(count):
-        want = min(chunk, total - i * chunk)
-        pieces: List[memoryview] = []
-        while want:
-            p = parts[k]
-            take = min(want, len(p) - pos)
-            if take:
-                pieces.append(p[pos:pos + take])
-            pos += take
-            want -= take
-            if pos == len(p):
-                k, pos = k + 1, 0
-        out.append(b"".join([impl.pack_fragment_header(frame_id, pub_id, i, count, total, i * chunk, chunk,
-                                                       pieces), *pieces]))
-    return out
+    return [b"".join(f) for f in fragment_views(parts, max_size)[1]]
 
 
 # -- batch containers (docs/wire-format.md, section 2a)

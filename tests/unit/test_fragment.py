@@ -55,6 +55,32 @@ def test_fragments_gathered_from_parts_equal_those_of_the_joined_frame(max_size,
     assert [bytes(f) for f in fragment(cut, max_size)] == [bytes(f) for f in fragment(whole, max_size)]
 
 
+@pytest.mark.parametrize("max_size", [65, 300, 4096, 64 * 1024])
+@pytest.mark.parametrize("n_bytes", [1, 5000, 200_001])
+def test_fragment_views_copy_nothing_and_make_the_same_fragments(max_size, n_bytes):
+    # the NATS publisher writes these views straight to the socket: each must be fragment()'s
+    # bytes, and its chunk must lie in the caller's memory, not in a copy
+    arr = np.random.default_rng(n_bytes).integers(0, 256, n_bytes, dtype=np.uint8)
+    parts = encode_parts(Frame.from_array(arr, sensor_name="cam"))
+    if -(-sum(len(memoryview(p).cast("B")) for p in parts) // (max_size - S.FRAG_HEADER_LEN)) \
+            > S.MAX_FRAGMENT_COUNT:
+        with pytest.raises(FrameError, match="max_size must be at least"):
+            codec.fragment_views(parts, max_size)          # refused before anything is made
+        return
+    count, views = codec.fragment_views(parts, max_size)
+    made = list(views)
+    assert count == len(made)
+    if sum(len(memoryview(p).cast("B")) for p in parts) > max_size:
+        assert count > 1
+        assert [b"".join(f) for f in made] == [bytes(f) for f in fragment(parts, max_size)]
+    else:                                # fits: fragment() sends it whole; views still make one fragment
+        assert count == 1 and Reassembler().feed(b"".join(made[0])).nbytes == n_bytes
+    lo, hi = arr.ctypes.data, arr.ctypes.data + arr.nbytes
+    in_arr = [v for f in made for v in f[1:] if lo <= np.frombuffer(v, np.uint8).ctypes.data < hi]
+    assert sum(v.nbytes for v in in_arr) == arr.nbytes         # every payload byte is a view of arr
+    assert all(len(f[0]) == S.FRAG_HEADER_LEN for f in made)
+
+
 def test_fragment_header_crc_over_pieces_equals_crc_over_the_joined_chunk():
     chunk = bytes(range(256)) * 9
     one = codec.impl.pack_fragment_header(7, 9, 1, 3, 10_000, 2304, 2304, chunk)
