@@ -18,15 +18,17 @@ naming its own inbox) for the frame, whose fragments the publisher sends to that
 Cost per fragmented frame of N fragments: with no queue group listening, one extra 64-byte
 message (nothing is sent twice); with one, N + 2 messages for the member (announcement, request,
 fragments) and one round trip between member and publisher before the fragments go. The
-publisher keeps its last ``REST_CACHE`` fragmented frames to answer. Subscribers without a group
+publisher keeps a copy of its last ``REST_CACHE`` fragmented frames to answer, made once their
+broadcast fragments are written and before the announcement goes. Subscribers without a group
 get every fragment pushed on the subject and never ask. (A member still accepts a whole first
 fragment on the group subject, as publishers before the announcement sent it.)
 
 The data path is partly hand-written (see ``_FastReader`` and ``_direct_write``): on a plain TCP
-connection, this library writes PUBs with one ``writev`` of the command line and the frame's parts,
-and reads the socket itself, MSG payloads of its subscriptions going straight into 64-byte-aligned
-buffers; nats-py keeps connecting, auth, TLS (whose connections it reads and writes itself),
-cluster discovery, reconnection, pings and every other operation.
+connection, this library writes PUBs with one ``writev`` of the command line and the frame's parts
+(a fragment's: its header and views of the parts that make its chunk, so a fragmented frame is
+not gathered before it goes), and reads the socket itself, MSG payloads of its subscriptions going
+straight into 64-byte-aligned buffers; nats-py keeps connecting, auth, TLS (whose connections it
+reads and writes itself), cluster discovery, reconnection, pings and every other operation.
 
 Recovery. nats-py reconnects by itself, to any server of the pool (the configured ones and those
 a cluster announces), every ``RECONNECT_WAIT_S`` without end, and subscribes again. Meanwhile:
@@ -57,7 +59,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 import nats.aio.client as _nats_client
 import nats.aio.transport as _nats_transport
@@ -65,9 +67,8 @@ import numpy as np
 from nats import errors as nats_errors
 
 from .. import _schema as S
-from .._impl import impl
-from ..codec import fragment_key
-from ..errors import AuthError, BackendUnavailable, PublishError
+from ..codec import fragment_key, fragment_views
+from ..errors import AuthError, BackendUnavailable, FrameError, FrameTooLarge, PublishError
 from .base import BoundedQueue, Capabilities, Outgoing, Source, Start, Transport
 
 log = logging.getLogger("msight_fast")
@@ -500,10 +501,12 @@ class _Loop:
 class _Sent:
     """A frame in the hand-off: counted lost at most once, however many of its messages fail.
 
-    ``done`` (frames handed over as views of the caller's memory): set once the loop thread has
-    written the frame or given up on it, so ``send`` returns only when the caller may change the
-    array again; ``started``: the loop thread has begun writing it."""
-    __slots__ = ("lost", "done", "started", "written", "left")
+    ``done`` and ``lock`` (frames handed over as views of the caller's memory): ``done`` is set
+    once the loop thread has written the frame or given up on it, so ``send`` returns only when
+    the caller may change the array again; the loop thread holds ``lock`` while it writes one of
+    its messages, so a caller that gives up cannot return in the middle of one. ``started``: the
+    loop thread has begun writing it."""
+    __slots__ = ("lost", "done", "lock", "started", "written", "left")
 
     def __init__(self, wait: bool = False, items: int = 1) -> None:
         self.lost = False
@@ -511,6 +514,7 @@ class _Sent:
         self.written = False            # every message of it written or copied (or given up on)
         self.left = items
         self.done: Optional[threading.Event] = threading.Event() if wait else None
+        self.lock: Optional[threading.Lock] = threading.Lock() if wait else None
 
     def finish(self) -> None:
         """One of its messages is out of the caller's and this transport's buffers' way."""
@@ -519,6 +523,21 @@ class _Sent:
             self.written = True
             if self.done is not None:
                 self.done.set()
+
+
+class _Pieces:
+    """A fragmented frame in the hand-off: its fragments, made one at a time by the loop thread as
+    it comes to each (a frame's ``count`` items all hold this one object, in order)."""
+    __slots__ = ("it", "made")
+
+    def __init__(self, it: Iterator[List[Any]]) -> None:
+        self.it = it
+        self.made: List[List[Any]] = []
+
+    def next(self) -> List[Any]:
+        f = next(self.it)
+        self.made.append(f)
+        return f
 
 
 def _auth_error(e: BaseException) -> bool:
@@ -598,12 +617,12 @@ class NatsTransport(Transport):
         self._cv = threading.Condition()
         self._scheduled = False
         self._inflight: List[Tuple[str, Any, Optional[str], _Sent]] = []   # the batch _drain is on
-        self._inflight_i = 0
+        self._inflight_i = -1
         self._buffered: Deque[_Sent] = collections.deque()   # frames put in the reconnect buffer
         self._failures: List[Tuple[str, str]] = []
         self._failed = 0
-        # fragmented frames kept for queue members' pulls: topic, fragments, their buffer, their _Sent
-        self._rest: collections.OrderedDict[Tuple[int, int], Tuple[str, List[Any], Optional[np.ndarray], _Sent]] = \
+        # fragmented frames kept for queue members' pulls: topic, fragments, their buffer
+        self._rest: collections.OrderedDict[Tuple[int, int], Tuple[str, List[Any], Optional[np.ndarray]]] = \
             collections.OrderedDict()
         self._spare: List[np.ndarray] = []          # fragment buffers to reuse
         self._pull_sub = None
@@ -724,72 +743,85 @@ class NatsTransport(Transport):
     # -- publish
     def send(self, msg: Outgoing, deadline: float) -> None:
         topic, nbytes = msg.topic, msg.nbytes
-        frags = msg.fragments
-        if frags is None and nbytes > self.max_payload:
-            frags, buf = self._fragment(msg)
-        else:
-            buf = None
-        if frags is None:
-            if nbytes < ZERO_COPY_MIN:         # copied now: the hand-off batches small frames
-                self._enqueue([(topic, msg.joined(), None, _Sent())], nbytes, nbytes, deadline)
-                return
-            # a large frame goes as views of the caller's parts, written by the loop thread without
-            # joining them; the caller waits for that (the array may change once publish returns)
-            rec = _Sent(wait=True)
-            self._enqueue([(topic, list(msg.parts), None, rec)], nbytes, nbytes, deadline)
-            self._await_written(rec, topic, nbytes, deadline)
+        if msg.fragments is not None:       # fragmented by the caller already: bytes, written as they are
+            self._send_fragments(msg, len(msg.fragments), iter([[f] for f in msg.fragments]), deadline)
             return
+        if nbytes > self.max_payload:
+            self._send_fragments(msg, *self._fragment(msg), deadline)
+            return
+        if nbytes < ZERO_COPY_MIN:         # copied now: the hand-off batches small frames
+            self._enqueue([(topic, msg.joined(), None, _Sent())], nbytes, nbytes, deadline)
+            return
+        # a large frame goes as views of the caller's parts, written by the loop thread without
+        # joining them; the caller waits for that (the array may change once publish returns)
+        rec = _Sent(wait=True)
+        self._enqueue([(topic, list(msg.parts), None, rec)], nbytes, nbytes, deadline)
+        self._await_written(rec, topic, nbytes, deadline)
+
+    def _send_fragments(self, msg: Outgoing, count: int, frags: Iterator[List[Any]], deadline: float) -> None:
+        """Broadcast the fragments, made by the loop thread one at a time as it writes them (views
+        of the caller's parts: nothing is gathered first, and the first fragment is on the wire
+        once its own CRC is computed); the caller waits until all are written. Then keep a copy
+        of them for queue members' pulls, and announce the frame to queue groups: the first
+        fragment's header alone, so nothing is sent twice when no group listens.
+
+        The loop thread makes them, not this one: two threads taking turns at work that releases
+        the GIL hand it over late (measured: fragments made here, each handed over as soon as it
+        was made, still went out only once the last was made, 1-2 ms after publish)."""
+        topic, nbytes = msg.topic, msg.nbytes
         if self._pull_subject is None:
             self._start_pull_service(msg.publisher_id, deadline)
-        rec = _Sent(items=len(frags) + 1)
-        key = (msg.publisher_id, msg.frame_id)
+        rec = _Sent(wait=True, items=count)
+        pieces = _Pieces(frags)
+        self._enqueue([(topic, pieces, None, rec)] * count, nbytes + S.FRAG_HEADER_LEN * count, nbytes, deadline)
+        self._await_written(rec, topic, nbytes, deadline)
+        if rec.lost:                       # counted, and reported by flush(); a pull could not complete it either
+            return
+        cached, buf = self._keep_for_pulls(pieces.made, nbytes, msg.fragments is None)
         with self._lock:
-            self._rest[key] = (topic, frags, buf, rec)
+            self._rest[(msg.publisher_id, msg.frame_id)] = (topic, cached, buf)
             while len(self._rest) > REST_CACHE:
-                _, (_, _, old_buf, old_rec) = self._rest.popitem(last=False)
-                # its buffer serves a later frame once nothing will write from it any more
-                if old_buf is not None and old_rec.written and len(self._spare) < SPARE_BUFFERS:
+                _, (_, _, old_buf) = self._rest.popitem(last=False)
+                # pulls copy out of the cache under the lock: its buffer is free for a later frame
+                if old_buf is not None and len(self._spare) < SPARE_BUFFERS:
                     self._spare.append(old_buf)
-        items: List[Tuple[str, Any, Optional[str], _Sent]] = [(topic, f, None, rec) for f in frags]  # broadcast
-        # queue groups: an announcement (the first fragment's header alone), and the member that
-        # gets it pulls the frame's fragments; nothing is sent twice when no group listens
-        first = frags[0]
-        head = first[0] if isinstance(first, list) else bytes(memoryview(first)[:S.FRAG_HEADER_LEN])
-        items.append((GROUP_PREFIX + topic, head, self._pull_subject, rec))
-        self._enqueue(items, nbytes + S.FRAG_HEADER_LEN, nbytes, deadline)
+        head = bytes(memoryview(pieces.made[0][0])[:S.FRAG_HEADER_LEN])
+        self._enqueue([(GROUP_PREFIX + topic, head, self._pull_subject, _Sent())], S.FRAG_HEADER_LEN, nbytes, deadline)
 
-    def _fragment(self, msg: Outgoing) -> Tuple[List[Any], np.ndarray]:
-        """The frame's fragments (docs/wire-format.md), each [64-byte header, view of its chunk],
-        gathered by one copy of the frame into a buffer of this transport's: reused once the frame
-        that had it is written and out of the pull cache, so the copy goes to memory already
-        mapped (a fresh 6 MB buffer costs more in page faults than the copy itself)."""
-        total, limit = msg.nbytes, self.max_payload
-        chunk = min(limit - S.FRAG_HEADER_LEN, 0xFFFFFFFF)
-        count = -(-total // chunk)
-        if chunk < 1 or count > S.MAX_FRAGMENT_COUNT:
-            from ..errors import FrameTooLarge
-            raise FrameTooLarge(f"a frame of {total} bytes needs {count} fragments of at most {limit} bytes, over the "
-                                f"{S.MAX_FRAGMENT_COUNT} allowed")
+    def _keep_for_pulls(self, made: List[List[Any]], nbytes: int,
+                        views: bool) -> Tuple[List[Any], Optional[np.ndarray]]:
+        """A copy of the fragments that outlives the caller's memory (``views``: else they are
+        bytes of the caller's own fragmenting, copies already)."""
+        if not views:
+            return [f[0] for f in made], None
+        buf = self._buffer(nbytes)
+        cached: List[Any] = []
+        pos = 0
+        for f in made:
+            start = pos
+            for p in f[1:]:
+                n = memoryview(p).nbytes
+                buf[pos:pos + n] = np.frombuffer(p, dtype=np.uint8)
+                pos += n
+            cached.append([f[0], buf.data[start:pos]])
+        return cached, buf
+
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        """A buffer for a fragmented frame's copy: one of this transport's, reused once its frame
+        left the pull cache, so the copy goes to memory already mapped (a fresh 6 MB buffer costs
+        more in page faults than the copy itself)."""
         with self._lock:
             # by position: list.remove would compare arrays with ==, element by element
-            i = next((k for k, b in enumerate(self._spare) if total <= b.nbytes <= 2 * total), -1)
+            i = next((k for k, b in enumerate(self._spare) if nbytes <= b.nbytes <= 2 * nbytes), -1)
             spare = self._spare.pop(i) if i >= 0 else None
-        buf = spare if spare is not None else np.empty(total, dtype=np.uint8)
-        pos = 0
-        for p in msg.parts:
-            mv = memoryview(p)
-            mv = mv if mv.ndim == 1 and mv.format in ("B", "b", "c") else mv.cast("B")
-            buf[pos:pos + mv.nbytes] = np.frombuffer(mv, dtype=np.uint8)
-            pos += mv.nbytes
-        data = buf.data[:total]
-        frame_id = int.from_bytes(data[40:48], "little")
-        pub_id = int.from_bytes(data[56:64], "little")
-        frags: List[Any] = []
-        for i in range(count):
-            piece = data[i * chunk:min(total, (i + 1) * chunk)]
-            frags.append([impl.pack_fragment_header(frame_id, pub_id, i, count, total, i * chunk, chunk, [piece]),
-                          piece])
-        return frags, buf
+        return spare if spare is not None else np.empty(nbytes, dtype=np.uint8)
+
+    def _fragment(self, msg: Outgoing) -> Tuple[int, Iterator[List[Any]]]:
+        """The frame's fragments (docs/wire-format.md), each [64-byte header, views of its chunk]."""
+        try:
+            return fragment_views(msg.parts, self.max_payload)
+        except (FrameError, ValueError) as e:     # more fragments than allowed, or no room for one
+            raise FrameTooLarge(f"NATS max_payload {self.max_payload}: {e}") from None
 
     def _enqueue(self, items: List[Tuple[str, Any, Optional[str], _Sent]], nbytes: int, frame_bytes: int,
                  deadline: float) -> None:
@@ -816,63 +848,109 @@ class NatsTransport(Transport):
             wake = not self._scheduled
             self._scheduled = True
         if wake:
-            self._L.loop.call_soon_threadsafe(self._L.loop.create_task, self._drain())
+            self._L.loop.call_soon_threadsafe(self._kick)
 
-    async def _drain(self) -> None:
+    def _kick(self) -> None:
+        """The loop thread's turn at the hand-off, as a plain callback: a Task would take one
+        more trip round the loop before its first step (measured: 0.1 ms more from publish to
+        the first write when the loop thread was idle)."""
+        pending = self._drain_sync()
+        if pending is not None:
+            self._L.loop.create_task(self._drain_async(pending))
+
+    async def _drain_async(self, pending: Optional[Tuple[Any, _Sent, str, bool]]) -> None:
+        """Waits on what a message needs (nats-py's publish, the socket's backpressure), then goes on."""
+        while pending is not None:
+            aw, rec, subject, away = pending
+            try:
+                await aw
+            except Exception as e:  # noqa: BLE001 - counted now, reported by flush()
+                self._lose(rec, subject, repr(e), True)
+            else:
+                if away and (not self._buffered or self._buffered[-1] is not rec):
+                    self._buffered.append(rec)
+            pending = self._drain_sync()
+
+    def _drain_sync(self) -> Optional[Tuple[Any, _Sent, str, bool]]:
+        """Write from the hand-off until it is empty (None), or until a message needs the loop:
+        then (what to await, its frame, its subject, whether it went to the reconnect buffer)."""
         nc = self.nc
         while True:
-            with self._cv:
-                if not self._q:
-                    self._scheduled = False
+            if self._inflight_i + 1 >= len(self._inflight):
+                with self._cv:
+                    if not self._q:
+                        self._scheduled = False
+                        self._q_bytes = 0
+                        self._inflight = []
+                        self._inflight_i = -1
+                        self._cv.notify_all()
+                        return None
+                    self._inflight = list(self._q)
+                    self._inflight_i = -1
+                    self._q.clear()
                     self._q_bytes = 0
-                    self._inflight = []
                     self._cv.notify_all()
-                    return
-                batch = list(self._q)
-                self._q.clear()
-                self._q_bytes = 0
-                self._inflight = batch
-                self._inflight_i = -1
-                self._cv.notify_all()
-            for i, (subject, data, reply, rec) in enumerate(batch):
+            self._inflight_i += 1
+            subject, data, reply, rec = self._inflight[self._inflight_i]
+            lk = rec.lock                          # the caller's memory: it may give up on the frame meanwhile
+            if lk is not None:
+                lk.acquire()
+            try:
                 with self._cv:
                     if rec.lost:                   # an earlier fragment failed, or the caller gave up: gone
                         rec.finish()
                         continue
                     rec.started = True
-                self._inflight_i = i
                 away = not nc.is_connected
                 finished = False
                 try:
+                    if type(data) is _Pieces:
+                        data = data.next()
                     w = None if away else _direct_write(nc, subject, data, reply)
                     if w is None:
                         data = data if isinstance(data, bytes) else b"".join(data)
                     finished = True
                     rec.finish()                   # written, or copied: no view of it is needed any more
                     if w is None:
-                        await nc.publish(subject, data, reply=reply or "")
-                    elif w.transport.get_write_buffer_size() > DIRECT_HIGH_WATER:
-                        await w.drain()            # backpressure: what the socket has not taken stays bounded
+                        return nc.publish(subject, data, reply=reply or ""), rec, subject, away
+                    if w.transport.get_write_buffer_size() > DIRECT_HIGH_WATER:
+                        # backpressure: what the socket has not taken stays bounded
+                        return w.drain(), rec, subject, False
                 except Exception as e:  # noqa: BLE001 - counted now, reported by flush()
                     self._lose(rec, subject, repr(e), finished)
-                    continue
-                if away and (not self._buffered or self._buffered[-1] is not rec):
-                    self._buffered.append(rec)
+            finally:
+                if lk is not None:
+                    lk.release()
 
     def _await_written(self, rec: _Sent, topic: str, nbytes: int, deadline: float) -> None:
-        """Wait until the loop thread wrote ``rec`` (or gave up on it). Past the deadline a frame
-        not yet begun is dropped, counted lost and reported; one being written is waited for
-        (a non-blocking write: moments)."""
+        """Wait until the loop thread wrote every message of ``rec`` (or gave up on it). Past the
+        deadline the rest of the frame is dropped (see ``_give_up``) and BackendUnavailable raised."""
         assert rec.done is not None
         if rec.done.wait(max(0.0, deadline - time.monotonic())):
             return
-        with self._cv:
-            if not rec.started:
-                rec.lost = True                # _drain skips it: no view of the caller's memory is kept
-                self.lost += 1
-                raise BackendUnavailable(f"NATS: a frame of {nbytes} bytes on {topic!r} was not written within "
-                                         f"the publish timeout: {self._state()}")
-        rec.done.wait(CLOSE_WAIT_S)
+        if self._give_up(rec):
+            return
+        raise BackendUnavailable(f"NATS: a frame of {nbytes} bytes on {topic!r} was not written within "
+                                 f"the publish timeout: {self._state()}")
+
+    def _give_up(self, rec: _Sent) -> bool:
+        """Stop the loop thread from writing any more of ``rec`` from the caller's memory: after
+        this, nothing of it is. True if it was all written meanwhile; else it is counted lost
+        (once). The message being written, if any, is waited for: a non-blocking write, moments."""
+        assert rec.lock is not None
+        got = rec.lock.acquire(timeout=CLOSE_WAIT_S)
+        try:
+            with self._cv:
+                if rec.written and not rec.lost:
+                    return True
+                first = not rec.lost
+                rec.lost = True                # _drain skips what is left of it
+                if first:
+                    self.lost += 1
+                return False
+        finally:
+            if got:
+                rec.lock.release()
 
     def _lose(self, rec: _Sent, subject: str, reason: str, finished: bool = False) -> None:
         """One message of ``rec`` failed (``finished``: and was already counted out of the buffers'

@@ -123,6 +123,33 @@ def test_an_array_changed_right_after_publish_returns_arrives_as_it_was(nats_opt
     assert all(bool((f.array == f.array[0, 0, 0]).all()) for f in got)
 
 
+def test_a_fragmented_array_changed_right_after_publish_returns_arrives_as_it_was(nats_opts: Any) -> None:
+    """Fragments too are written as views of the caller's array, and the copy kept for queue
+    members' pulls is made before publish returns: a reused buffer arrives as it was published,
+    to a broadcast subscriber and to a member that pulls the frame."""
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    a = np.zeros((700, 800, 3), np.uint8)               # 1.7 MB: two fragments at 1 MB
+    with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus, \
+            sub_bus.subscribe(topic) as everyone, sub_bus.subscribe(topic, group_id="g") as member:
+        for i in range(1, 13):
+            a[:] = i
+            pub.publish(topic, a)
+        a[:] = 255
+        got = collect(everyone, 12, timeout=60)
+        pulled = []
+        while True:
+            f = member.recv(timeout=5)
+            if f is None:
+                break
+            pulled.append(f)
+        rejected = everyone.stats()["rejected"] + member.stats()["rejected"]
+    assert [int(f.array[0, 0, 0]) for f in got] == list(range(1, 13))
+    for f in got + pulled:
+        assert bool((f.array == f.seq).all()), f.seq
+    assert pulled, "the group member got no frame at all"
+    assert rejected == 0 and pub.stats()["lost"] == 0
+
+
 def test_fragment_buffers_are_reused_without_mixing_frames(nats_opts: Any) -> None:
     """Fragments are gathered into buffers of the transport's own, reused once a frame is written
     and out of the pull cache: 30 back-to-back frames of different content all arrive intact, to a
