@@ -4,7 +4,7 @@ One private event-loop thread per Bus runs nats-py. Publishing does not make one
 round trip per message: the caller appends to a bounded hand-off queue and wakes the loop only
 when it is idle, and the loop drains the queue in batches. Frames above the server's
 ``max_payload`` (read from its INFO at connect, again after each reconnect) are split with
-``codec.fragment`` and put back together by the subscriber's ``Reassembler``; frames that fit
+``codec.fragment_views`` and put back together by the subscriber's ``Reassembler``; frames that fit
 go whole.
 
 Each subscription's messages wait in a queue bounded in bytes (``max_pending_bytes``) with a
@@ -68,7 +68,7 @@ from nats import errors as nats_errors
 
 from .. import _schema as S
 from ..codec import fragment_key, fragment_views
-from ..errors import AuthError, BackendUnavailable, FrameError, FrameTooLarge, PublishError
+from ..errors import AuthError, BackendUnavailable, FrameError, FrameTooLarge, MsightFastError, PublishError
 from .base import BoundedQueue, Capabilities, Outgoing, Source, Start, Transport
 
 log = logging.getLogger("msight_fast")
@@ -90,6 +90,7 @@ MAX_OUTSTANDING_PINGS = 3             # without a reset) is left after 30-40 s w
 FLUSH_DEFAULT_S = 60.0                # flush(None): waits at most this
 CLOSE_FLUSH_S = 5.0                   # close() gives queued frames this long to leave
 CLOSE_WAIT_S = 3.0                    # and nats-py this long to close (a stalled server never lets it)
+GIVE_UP_WAIT_S = 30.0                 # bound on the wait for one non-blocking write, for a caller that gives up
 PUB_OVERHEAD = 160                    # bytes nats-py adds to a message in its buffer (PUB line)
 MAX_FAILURES = 1000                   # failures kept for flush()'s report (all are counted)
 SLOW_CONSUMER_ADVICE = ("the server drops a client that falls behind once its pending data passes the "
@@ -504,13 +505,11 @@ class _Sent:
     ``done`` and ``lock`` (frames handed over as views of the caller's memory): ``done`` is set
     once the loop thread has written the frame or given up on it, so ``send`` returns only when
     the caller may change the array again; the loop thread holds ``lock`` while it writes one of
-    its messages, so a caller that gives up cannot return in the middle of one. ``started``: the
-    loop thread has begun writing it."""
-    __slots__ = ("lost", "done", "lock", "started", "written", "left")
+    its messages, so a caller that gives up cannot return in the middle of one."""
+    __slots__ = ("lost", "done", "lock", "written", "left")
 
     def __init__(self, wait: bool = False, items: int = 1) -> None:
         self.lost = False
-        self.started = False
         self.written = False            # every message of it written or copied (or given up on)
         self.left = items
         self.done: Optional[threading.Event] = threading.Event() if wait else None
@@ -538,6 +537,11 @@ class _Pieces:
         f = next(self.it)
         self.made.append(f)
         return f
+
+    def drop(self) -> None:
+        """Let go of the caller's memory (its views pin it: a bytearray could not be resized)."""
+        self.it = iter(())
+        self.made = []
 
 
 def _auth_error(e: BaseException) -> bool:
@@ -774,10 +778,14 @@ class NatsTransport(Transport):
         rec = _Sent(wait=True, items=count)
         pieces = _Pieces(frags)
         self._enqueue([(topic, pieces, None, rec)] * count, nbytes + S.FRAG_HEADER_LEN * count, nbytes, deadline)
-        self._await_written(rec, topic, nbytes, deadline)
-        if rec.lost:                       # counted, and reported by flush(); a pull could not complete it either
-            return
-        cached, buf = self._keep_for_pulls(pieces.made, nbytes, msg.fragments is None)
+        try:
+            self._await_written(rec, topic, nbytes, deadline)
+            if rec.lost:                   # counted, and reported by flush(); a pull could not complete it either
+                return
+            cached, buf = self._keep_for_pulls(pieces.made, nbytes, msg.fragments is None)
+            head = bytes(memoryview(pieces.made[0][0])[:S.FRAG_HEADER_LEN])
+        finally:
+            pieces.drop()                  # every item of it is done with, or skipped (lost)
         with self._lock:
             self._rest[(msg.publisher_id, msg.frame_id)] = (topic, cached, buf)
             while len(self._rest) > REST_CACHE:
@@ -785,8 +793,14 @@ class NatsTransport(Transport):
                 # pulls copy out of the cache under the lock: its buffer is free for a later frame
                 if old_buf is not None and len(self._spare) < SPARE_BUFFERS:
                     self._spare.append(old_buf)
-        head = bytes(memoryview(pieces.made[0][0])[:S.FRAG_HEADER_LEN])
-        self._enqueue([(GROUP_PREFIX + topic, head, self._pull_subject, _Sent())], S.FRAG_HEADER_LEN, nbytes, deadline)
+        # the announcement is one more message of the frame (a failure counts the frame lost, once);
+        # its fragments are out, so publish does not fail here: a refusal is counted and reported
+        with self._cv:
+            rec.left += 1
+        try:
+            self._enqueue([(GROUP_PREFIX + topic, head, self._pull_subject, rec)], S.FRAG_HEADER_LEN, nbytes, deadline)
+        except MsightFastError as e:
+            self._lose(rec, GROUP_PREFIX + topic, repr(e))
 
     def _keep_for_pulls(self, made: List[List[Any]], nbytes: int,
                         views: bool) -> Tuple[List[Any], Optional[np.ndarray]]:
@@ -900,7 +914,6 @@ class NatsTransport(Transport):
                     if rec.lost:                   # an earlier fragment failed, or the caller gave up: gone
                         rec.finish()
                         continue
-                    rec.started = True
                 away = not nc.is_connected
                 finished = False
                 try:
@@ -938,7 +951,10 @@ class NatsTransport(Transport):
         this, nothing of it is. True if it was all written meanwhile; else it is counted lost
         (once). The message being written, if any, is waited for: a non-blocking write, moments."""
         assert rec.lock is not None
-        got = rec.lock.acquire(timeout=CLOSE_WAIT_S)
+        # held by the loop thread only while it makes and writes one message without blocking
+        got = rec.lock.acquire(timeout=GIVE_UP_WAIT_S)
+        if not got:
+            log.error("msight_fast: NATS: the loop thread held a frame's lock for %.0f s", GIVE_UP_WAIT_S)
         try:
             with self._cv:
                 if rec.written and not rec.lost:
@@ -957,10 +973,10 @@ class NatsTransport(Transport):
         way); the frame is lost, counted once."""
         if not finished:
             rec.finish()
-        if rec.lost:
-            return
-        rec.lost = True
-        with self._cv:
+        with self._cv:                  # _give_up may mark it from the caller's thread meanwhile
+            if rec.lost:
+                return
+            rec.lost = True
             self.lost += 1
             self._failed += 1
             if len(self._failures) < MAX_FAILURES:
@@ -1012,7 +1028,8 @@ class NatsTransport(Transport):
                 now = time.monotonic()
                 limit = deadline if nc.is_connected else away_deadline
                 if now >= limit:
-                    problem = (f"{len(self._q) + len(self._inflight)} messages still queued after "
+                    unsent = len(self._q) + max(0, len(self._inflight) - self._inflight_i - 1)
+                    problem = (f"{unsent} messages still queued after "
                                f"{now - start:.1f} s: {self._state()}")
                     break
                 self._cv.wait(min(limit - now, 0.1))      # woken by _drain; the poll sees the connection go

@@ -151,9 +151,9 @@ def test_a_fragmented_array_changed_right_after_publish_returns_arrives_as_it_wa
 
 
 def test_fragment_buffers_are_reused_without_mixing_frames(nats_opts: Any) -> None:
-    """Fragments are gathered into buffers of the transport's own, reused once a frame is written
-    and out of the pull cache: 30 back-to-back frames of different content all arrive intact, to a
-    broadcast subscriber and (pulled from the publisher) to a queue group's member."""
+    """Fragments are copied for queue members' pulls into buffers of the transport's own, reused
+    once a frame is out of the pull cache: 30 back-to-back frames of different content all arrive
+    intact, to a broadcast subscriber and (pulled from the publisher) to a queue group's member."""
     topic = f"interop/{uuid.uuid4().hex[:8]}"
     base = np.random.default_rng(3).integers(0, 256, (700, 800, 3), dtype=np.uint8)
     with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus, \
