@@ -436,7 +436,7 @@ def payload_note(name: str) -> str:
         elif d == DIR:
             src = f"the packaged sample frame {p.name} (MSIGHT_DATA_DIR unset or without frames)"
         else:
-            src = f"{p} from MSIGHT_DATA_DIR"
+            src = f"{p.name} from MSIGHT_DATA_DIR"
         return f"{size:,} B, {src}"
     if name == "lidar262k":
         return f"{size:,} B, a synthetic 262,144-point sweep"
