@@ -238,15 +238,17 @@ def _crc32c_software(data, uint32_t crc=0):
     return msf_crc32c_sw(crc, p, n)
 
 
-cdef bytes _str_utf8(object s, str what, Py_ssize_t limit):
-    if s is None:
-        return b""
-    if type(s) is not str and not isinstance(s, str):
-        raise FrameError(f"{what} must be a str, not {type(s).__name__}")
-    b = S.utf8(s, what)
-    if len(b) > limit:
-        raise FrameError(f"{what} is {len(b)} bytes of UTF-8 (limit {limit})")
-    return b
+cdef inline int _check_text(object s, str what, Py_ssize_t limit) except -1:
+    """A text field is None, or a str whose UTF-8 fits ``limit`` (checked in C, as encode will)."""
+    cdef Py_ssize_t n
+    if s is not None:
+        _utf8_of(s, what, limit, &n)
+    return 0
+
+
+# frame ids: popped straight from _schema's pool (list.pop hands each to one caller); its
+# new_frame_id refills it, and a forked child empties this same list
+cdef list _ID_POOL = S._id_pool
 
 
 @cython.freelist(32)
@@ -286,17 +288,28 @@ cdef class Frame:
         self.meta = {}
 
     cdef _init_common(self, sensor_name, encoding, device_name, frame_id, capture_ts_ns, meta):
-        _str_utf8(sensor_name, "sensor_name", MAX_NAME_BYTES)
-        _str_utf8(device_name, "device_name", MAX_NAME_BYTES)
-        _str_utf8(encoding, "encoding", MAX_ENCODING_BYTES)
+        _check_text(sensor_name, "sensor_name", MAX_NAME_BYTES)
+        _check_text(device_name, "device_name", MAX_NAME_BYTES)
+        _check_text(encoding, "encoding", MAX_ENCODING_BYTES)
         self.sensor_name = sensor_name or EMPTY
         self.device_name = device_name or EMPTY
         self.encoding = encoding or EMPTY
-        self.frame_id = S.new_frame_id() if frame_id is None else frame_id
+        if frame_id is not None:
+            self.frame_id = frame_id
+        elif _ID_POOL:
+            try:
+                self.frame_id = _ID_POOL.pop()
+            except IndexError:             # another thread took the last one meanwhile
+                self.frame_id = S.new_frame_id()
+        else:
+            self.frame_id = S.new_frame_id()
         if capture_ts_ns is not None:
             self.capture_ts_ns = capture_ts_ns
-        self.meta = dict(meta) if meta else {}
-        S.meta_to_wire(self.meta)          # validate now, not at publish time
+        if meta:
+            self.meta = dict(meta)
+            S.meta_to_wire(self.meta)      # validate now, not at publish time
+        else:
+            self.meta = {}
 
     @classmethod
     def from_array(cls, arr, *, sensor_name, encoding=None, device_name=None, frame_id=None,

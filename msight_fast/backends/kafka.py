@@ -300,6 +300,7 @@ class KafkaTransport(Transport):
         # and _last_out, produces every batch, and is what the linger thread waits on
         self._batch_frame = cfg.batch_max_frame_bytes if cfg.batch_max_bytes and cfg.batch_linger_ms else 0
         self._by_publisher = cfg.partition_key == "publisher"
+        self._last_key: Tuple[int, Optional[bytes]] = (0, None)
         self._linger_s = cfg.batch_linger_ms / 1000.0
         self._blk = threading.Condition()
         self._batches: Dict[Tuple[str, int], _Batch] = {}     # (topic, partition or -1) -> pending batch
@@ -664,7 +665,12 @@ class KafkaTransport(Transport):
         # all fragments of a frame share its key, hence one partition; "publisher" keeps a
         # publisher's frames in order, "frame" spreads them for a consumer group to share
         k = msg.publisher_id if self._by_publisher or not msg.frame_id else msg.frame_id
-        key = k.to_bytes(8, "little") if k else None
+        last = self._last_key                  # a publisher's key is the same for every frame
+        if last[0] == k:
+            key = last[1]
+        else:
+            key = k.to_bytes(8, "little") if k else None
+            self._last_key = (k, key)
         if msg.nbytes <= self._batch_frame and msg.fragments is None:
             if self._by_publisher:
                 self._batch(msg, key, -1, deadline)
