@@ -74,7 +74,7 @@ _META_STR, _META_INT, _META_FLOAT = 1, 2, 3
 def utf8(s: str, what: str) -> bytes:
     """``s`` as UTF-8; a str that has none (a lone surrogate) is a FrameError, not a UnicodeError."""
     try:
-        return s.encode("utf-8")
+        return str.encode(s, "utf-8")      # the characters themselves, whatever a subclass's encode says
     except UnicodeEncodeError:
         raise FrameError(f"{what} is not encodable as UTF-8 (it holds a lone surrogate)") from None
 
@@ -88,7 +88,7 @@ def align_up(n: int) -> int:
 # (publisher_id, frame_id), and an id that an attacker can predict (a base plus a counter) lets a
 # fragment forged in advance claim a frame that has not been sent yet.
 _ID_BATCH = 512
-_id_pool: List[int] = []
+_id_pool: List[int] = []                  # never rebound: the compiled Frame pops from this very list
 _id_lock = threading.Lock()
 
 

@@ -299,7 +299,7 @@ cdef class Frame:
         elif _ID_POOL:
             try:
                 self.frame_id = _ID_POOL.pop()
-            except IndexError:             # another thread took the last one meanwhile
+            except IndexError:             # taken meanwhile (possible where threads run without a GIL)
                 self.frame_id = S.new_frame_id()
         else:
             self.frame_id = S.new_frame_id()

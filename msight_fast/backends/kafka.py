@@ -665,7 +665,7 @@ class KafkaTransport(Transport):
         # all fragments of a frame share its key, hence one partition; "publisher" keeps a
         # publisher's frames in order, "frame" spreads them for a consumer group to share
         k = msg.publisher_id if self._by_publisher or not msg.frame_id else msg.frame_id
-        last = self._last_key                  # a publisher's key is the same for every frame
+        last = self._last_key                  # with partition_key="publisher", the same for every frame
         if last[0] == k:
             key = last[1]
         else:

@@ -226,6 +226,21 @@ def test_a_string_with_a_lone_surrogate_is_a_frame_error_not_a_unicode_error(wir
         build(wire)
 
 
+class _Pretends(str):
+    """A str whose encode() lies about its bytes."""
+
+    def encode(self, *args: Any, **kwargs: Any) -> bytes:
+        return b"x" * 300
+
+
+def test_a_str_subclass_is_checked_by_its_characters_not_its_encode(wire):
+    # the twin went by the subclass's encode(), the compiled core by the characters it writes
+    f = wire.Frame.from_bytes(b"x", sensor_name=_Pretends("cam"), encoding="jpeg")
+    assert wire.decode(wire.encode(f)).sensor_name == "cam"
+    with pytest.raises(FrameError, match="bytes of UTF-8"):
+        wire.Frame.from_bytes(b"x", sensor_name=_Pretends("é" * 128), encoding="jpeg")
+
+
 def test_a_name_changed_to_a_lone_surrogate_after_building_is_a_frame_error_at_encode(wire):
     f = wire.Frame.from_bytes(b"x", sensor_name="cam", encoding="jpeg")
     f.sensor_name = "cam\udcff"
