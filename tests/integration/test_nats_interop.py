@@ -25,6 +25,16 @@ def nats_opts(broker_pool: Any) -> Any:
     return broker_pool("nats").options
 
 
+def _until_quiet(sub: Any) -> List[Any]:
+    """Every frame ``sub`` gets until 5 s pass without one (a queue member: how many is not known)."""
+    out = []
+    while True:
+        f = sub.recv(timeout=5)
+        if f is None:
+            return out
+        out.append(f)
+
+
 def _frames() -> List[np.ndarray]:
     rng = np.random.default_rng(5)
     return [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),          # whole
@@ -136,12 +146,7 @@ def test_a_fragmented_array_changed_right_after_publish_returns_arrives_as_it_wa
             pub.publish(topic, a)
         a[:] = 255
         got = collect(everyone, 12, timeout=60)
-        pulled = []
-        while True:
-            f = member.recv(timeout=5)
-            if f is None:
-                break
-            pulled.append(f)
+        pulled = _until_quiet(member)
         rejected = everyone.stats()["rejected"] + member.stats()["rejected"]
     assert [int(f.array[0, 0, 0]) for f in got] == list(range(1, 13))
     for f in got + pulled:
@@ -161,12 +166,7 @@ def test_fragment_buffers_are_reused_without_mixing_frames(nats_opts: Any) -> No
         for i in range(30):
             pub.publish(topic, base + np.uint8(i))
         got = collect(everyone, 30, timeout=60)
-        pulled = []
-        while True:
-            f = member.recv(timeout=5)
-            if f is None:
-                break
-            pulled.append(f)
+        pulled = _until_quiet(member)
     assert [f.seq for f in got] == list(range(1, 31))
     for f in got + pulled:
         assert np.array_equal(f.array, base + np.uint8(f.seq - 1)), f.seq
