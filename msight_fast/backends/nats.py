@@ -506,12 +506,13 @@ class _Sent:
     once the loop thread has written the frame or given up on it, so ``send`` returns only when
     the caller may change the array again; the loop thread holds ``lock`` while it writes one of
     its messages, so a caller that gives up cannot return in the middle of one."""
-    __slots__ = ("lost", "done", "lock", "written", "left")
+    __slots__ = ("lost", "done", "lock", "written", "left", "share")
 
     def __init__(self, wait: bool = False, items: int = 1) -> None:
         self.lost = False
         self.written = False            # every message of it written or copied (or given up on)
         self.left = items
+        self.share = 0                  # bytes each of its queued messages holds, for the hand-off's count
         self.done: Optional[threading.Event] = threading.Event() if wait else None
         self.lock: Optional[threading.Lock] = threading.Lock() if wait else None
 
@@ -622,6 +623,7 @@ class NatsTransport(Transport):
         self._scheduled = False
         self._inflight: List[Tuple[str, Any, Optional[str], _Sent]] = []   # the batch _drain is on
         self._inflight_i = -1
+        self._inflight_bytes = 0        # of the batch's messages not yet handed on: counted by the away check
         self._buffered: Deque[_Sent] = collections.deque()   # frames put in the reconnect buffer
         self._failures: List[Tuple[str, str]] = []
         self._failed = 0
@@ -850,14 +852,19 @@ class NatsTransport(Transport):
                 if nc.is_connected:
                     if self._q_bytes <= HANDOFF_MAX_BYTES or not self._q:   # backpressure, bounded memory
                         break
-                elif (self._q_bytes + nc.pending_data_size + nbytes
-                      + PUB_OVERHEAD * (len(self._q) + len(items)) <= RECONNECT_BUFFER):
-                    break                # into nats-py's reconnect buffer: delivered once back, or counted lost
+                elif (self._q_bytes + self._inflight_bytes + nc.pending_data_size + nbytes
+                      + PUB_OVERHEAD * (len(self._q) + len(self._inflight) - self._inflight_i - 1 + len(items))
+                      <= RECONNECT_BUFFER):
+                    # into nats-py's reconnect buffer: delivered once back, or counted lost. What the
+                    # loop thread took and has not handed on yet is counted too, or this admits more
+                    # than the buffer holds and nats-py refuses the rest
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise BackendUnavailable(f"NATS: a frame of {frame_bytes} bytes waited the whole publish timeout: "
                                              f"{self._state()}")
                 self._cv.wait(min(left, 0.05))     # woken by _drain and reconnects; the poll sees state flips
+            items[0][3].share = nbytes // len(items)     # every item of one call is one frame's
             self._q.extend(items)
             self._q_bytes += nbytes
             wake = not self._scheduled
@@ -899,15 +906,18 @@ class NatsTransport(Transport):
                         self._q_bytes = 0
                         self._inflight = []
                         self._inflight_i = -1
+                        self._inflight_bytes = 0
                         self._cv.notify_all()
                         return None
                     self._inflight = list(self._q)
                     self._inflight_i = -1
+                    self._inflight_bytes = self._q_bytes
                     self._q.clear()
                     self._q_bytes = 0
                     self._cv.notify_all()
             self._inflight_i += 1
             subject, data, reply, rec = self._inflight[self._inflight_i]
+            self._inflight_bytes -= rec.share      # only this thread writes it outside the take above
             lk = rec.lock                          # the caller's memory: it may give up on the frame meanwhile
             if lk is not None:
                 lk.acquire()
@@ -1099,6 +1109,7 @@ class NatsTransport(Transport):
             left = self._inflight[self._inflight_i + 1:] + list(self._q)
             self._q.clear()
             self._inflight = []
+            self._inflight_bytes = 0
         for subject, _, _, rec in left:
             self._lose(rec, subject, "closed before it was sent")
 
