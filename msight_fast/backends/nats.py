@@ -56,6 +56,7 @@ import collections
 import concurrent.futures
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -408,13 +409,16 @@ class _FastReader(asyncio.BufferedProtocol):
 _WRITE_COPIES = sys.version_info < (3, 12)   # asyncio's selector transport copies what write() buffers
 ZERO_COPY_MIN = 256 << 10         # whole frames from this size go as views (the caller waits for the write)
 DIRECT_HIGH_WATER = 8 << 20       # bytes asyncio may hold for the socket before the loop waits for it
+SYNC_WRITE_MIN = 256 << 10        # a message from this size waits for the socket rather than be copied
+SYNC_WRITE_S = 0.02               # ... for at most this long (the loop thread is blocked meanwhile)
 
 
 def _direct_write(nc: Any, subject: str, data: Any, reply: Optional[str]) -> Any:
     """Write one PUB (or several, in order) on nats-py's connection without nats-py's copies
     (hand-written: nats-py builds each PUB as one bytes, then joins its queue, then asyncio copies
     what the socket does not take: four copies of a 6 MB frame). Here the command line, the frame's
-    parts and the CRLF go to the socket in one ``writev``; only what the socket does not take is
+    parts and the CRLF go to the socket in one ``writev``; a large message's rest is written as the
+    socket takes it, for up to SYNC_WRITE_S (``_write_rest``), and only what is left then is
     copied, once, into asyncio's buffer. nats-py's own queued commands are written first, so the
     order on the wire is the order they were made. Returns the StreamWriter, or None where this
     cannot write (TLS, no connection, disabled): the caller then publishes through nats-py."""
@@ -441,10 +445,13 @@ def _direct_write(nc: Any, subject: str, data: Any, reply: Optional[str]) -> Any
         nc._pending_data_size = 0
     sent = 0
     if not tr.get_write_buffer_size():
+        fd = tr.get_extra_info("socket").fileno()
         try:
-            sent = os.writev(tr.get_extra_info("socket").fileno(), bufs)
+            sent = os.writev(fd, bufs)
         except (BlockingIOError, InterruptedError):
             sent = 0
+        if sent < len(line) + n + 2 and n >= SYNC_WRITE_MIN:
+            bufs, sent = _write_rest(fd, bufs, sent), 0
     for v in bufs:                      # what the socket did not take: asyncio's buffer, in order
         if sent >= v.nbytes:
             sent -= v.nbytes
@@ -454,6 +461,32 @@ def _direct_write(nc: Any, subject: str, data: Any, reply: Optional[str]) -> Any
         tr.write(v[sent:] if _WRITE_COPIES else bytes(v[sent:]))
         sent = 0
     return w
+
+
+def _write_rest(fd: int, bufs: List[memoryview], sent: int) -> List[memoryview]:
+    """Go on writing a large message as the socket takes it, for at most SYNC_WRITE_S; what is
+    left then is returned (for asyncio's buffer). Waiting here, the loop thread blocks, but the
+    rest of the frame is not copied: asyncio would copy it whole into its buffer first, a
+    copy of up to the socket's send buffer per frame, made while the server needs the core."""
+    end = time.monotonic() + SYNC_WRITE_S
+    p = select.poll()
+    p.register(fd, select.POLLOUT)
+    while True:
+        while bufs and sent >= bufs[0].nbytes:
+            sent -= bufs[0].nbytes
+            bufs = bufs[1:]
+        if not bufs:
+            return bufs
+        if sent:
+            bufs = [bufs[0][sent:], *bufs[1:]]
+            sent = 0
+        left = end - time.monotonic()
+        if left <= 0 or not p.poll(left * 1e3):
+            return bufs
+        try:
+            sent = os.writev(fd, bufs)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
 
 
 def _abort(nc: Any) -> None:
