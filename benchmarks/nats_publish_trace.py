@@ -30,9 +30,9 @@ def trace(frames: int, raised: bool) -> Dict[str, float]:
     writes: List[Tuple[int, int]] = []
     real = nats_backend._direct_write
 
-    def timed(nc: Any, subject: str, data: Any, reply: Any) -> Any:
+    def timed(nc: Any, subject: str, data: Any, reply: Any, *rest: Any) -> Any:
         t0 = time.time_ns()
-        w = real(nc, subject, data, reply)
+        w = real(nc, subject, data, reply, *rest)
         if subject == "trace":                 # not the queue-group announcement that follows
             writes.append((t0, time.time_ns()))
         return w

@@ -91,7 +91,7 @@ MAX_OUTSTANDING_PINGS = 3             # without a reset) is left after 30-40 s w
 FLUSH_DEFAULT_S = 60.0                # flush(None): waits at most this
 CLOSE_FLUSH_S = 5.0                   # close() gives queued frames this long to leave
 CLOSE_WAIT_S = 3.0                    # and nats-py this long to close (a stalled server never lets it)
-GIVE_UP_WAIT_S = 30.0                 # bound on the wait for one non-blocking write, for a caller that gives up
+GIVE_UP_WAIT_S = 30.0                 # bound on the wait for one message's write, for a caller that gives up
 PUB_OVERHEAD = 160                    # bytes nats-py adds to a message in its buffer (PUB line)
 MAX_FAILURES = 1000                   # failures kept for flush()'s report (all are counted)
 SLOW_CONSUMER_ADVICE = ("the server drops a client that falls behind once its pending data passes the "
@@ -410,15 +410,15 @@ _WRITE_COPIES = sys.version_info < (3, 12)   # asyncio's selector transport copi
 ZERO_COPY_MIN = 256 << 10         # whole frames from this size go as views (the caller waits for the write)
 DIRECT_HIGH_WATER = 8 << 20       # bytes asyncio may hold for the socket before the loop waits for it
 SYNC_WRITE_MIN = 256 << 10        # a message from this size waits for the socket rather than be copied
-SYNC_WRITE_S = 0.02               # ... for at most this long (the loop thread is blocked meanwhile)
+SYNC_WRITE_S = 0.02               # ... within this much of each turn the loop thread takes at the hand-off
 
 
-def _direct_write(nc: Any, subject: str, data: Any, reply: Optional[str]) -> Any:
+def _direct_write(nc: Any, subject: str, data: Any, reply: Optional[str], sync_end: float = 0.0) -> Any:
     """Write one PUB (or several, in order) on nats-py's connection without nats-py's copies
     (hand-written: nats-py builds each PUB as one bytes, then joins its queue, then asyncio copies
     what the socket does not take: four copies of a 6 MB frame). Here the command line, the frame's
     parts and the CRLF go to the socket in one ``writev``; a large message's rest is written as the
-    socket takes it, for up to SYNC_WRITE_S (``_write_rest``), and only what is left then is
+    socket takes it until ``sync_end`` (monotonic; ``_write_rest``), and only what is left then is
     copied, once, into asyncio's buffer. nats-py's own queued commands are written first, so the
     order on the wire is the order they were made. Returns the StreamWriter, or None where this
     cannot write (TLS, no connection, disabled): the caller then publishes through nats-py."""
@@ -451,7 +451,12 @@ def _direct_write(nc: Any, subject: str, data: Any, reply: Optional[str]) -> Any
         except (BlockingIOError, InterruptedError):
             sent = 0
         if sent < len(line) + n + 2 and n >= SYNC_WRITE_MIN:
-            bufs, sent = _write_rest(fd, bufs, sent), 0
+            try:
+                bufs, sent = _write_rest(fd, bufs, sent, sync_end), 0
+            except OSError:
+                # part of the message may be on the wire: nothing may follow it on this socket
+                tr.abort()
+                raise
     for v in bufs:                      # what the socket did not take: asyncio's buffer, in order
         if sent >= v.nbytes:
             sent -= v.nbytes
@@ -463,12 +468,12 @@ def _direct_write(nc: Any, subject: str, data: Any, reply: Optional[str]) -> Any
     return w
 
 
-def _write_rest(fd: int, bufs: List[memoryview], sent: int) -> List[memoryview]:
-    """Go on writing a large message as the socket takes it, for at most SYNC_WRITE_S; what is
-    left then is returned (for asyncio's buffer). Waiting here, the loop thread blocks, but the
-    rest of the frame is not copied: asyncio would copy it whole into its buffer first, a
-    copy of up to the socket's send buffer per frame, made while the server needs the core."""
-    end = time.monotonic() + SYNC_WRITE_S
+def _write_rest(fd: int, bufs: List[memoryview], sent: int, end: float) -> List[memoryview]:
+    """Go on writing a large message (``sent`` bytes of ``bufs`` are out) as the socket takes it,
+    until ``end`` (monotonic); what is left then is returned, in order, for asyncio's buffer.
+    Waiting here blocks the loop thread, but the rest of the frame is not copied: asyncio would
+    copy it whole into its buffer first, up to the socket's send buffer per frame, a copy made
+    while the server needs the core."""
     p = select.poll()
     p.register(fd, select.POLLOUT)
     while True:
@@ -931,6 +936,9 @@ class NatsTransport(Transport):
         """Write from the hand-off until it is empty (None), or until a message needs the loop:
         then (what to await, its frame, its subject, whether it went to the reconnect buffer)."""
         nc = self.nc
+        # one budget for waiting on the socket per turn: past it, messages are copied into
+        # asyncio's buffer instead, whose high water hands the loop back (reads, pings, pulls)
+        sync_end = time.monotonic() + SYNC_WRITE_S
         while True:
             if self._inflight_i + 1 >= len(self._inflight):
                 with self._cv:
@@ -964,7 +972,7 @@ class NatsTransport(Transport):
                 try:
                     if type(data) is _Pieces:
                         data = data.next()
-                    w = None if away else _direct_write(nc, subject, data, reply)
+                    w = None if away else _direct_write(nc, subject, data, reply, sync_end)
                     if w is None:
                         data = data if isinstance(data, bytes) else b"".join(data)
                     finished = True
@@ -994,9 +1002,9 @@ class NatsTransport(Transport):
     def _give_up(self, rec: _Sent) -> bool:
         """Stop the loop thread from writing any more of ``rec`` from the caller's memory: after
         this, nothing of it is. True if it was all written meanwhile; else it is counted lost
-        (once). The message being written, if any, is waited for: a non-blocking write, moments."""
+        (once). The message being written, if any, is waited for: at most SYNC_WRITE_S."""
         assert rec.lock is not None
-        # held by the loop thread only while it makes and writes one message without blocking
+        # held by the loop thread only while it makes and writes one message (see _write_rest)
         got = rec.lock.acquire(timeout=GIVE_UP_WAIT_S)
         if not got:
             log.error("msight_fast: NATS: the loop thread held a frame's lock for %.0f s", GIVE_UP_WAIT_S)
