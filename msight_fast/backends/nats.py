@@ -15,11 +15,15 @@ one frame would reach different members. A fragmented frame is therefore announc
 groups by its first fragment's 64-byte header alone, on ``_MSF.q.<topic>``, carrying a reply
 subject of the publisher; the member that gets it asks the publisher (a request to that subject,
 naming its own inbox) for the frame, whose fragments the publisher sends to that inbox alone.
-Cost per fragmented frame of N fragments: with no queue group listening, one extra 64-byte
-message (nothing is sent twice); with one, N + 2 messages for the member (announcement, request,
+Cost per fragmented frame of N fragments: with no queue group listening, nothing (nothing is
+sent twice, nor kept); with one, N + 2 messages for the member (announcement, request,
 fragments) and one round trip between member and publisher before the fragments go. The
 publisher keeps a copy of its last ``REST_CACHE`` fragmented frames to answer, made once their
-broadcast fragments are written and before the announcement goes. Subscribers without a group
+broadcast fragments are written and before the announcement goes. Whether any group listens it
+asks the server at most once a second per topic (``_probe_groups``: a request on the group
+subject, which the server refuses at once when no one subscribes), in the background; until
+the first answer it assumes one does, and a member that joins is announced frames from the next
+answer on, within about ``GROUP_PROBE_S``. Subscribers without a group
 get every fragment pushed on the subject and never ask. (A member still accepts a whole first
 fragment on the group subject, as publishers before the announcement sent it.)
 
@@ -60,7 +64,7 @@ import select
 import sys
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 import nats.aio.client as _nats_client
 import nats.aio.transport as _nats_transport
@@ -80,6 +84,8 @@ PULL_PREFIX = "_MSF.pull."            # + publisher id: where queue members ask 
 GROUP_PREFIX = "_MSF.q."              # + topic: first fragments of frames for queue groups
 REST_CACHE = 4                        # fragmented frames a publisher keeps for pulls (a member pulls within
                                       # a round trip); their buffers are then reused, warm
+GROUP_PROBE_S = 1.0                   # how long the server's answer to "does a queue group listen?" holds
+PROBE_WAIT_S = 0.25                   # members take a probe and say nothing; with none, the server answers at once
 SPARE_BUFFERS = 2                     # fragment buffers kept for reuse beyond those in the pull cache
 READ_CHUNK = 4 << 20                  # socket read size of our nats-py connections, see below
 RECONNECT_WAIT_S = 0.5                # between two attempts at the same server
@@ -669,6 +675,8 @@ class NatsTransport(Transport):
         self._rest: collections.OrderedDict[Tuple[int, int], Tuple[str, List[Any], Optional[np.ndarray]]] = \
             collections.OrderedDict()
         self._spare: List[np.ndarray] = []          # fragment buffers to reuse
+        self._groups: Dict[str, Tuple[float, bool]] = {}   # topic -> (answer good until, a queue group listens)
+        self._probing: Set[str] = set()
         self._pull_sub = None
         self._pull_subject: Optional[str] = None
         self._lock = threading.Lock()
@@ -823,6 +831,8 @@ class NatsTransport(Transport):
             self._await_written(rec, topic, nbytes, deadline)
             if rec.lost:                   # counted, and reported by flush(); a pull could not complete it either
                 return
+            if not self._groups_listen(topic):
+                return                     # nothing to keep a copy for, or to announce
             cached, buf = self._keep_for_pulls(pieces.made, nbytes, msg.fragments is None)
             head = bytes(memoryview(pieces.made[0][0])[:S.FRAG_HEADER_LEN])
         finally:
@@ -842,6 +852,42 @@ class NatsTransport(Transport):
             self._enqueue([(GROUP_PREFIX + topic, head, self._pull_subject, rec)], S.FRAG_HEADER_LEN, nbytes, deadline)
         except MsightFastError as e:
             self._lose(rec, GROUP_PREFIX + topic, repr(e))
+
+    def _groups_listen(self, topic: str) -> bool:
+        """Whether a queue group may listen on ``topic``, as the server last answered: asked again
+        in the background once the answer is ``GROUP_PROBE_S`` old, and True until the first.
+        A member that joins meanwhile gets frames announced from the next answer on."""
+        got = self._groups.get(topic)
+        if got is None or time.monotonic() >= got[0]:
+            with self._lock:
+                ask = topic not in self._probing
+                self._probing.add(topic)
+            if ask:
+                try:
+                    self._L.loop.call_soon_threadsafe(self._ask_groups, topic)
+                except RuntimeError:                  # the loop is closed: the transport is closing
+                    with self._lock:
+                        self._probing.discard(topic)
+        return True if got is None else got[1]
+
+    def _ask_groups(self, topic: str) -> None:
+        self._L.loop.create_task(self._probe_groups(topic))
+
+    async def _probe_groups(self, topic: str) -> None:
+        """A request on the group subject that nobody answers: with no subscriber the server
+        refuses it at once ("no responders"); a member takes it, sees no frame in it, and stays
+        silent, so the request times out. Anything else (server away, no headers support) counts
+        as a group listening: a copy kept for nothing costs less than a frame a member misses."""
+        listens = True
+        try:
+            await self.nc.request(GROUP_PREFIX + topic, b"", timeout=PROBE_WAIT_S)
+        except nats_errors.NoRespondersError:
+            listens = False
+        except Exception:  # noqa: BLE001 - a timeout (a member took it), or no answer to be had
+            pass
+        self._groups[topic] = (time.monotonic() + GROUP_PROBE_S, listens)
+        with self._lock:
+            self._probing.discard(topic)
 
     def _keep_for_pulls(self, made: List[List[Any]], nbytes: int,
                         views: bool) -> Tuple[List[Any], Optional[np.ndarray]]:

@@ -13,6 +13,7 @@ import pytest
 import msight_fast
 from msight_fast import Frame, Reassembler, decode, encode, fragment
 
+from ..helpers import wait_for
 from .conftest import collect
 
 nats = pytest.importorskip("nats")
@@ -110,12 +111,15 @@ def test_queue_groups_get_an_announcement_not_a_second_copy_of_the_first_fragmen
             await loop.run_in_executor(None, pub.publish, topic, big)
             got = await loop.run_in_executor(None, member.recv, 30)
             assert got is not None and np.array_equal(got.array, big)
-        msg = await sub.next_msg(timeout=30)
+        msgs = [(await sub.next_msg(timeout=30)).data]
+        while not msgs[-1]:                 # the publisher's empty probes asking whether a group listens
+            msgs.append((await sub.next_msg(timeout=30)).data)
         await nc.close()
-        return [msg.data]
+        return msgs
 
-    [announcement] = asyncio.run(watch_group_subject())
+    *probes, announcement = asyncio.run(watch_group_subject())
     assert len(announcement) == 64 and announcement[:4] == b"\x93MSP"
+    assert all(p == b"" for p in probes)
 
 
 def test_an_array_changed_right_after_publish_returns_arrives_as_it_was(nats_opts: Any) -> None:
@@ -180,10 +184,67 @@ def test_frames_of_different_sizes_take_turns_with_the_fragment_buffers(nats_opt
     rng = np.random.default_rng(4)
     cam = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
     cloud = rng.integers(0, 256, 6_291_456, dtype=np.uint8)
-    with msight_fast.connect("nats", **nats_opts) as bus, bus.subscribe(topic) as sub:
+    # a queue member: the publisher keeps copies (in its buffers) only while a group listens
+    with msight_fast.connect("nats", **nats_opts) as bus, bus.subscribe(topic) as sub, \
+            bus.subscribe(topic, group_id="g") as member:
         for _ in range(12):
             bus.publish(topic, cam)
             bus.publish(topic, cloud)
         got = collect(sub, 24, timeout=60)
+        pulled = _until_quiet(member)
     for i, f in enumerate(got):
         assert np.array_equal(f.array, cam if i % 2 == 0 else cloud), i
+    assert pulled, "the group member got no frame at all"
+    for f in pulled:
+        assert np.array_equal(f.array, cam if f.seq % 2 == 1 else cloud), f.seq
+
+
+def _publish_until(bus: Any, topic: str, a: np.ndarray, cond: Any, what: str) -> int:
+    """Publish ``a`` every 20 ms until ``cond()``; how many were published."""
+    n = 0
+
+    def step() -> bool:
+        nonlocal n
+        bus.publish(topic, a)
+        n += 1
+        return bool(cond())
+    wait_for(step, what, timeout=30)
+    return n
+
+
+def test_with_no_queue_group_a_fragmented_frame_is_neither_kept_nor_announced(nats_opts: Any) -> None:
+    """The copy for pulls (a whole frame's worth) and the announcement are for queue groups: with
+    none listening, once the server has said so, a publisher makes neither, and broadcast
+    subscribers still get every frame whole."""
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    a = np.random.default_rng(6).integers(0, 256, (700, 800, 3), dtype=np.uint8)
+    with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus, \
+            sub_bus.subscribe(topic) as everyone:
+        t = pub._t
+        n = _publish_until(pub, topic, a, lambda: t._groups.get(topic, (0, True))[1] is False,
+                           "the server to answer that no queue group listens")
+        kept = {k for k in t._rest}
+        for _ in range(5):
+            pub.publish(topic, a)
+        assert {k for k in t._rest} == kept        # nothing more kept: no announcement could be answered
+        got = collect(everyone, n + 5, timeout=60)
+    assert [f.seq for f in got] == list(range(1, n + 6))
+    assert all(np.array_equal(f.array, a) for f in got)
+    assert pub.stats()["lost"] == 0
+
+
+def test_a_member_that_joins_later_is_announced_frames_again(nats_opts: Any) -> None:
+    """After the server said no queue group listens, a member that joins starts getting frames once
+    the publisher asks again (about a second), intact."""
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    a = np.random.default_rng(7).integers(0, 256, (700, 800, 3), dtype=np.uint8)
+    with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus:
+        t = pub._t
+        _publish_until(pub, topic, a, lambda: t._groups.get(topic, (0, True))[1] is False,
+                       "the server to answer that no queue group listens")
+        with sub_bus.subscribe(topic, group_id="late") as member:
+            got: List[Any] = []
+            _publish_until(pub, topic, a, lambda: got.append(member.recv(0.05)) or got[-1] is not None,
+                           "the late member's first frame")
+            assert np.array_equal(got[-1].array, a)
+            assert t._groups[topic][1] is True
