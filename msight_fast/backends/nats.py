@@ -21,9 +21,12 @@ fragments) and one round trip between member and publisher before the fragments 
 publisher keeps a copy of its last ``REST_CACHE`` fragmented frames to answer, made once their
 broadcast fragments are written and before the announcement goes. Whether any group listens it
 asks the server at most once a second per topic (``_probe_groups``: a request on the group
-subject, which the server refuses at once when no one subscribes), in the background; until
-the first answer it assumes one does, and a member that joins is announced frames from the next
-answer on, within about ``GROUP_PROBE_S``. Subscribers without a group
+subject, which the server refuses at once when no one subscribes), in the background. An answer
+holds for ``GROUP_PROBE_S``; without a fresh one the publisher assumes a group listens. So a
+member that joins, or reconnects, after a "no" misses at most the frames of that answer's life
+(about a second). Any subscriber on the group subject counts as a group (a monitor on ``>``
+too), and the probe's reply inbox needs the publisher's permission to subscribe to
+``_INBOX.>``: without it, groups are assumed to listen. Subscribers without a group
 get every fragment pushed on the subject and never ask. (A member still accepts a whole first
 fragment on the group subject, as publishers before the announcement sent it.)
 
@@ -677,6 +680,7 @@ class NatsTransport(Transport):
         self._spare: List[np.ndarray] = []          # fragment buffers to reuse
         self._groups: Dict[str, Tuple[float, bool]] = {}   # topic -> (answer good until, a queue group listens)
         self._probing: Set[str] = set()
+        self._probes: Set[Any] = set()               # probe tasks under way
         self._pull_sub = None
         self._pull_subject: Optional[str] = None
         self._lock = threading.Lock()
@@ -838,6 +842,10 @@ class NatsTransport(Transport):
         finally:
             pieces.drop()                  # every item of it is done with, or skipped (lost)
         with self._lock:
+            got = self._groups.get(topic)
+            if got is not None and not got[1] and time.monotonic() < got[0]:
+                # "no group" came meanwhile, and _forget_pulls ran or waits for this lock: no cache
+                return
             self._rest[(msg.publisher_id, msg.frame_id)] = (topic, cached, buf)
             while len(self._rest) > REST_CACHE:
                 _, (_, _, old_buf) = self._rest.popitem(last=False)
@@ -854,40 +862,60 @@ class NatsTransport(Transport):
             self._lose(rec, GROUP_PREFIX + topic, repr(e))
 
     def _groups_listen(self, topic: str) -> bool:
-        """Whether a queue group may listen on ``topic``, as the server last answered: asked again
-        in the background once the answer is ``GROUP_PROBE_S`` old, and True until the first.
-        A member that joins meanwhile gets frames announced from the next answer on."""
+        """Whether a queue group may listen on ``topic``: the server's last answer while it is
+        under ``GROUP_PROBE_S`` old; else True (a copy and an announcement made for nothing cost
+        less than a frame a member misses), and the server is asked again in the background. So a
+        member that joins misses at most the frames of one answer's life."""
         got = self._groups.get(topic)
-        if got is None or time.monotonic() >= got[0]:
-            with self._lock:
-                ask = topic not in self._probing
-                self._probing.add(topic)
-            if ask:
-                try:
-                    self._L.loop.call_soon_threadsafe(self._ask_groups, topic)
-                except RuntimeError:                  # the loop is closed: the transport is closing
-                    with self._lock:
-                        self._probing.discard(topic)
-        return True if got is None else got[1]
+        if got is not None and time.monotonic() < got[0]:
+            return got[1]
+        with self._lock:
+            ask = topic not in self._probing
+            self._probing.add(topic)
+        if ask:
+            try:
+                self._L.loop.call_soon_threadsafe(self._ask_groups, topic)
+            except RuntimeError:                  # the loop is closed: the transport is closing
+                with self._lock:
+                    self._probing.discard(topic)
+        return True
 
     def _ask_groups(self, topic: str) -> None:
-        self._L.loop.create_task(self._probe_groups(topic))
+        task = self._L.loop.create_task(self._probe_groups(topic))
+        self._probes.add(task)                    # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._probes.discard)
 
     async def _probe_groups(self, topic: str) -> None:
         """A request on the group subject that nobody answers: with no subscriber the server
         refuses it at once ("no responders"); a member takes it, sees no frame in it, and stays
-        silent, so the request times out. Anything else (server away, no headers support) counts
-        as a group listening: a copy kept for nothing costs less than a frame a member misses."""
+        silent, so the request times out. Anything else (server away, no headers support, no
+        permission for the reply inbox) counts as a group listening."""
         listens = True
         try:
-            await self.nc.request(GROUP_PREFIX + topic, b"", timeout=PROBE_WAIT_S)
+            if self.nc.is_connected:              # away: it would only take room in the reconnect buffer
+                await self.nc.request(GROUP_PREFIX + topic, b"", timeout=PROBE_WAIT_S)
         except nats_errors.NoRespondersError:
             listens = False
         except Exception:  # noqa: BLE001 - a timeout (a member took it), or no answer to be had
             pass
-        self._groups[topic] = (time.monotonic() + GROUP_PROBE_S, listens)
+        finally:
+            now = time.monotonic()
+            for t in [t for t, (until, _) in self._groups.items() if until < now - 60]:
+                del self._groups[t]               # topics no longer published
+            self._groups[topic] = (now + GROUP_PROBE_S, listens)
+            if not listens:
+                self._forget_pulls(topic)
+            with self._lock:
+                self._probing.discard(topic)
+
+    def _forget_pulls(self, topic: str) -> None:
+        """No group listens on ``topic``: nobody will pull its cached frames; let their buffers go
+        (and the spare ones, once no topic keeps any)."""
         with self._lock:
-            self._probing.discard(topic)
+            for k in [k for k, v in self._rest.items() if v[0] == topic]:
+                del self._rest[k]
+            if not self._rest:
+                self._spare.clear()
 
     def _keep_for_pulls(self, made: List[List[Any]], nbytes: int,
                         views: bool) -> Tuple[List[Any], Optional[np.ndarray]]:

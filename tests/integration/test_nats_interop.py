@@ -4,6 +4,7 @@ nats-py client publishes (with and without headers, through this library's own s
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any, List
 
@@ -111,15 +112,16 @@ def test_queue_groups_get_an_announcement_not_a_second_copy_of_the_first_fragmen
             await loop.run_in_executor(None, pub.publish, topic, big)
             got = await loop.run_in_executor(None, member.recv, 30)
             assert got is not None and np.array_equal(got.array, big)
-        msgs = [(await sub.next_msg(timeout=30)).data]
-        while not msgs[-1]:                 # the publisher's empty probes asking whether a group listens
-            msgs.append((await sub.next_msg(timeout=30)).data)
+        msgs = []
+        while not msgs or not msgs[-1][0]:   # first the publisher's empty probes: does a group listen?
+            m = await sub.next_msg(timeout=30)
+            msgs.append((m.data, m.reply))
         await nc.close()
         return msgs
 
-    *probes, announcement = asyncio.run(watch_group_subject())
+    *probes, (announcement, _) = asyncio.run(watch_group_subject())
     assert len(announcement) == 64 and announcement[:4] == b"\x93MSP"
-    assert all(p == b"" for p in probes)
+    assert len(probes) <= 2 and all(reply for _, reply in probes)    # a request: it names a reply inbox
 
 
 def test_an_array_changed_right_after_publish_returns_arrives_as_it_was(nats_opts: Any) -> None:
@@ -212,21 +214,32 @@ def _publish_until(bus: Any, topic: str, a: np.ndarray, cond: Any, what: str) ->
     return n
 
 
-def test_with_no_queue_group_a_fragmented_frame_is_neither_kept_nor_announced(nats_opts: Any) -> None:
+def _cached(t: Any, topic: str) -> List[Any]:
+    """The frames of ``topic`` the publisher keeps for queue members' pulls."""
+    with t._lock:
+        return [k for k, v in t._rest.items() if v[0] == topic]
+
+
+def test_with_no_queue_group_a_fragmented_frame_is_neither_kept_nor_announced(
+        nats_opts: Any, monkeypatch: Any) -> None:
     """The copy for pulls (a whole frame's worth) and the announcement are for queue groups: with
-    none listening, once the server has said so, a publisher makes neither, and broadcast
-    subscribers still get every frame whole."""
+    none listening, once the server has said so, a publisher makes neither, lets go of what it
+    kept, and broadcast subscribers still get every frame whole."""
+    from msight_fast.backends import nats as nats_backend
+    monkeypatch.setattr(nats_backend, "GROUP_PROBE_S", 1e6)     # the first answer holds all along
     topic = f"interop/{uuid.uuid4().hex[:8]}"
     a = np.random.default_rng(6).integers(0, 256, (700, 800, 3), dtype=np.uint8)
     with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus, \
             sub_bus.subscribe(topic) as everyone:
         t = pub._t
-        n = _publish_until(pub, topic, a, lambda: t._groups.get(topic, (0, True))[1] is False,
-                           "the server to answer that no queue group listens")
-        kept = {k for k in t._rest}
+        pub.publish(topic, a)
+        assert _cached(t, topic)                   # before any answer, a group is assumed to listen
+        n = 1 + _publish_until(pub, topic, a, lambda: t._groups.get(topic, (0, True))[1] is False,
+                               "the server to answer that no queue group listens")
+        assert _cached(t, topic) == []             # let go: nobody is there to pull them
         for _ in range(5):
             pub.publish(topic, a)
-        assert {k for k in t._rest} == kept        # nothing more kept: no announcement could be answered
+        assert _cached(t, topic) == []             # nothing more kept: no announcement could be answered
         got = collect(everyone, n + 5, timeout=60)
     assert [f.seq for f in got] == list(range(1, n + 6))
     assert all(np.array_equal(f.array, a) for f in got)
@@ -247,4 +260,22 @@ def test_a_member_that_joins_later_is_announced_frames_again(nats_opts: Any) -> 
             _publish_until(pub, topic, a, lambda: got.append(member.recv(0.05)) or got[-1] is not None,
                            "the late member's first frame")
             assert np.array_equal(got[-1].array, a)
-            assert t._groups[topic][1] is True
+            # and the server's next answer names the member's group
+            _publish_until(pub, topic, a, lambda: t._groups[topic][1] is True, "an answer that a group listens")
+
+
+def test_a_slow_publishers_next_frame_after_the_answer_expired_reaches_a_new_member(nats_opts: Any) -> None:
+    """A publisher that sends a frame now and then: an answer of "no group" older than its life
+    counts for nothing, so the first frame after a member joined is announced, not only the one
+    after the publisher asked again."""
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    a = np.random.default_rng(8).integers(0, 256, (700, 800, 3), dtype=np.uint8)
+    with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus:
+        t = pub._t
+        _publish_until(pub, topic, a, lambda: t._groups.get(topic, (0, True))[1] is False,
+                       "the server to answer that no queue group listens")
+        with sub_bus.subscribe(topic, group_id="late") as member:
+            wait_for(lambda: time.monotonic() >= t._groups[topic][0], "the answer to expire")
+            pub.publish(topic, a)
+            got = member.recv(30)
+        assert got is not None and np.array_equal(got.array, a)
