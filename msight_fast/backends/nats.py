@@ -24,11 +24,13 @@ asks the server at most once a second per topic (``_probe_groups``: a request on
 subject, which the server refuses at once when no one subscribes), in the background. An answer
 holds for ``GROUP_PROBE_S``; without a fresh one the publisher assumes a group listens. So a
 member that joins, or reconnects, after a "no" misses at most the frames of that answer's life
-(about a second). Any subscriber on the group subject counts as a group (a monitor on ``>``
-too), and the probe's reply inbox needs the publisher's permission to subscribe to
-``_INBOX.>``: without it, groups are assumed to listen. Subscribers without a group
-get every fragment pushed on the subject and never ask. (A member still accepts a whole first
-fragment on the group subject, as publishers before the announcement sent it.)
+(about a second), and a "no" drops the topic's cached frames: a member whose connection broke
+between an announcement and its pull then finds nothing to pull. Any subscriber on the group
+subject counts as a group (a monitor on ``>`` too), and the probe's reply inbox needs the
+publisher's permission to subscribe to ``_INBOX.>``: without it, groups are assumed to listen.
+Subscribers without a group get every fragment pushed on the subject and never ask. (A member
+still accepts a whole first fragment on the group subject, as publishers before the
+announcement sent it.)
 
 The data path is partly hand-written (see ``_FastReader`` and ``_direct_write``): on a plain TCP
 connection, this library writes PUBs with one ``writev`` of the command line and the frame's parts
@@ -844,7 +846,7 @@ class NatsTransport(Transport):
         with self._lock:
             got = self._groups.get(topic)
             if got is not None and not got[1] and time.monotonic() < got[0]:
-                # "no group" came meanwhile, and _forget_pulls ran or waits for this lock: no cache
+                # "no group" came meanwhile (and _forget_pulls ran with it): nothing to cache
                 return
             self._rest[(msg.publisher_id, msg.frame_id)] = (topic, cached, buf)
             while len(self._rest) > REST_CACHE:
@@ -900,22 +902,23 @@ class NatsTransport(Transport):
             pass
         finally:
             now = time.monotonic()
-            for t in [t for t, (until, _) in self._groups.items() if until < now - 60]:
-                del self._groups[t]               # topics no longer published
-            self._groups[topic] = (now + GROUP_PROBE_S, listens)
-            if not listens:
-                self._forget_pulls(topic)
+            # one lock with the answer: _send_fragments checks it under this lock before caching
             with self._lock:
+                for t in [t for t, (until, _) in self._groups.items() if until < now - 60]:
+                    del self._groups[t]           # topics no longer published, and their frames
+                    self._forget_pulls(t)
+                self._groups[topic] = (now + GROUP_PROBE_S, listens)
+                if not listens:
+                    self._forget_pulls(topic)
                 self._probing.discard(topic)
 
     def _forget_pulls(self, topic: str) -> None:
-        """No group listens on ``topic``: nobody will pull its cached frames; let their buffers go
-        (and the spare ones, once no topic keeps any)."""
-        with self._lock:
-            for k in [k for k, v in self._rest.items() if v[0] == topic]:
-                del self._rest[k]
-            if not self._rest:
-                self._spare.clear()
+        """Nobody is to pull ``topic``'s cached frames: let their buffers go (and the spare ones,
+        once no topic keeps any). The caller holds ``self._lock``."""
+        for k in [k for k, v in self._rest.items() if v[0] == topic]:
+            del self._rest[k]
+        if not self._rest:
+            self._spare.clear()
 
     def _keep_for_pulls(self, made: List[List[Any]], nbytes: int,
                         views: bool) -> Tuple[List[Any], Optional[np.ndarray]]:

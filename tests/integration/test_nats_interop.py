@@ -227,19 +227,28 @@ def test_with_no_queue_group_a_fragmented_frame_is_neither_kept_nor_announced(
     kept, and broadcast subscribers still get every frame whole."""
     from msight_fast.backends import nats as nats_backend
     monkeypatch.setattr(nats_backend, "GROUP_PROBE_S", 1e6)     # the first answer holds all along
+    copies = []
+    real = nats_backend.NatsTransport._keep_for_pulls
+
+    def counted(self: Any, *args: Any) -> Any:
+        copies.append(1)
+        return real(self, *args)
+    monkeypatch.setattr(nats_backend.NatsTransport, "_keep_for_pulls", counted)
     topic = f"interop/{uuid.uuid4().hex[:8]}"
     a = np.random.default_rng(6).integers(0, 256, (700, 800, 3), dtype=np.uint8)
     with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus, \
             sub_bus.subscribe(topic) as everyone:
         t = pub._t
         pub.publish(topic, a)
-        assert _cached(t, topic)                   # before any answer, a group is assumed to listen
+        assert copies == [1]                       # before any answer, a group is assumed to listen
         n = 1 + _publish_until(pub, topic, a, lambda: t._groups.get(topic, (0, True))[1] is False,
                                "the server to answer that no queue group listens")
         assert _cached(t, topic) == []             # let go: nobody is there to pull them
+        made = len(copies)
         for _ in range(5):
             pub.publish(topic, a)
-        assert _cached(t, topic) == []             # nothing more kept: no announcement could be answered
+        assert len(copies) == made                 # no copy made: no announcement could be answered
+        assert _cached(t, topic) == []
         got = collect(everyone, n + 5, timeout=60)
     assert [f.seq for f in got] == list(range(1, n + 6))
     assert all(np.array_equal(f.array, a) for f in got)
