@@ -255,15 +255,22 @@ def test_with_no_queue_group_a_fragmented_frame_is_neither_kept_nor_announced(
     assert pub.stats()["lost"] == 0
 
 
+def _told_no_group(pub: Any, topic: str, a: np.ndarray) -> Any:
+    """Publish ``a`` until the server has answered ``pub`` that no queue group listens on ``topic``;
+    the publisher's transport."""
+    t = pub._t
+    _publish_until(pub, topic, a, lambda: t._groups.get(topic, (0, True))[1] is False,
+                   "the server to answer that no queue group listens")
+    return t
+
+
 def test_a_member_that_joins_later_is_announced_frames_again(nats_opts: Any) -> None:
     """After the server said no queue group listens, a member that joins starts getting frames once
     the publisher asks again (about a second), intact."""
     topic = f"interop/{uuid.uuid4().hex[:8]}"
     a = np.random.default_rng(7).integers(0, 256, (700, 800, 3), dtype=np.uint8)
     with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus:
-        t = pub._t
-        _publish_until(pub, topic, a, lambda: t._groups.get(topic, (0, True))[1] is False,
-                       "the server to answer that no queue group listens")
+        t = _told_no_group(pub, topic, a)
         with sub_bus.subscribe(topic, group_id="late") as member:
             got: List[Any] = []
             _publish_until(pub, topic, a, lambda: got.append(member.recv(0.05)) or got[-1] is not None,
@@ -280,9 +287,7 @@ def test_a_slow_publishers_next_frame_after_the_answer_expired_reaches_a_new_mem
     topic = f"interop/{uuid.uuid4().hex[:8]}"
     a = np.random.default_rng(8).integers(0, 256, (700, 800, 3), dtype=np.uint8)
     with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus:
-        t = pub._t
-        _publish_until(pub, topic, a, lambda: t._groups.get(topic, (0, True))[1] is False,
-                       "the server to answer that no queue group listens")
+        t = _told_no_group(pub, topic, a)
         with sub_bus.subscribe(topic, group_id="late") as member:
             wait_for(lambda: time.monotonic() >= t._groups[topic][0], "the answer to expire")
             pub.publish(topic, a)
