@@ -81,28 +81,57 @@ class Subscription:
         Never raises for what the network or the broker does: a lost connection is re-established
         inside, and frames lost meanwhile show up in ``stats()``.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._rlock.acquire(False) and \
-                not self._rlock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            return None
+        lock = self._rlock
+        if not lock.acquire(False):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+                return None
+            try:
+                return self._recv(deadline, None)
+            finally:
+                lock.release()
         try:
-            return self._recv(deadline)
+            # the turn was free, so nothing of the timeout is spent yet: the first wait is all of it
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if self._closed:
+                return None
+            got = self._src.next(timeout)
+            if got is not None:
+                buf, token = got
+                if type(buf) is Frame and not self._tokens:
+                    # decoded by the backend with the rest of its batch, the common case for small
+                    # frames: _recv's steps, without the ones a whole frame does not need
+                    self.received += 1
+                    self.bytes += buf.nbytes
+                    ts = buf.publish_ts_ns
+                    if ts:
+                        self._lat.add(time.time_ns() - ts)
+                    pid = buf.publisher_id
+                    if pid:
+                        self._seq.see(pid, buf.seq)
+                    if token is not None:      # a batch's token comes with its last frame only
+                        self._src.handed(buf, [token])
+                    return buf
+            return self._recv(deadline, got)
         finally:
-            self._rlock.release()
+            lock.release()
 
-    def _recv(self, deadline: Optional[float]) -> Optional[Frame]:
+    def _recv(self, deadline: Optional[float], got: Optional[Tuple[Any, Any]]) -> Optional[Frame]:
+        """``recv`` after its first wait (``got``: what that gave, None for nothing or no wait yet)."""
         while not self._closed:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            got = self._src.next(left)
             if got is None:
-                if self._tokens:               # the reaper may have expired frames meanwhile
-                    self._check_abandoned()
-                if deadline is not None and time.monotonic() >= deadline:
-                    return None
-                continue
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                got = self._src.next(left)
+                if got is None:
+                    if self._tokens:           # the reaper may have expired frames meanwhile
+                        self._check_abandoned()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return None
+                    continue
             buf, token = got
+            got = None
             frame: Optional[Frame]
-            if type(buf) is Frame:             # decoded by the backend, with the rest of its batch
+            if type(buf) is Frame:             # as above, with fragments of other frames held
                 frame, frag = buf, False
             else:
                 if buf is None:                # a Kafka record with no value (a tombstone)

@@ -99,15 +99,27 @@ class SeqTracker:
         self.gaps = 0
         self.duplicates = 0
         self.forgotten = 0
+        # the publisher seen last, always the last in _pubs: its next number in order is the
+        # common case, and needs neither the lookup nor the move
+        self._hot_pub: Optional[int] = None
+        self._hot: Optional[_Pub] = None
 
     def see(self, pub: int, seq: int) -> None:
+        st = self._hot
+        if pub == self._hot_pub and st is not None and seq == st.high + 1:
+            st.high = seq
+            return
         st = self._pubs.get(pub)
         if st is None:
-            self._pubs[pub] = _Pub(seq)
+            st = self._pubs[pub] = _Pub(seq)
+            self._hot_pub, self._hot = pub, st
             if len(self._pubs) > self.max_publishers:
-                self._pubs.popitem(last=False)
+                gone, _ = self._pubs.popitem(last=False)
                 self.forgotten += 1
+                if gone == pub:                # max_publishers 0: nothing is kept
+                    self._hot_pub = self._hot = None
             return
+        self._hot_pub, self._hot = pub, st
         self._pubs.move_to_end(pub)
         if seq > st.high:
             if seq - st.high > 1:

@@ -44,7 +44,8 @@ every frame). Offsets are stored only for messages whose frame has been handed t
 application and then released (the next ``recv`` or ``ack()``), never ahead of delivery, and are
 committed every second and on ``ack()``: a member that dies loses nothing; the group re-delivers.
 A fragmented frame's offsets are stored only once the whole frame was handed over; a batch's
-offset once each of its frames was (a member that dies mid-batch gets the whole batch again).
+offset once its last frame was, which the one receiving thread hands after all the others (a
+member that dies mid-batch gets the whole batch again).
 Kafka offsets, ``lag`` and the repeat counters count messages, so a batch is one. The poll
 thread outlives every error; after a broker restart the group re-joins and a partition whose
 committed offset the broker lost starts at the beginning of its (new) log. Loss and repeats in a
@@ -999,16 +1000,6 @@ class KafkaTransport(Transport):
                 th.join(5)
 
 
-class _BatchToken:
-    """The token of every frame of one batch message: the message's offset is released once
-    ``left`` of them have been handed (or dropped), whatever the order (``KafkaSource.handed``)."""
-
-    __slots__ = ("p", "o", "run", "left")
-
-    def __init__(self, p: int, o: int, run: Deque[int], left: int) -> None:
-        self.p, self.o, self.run, self.left = p, o, run, left
-
-
 class _Commit(threading.Event):
     """An ``ack()`` waiting for the poll thread's commit, and the error that commit ended with."""
 
@@ -1070,10 +1061,11 @@ class KafkaSource(Source):
         self._gen = self._local_gen = 0
         self._gone: Set[int] = set()
         # the frames of the batch message being handed out (each copied out, so a frame kept does
-        # not pin its whole batch; decoded, or bytes for the Subscription to reject) and their token
+        # not pin its whole batch; decoded, or bytes for the Subscription to reject) and the token
+        # that goes with the last of them
         self._bframes: List[Any] = []
         self._bi = 0
-        self._btok: Optional[_BatchToken] = None
+        self._btok: Optional[Tuple[int, int, Deque[int]]] = None   # the batch's (partition, offset, run)
         self._bfloor: Dict[Tuple[int, int], int] = {}   # (partition, offset) of a time start's first batch -> ms
         self.batch_rejected = 0                         # malformed batch messages (also in the Subscription's rejected)
         self._since_store = 0
@@ -1512,14 +1504,16 @@ class KafkaSource(Source):
                     self._local_gen = self._gen
                     self._local = [m for m in self._local[self._li:] if m.partition() not in gone]
                     self._li = 0
-                    if self._btok is not None and self._btok.p in gone:
+                    if self._btok is not None and self._btok[0] in gone:
                         self._bframes, self._bi = [], 0   # the partition's next owner reads the whole batch
             if self._bi < len(self._bframes):
                 # no lock per frame: a frame handed just after its partition was revoked is one
                 # the next owner delivers again (its batch's offset was not stored): a repeat, not a loss
                 f = self._bframes[self._bi]
                 self._bi += 1
-                return f, self._btok
+                # the token goes with the batch's last frame only: frames are handed in order by
+                # the one receiving thread, so once that one is handed all are (one call a batch)
+                return f, (self._btok if self._bi == len(self._bframes) else None)
             if self._li < len(self._local):
                 m = self._local[self._li]
                 self._li += 1
@@ -1595,8 +1589,8 @@ class KafkaSource(Source):
             out.append(fb)
         self._bframes = frames = out
         self._bi = 1
-        self._btok = tok = _BatchToken(p, o, seen, len(frames))
-        return frames[0], tok
+        self._btok = tok = (p, o, seen)
+        return frames[0], (tok if len(frames) == 1 else None)
 
     def _count_repeats(self, p: int, o: int) -> None:
         """Called with the lock held, for each message taken, in order."""
@@ -1622,26 +1616,8 @@ class KafkaSource(Source):
                 del self._replay_bound[p]
 
     def handed(self, frame: Any, tokens: List[Any]) -> None:
-        if len(tokens) == 1 and type(tokens[0]) is _BatchToken:
-            b = tokens[0]                      # a batch's frame, the common case: a count
-            b.left -= 1
-            if not b.left:
-                with self._mutex:
-                    self._handed.append((b.p, b.o, b.run))
-            return
-        done = []
-        for t in tokens:
-            if type(t) is _BatchToken:
-                # counted without the lock: frames are handed by the receiving thread, one at a
-                # time (a count that went wrong anyway would hold the offset back: a repeat, never a loss)
-                t.left -= 1
-                if t.left:
-                    continue
-                t = (t.p, t.o, t.run)
-            done.append(t)
-        if done:
-            with self._mutex:
-                self._handed.extend(done)
+        with self._mutex:
+            self._handed.extend(tokens)
 
     def _releasable(self) -> List[TopicPartition]:
         """Offsets to store: up to the first message whose frame has not been released yet.

@@ -56,3 +56,69 @@ def test_a_jump_longer_than_the_hole_memory_still_counts_every_gap():
     assert t.gaps == 999_998
     t.see(1, 5)                           # too old to know: neither gap nor duplicate
     assert (t.gaps, t.duplicates) == (999_998, 0)
+
+
+class _LruModel:
+    """The tracker's rules by brute force for several publishers: every number remembered, the
+    least recently seen publisher forgotten past ``max_publishers`` (its gaps stay counted)."""
+
+    def __init__(self, max_publishers):
+        self.max_publishers = max_publishers
+        self.pubs = {}                    # insertion order = recency: pub -> [first, seen, dups]
+        self.retired_gaps = self.forgotten = self.retired_dups = 0
+
+    @staticmethod
+    def _gaps(first, seen):
+        return (max(seen) - first + 1) - len(seen)
+
+    def see(self, pub, seq):
+        st = self.pubs.pop(pub, None)
+        if st is None:
+            st = [seq, set(), 0]
+        if seq >= st[0]:
+            if seq in st[1]:
+                st[2] += 1
+            st[1].add(seq)
+        self.pubs[pub] = st
+        if len(self.pubs) > self.max_publishers:
+            old = next(iter(self.pubs))
+            first, seen, dups = self.pubs.pop(old)
+            self.retired_gaps += self._gaps(first, seen)
+            self.retired_dups += dups
+            self.forgotten += 1
+
+    def counts(self):
+        gaps = self.retired_gaps + sum(self._gaps(f, s) for f, s, _ in self.pubs.values())
+        dups = self.retired_dups + sum(d for _, _, d in self.pubs.values())
+        return gaps, dups, len(self.pubs), self.forgotten
+
+
+# runs of consecutive numbers from a few publishers, interleaved: the in-order case that skips the
+# lookup, broken by jumps, repeats, late numbers and switches between publishers
+_steps = st.lists(st.tuples(st.integers(1, 4), st.sampled_from([1, 1, 1, 1, 2, 5, 0, -1, -3])),
+                  min_size=1, max_size=300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_steps, st.integers(0, 5))
+def test_runs_from_several_publishers_match_the_model(steps, max_publishers):
+    t, m = SeqTracker(max_publishers=max_publishers), _LruModel(max_publishers)
+    last = {}
+    for pub, step in steps:
+        seq = max(1, last.get(pub, 0) + step)
+        last[pub] = max(last.get(pub, 0), seq)
+        t.see(pub, seq)
+        m.see(pub, seq)
+        assert (t.gaps, t.duplicates, t.publishers, t.forgotten) == m.counts()
+
+
+def test_the_publisher_seen_last_is_the_last_forgotten():
+    t = SeqTracker(max_publishers=2)
+    t.see(1, 1)
+    t.see(2, 1)
+    t.see(1, 2)                           # 1 is seen last again, after 2
+    t.see(1, 3)                           # in order: no lookup, and 1 stays the most recent
+    t.see(3, 1)                           # one too many: 2, the least recent, is forgotten
+    assert sorted(t.publisher_ids()) == [1, 3] and t.forgotten == 1
+    t.see(2, 2)                           # 2 starts over: not a gap, not a duplicate
+    assert (t.gaps, t.duplicates) == (0, 0)
