@@ -7,6 +7,7 @@ same bytes as ``msight_fast._ext._wire`` and accepts and rejects exactly the sam
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -205,6 +206,17 @@ def _header(frame: Frame, checksum: bool) -> bytes:
 def encode_parts(frame: Frame, *, checksum: bool = False) -> List[Any]:
     """[header, payload]: the payload is a read-only memoryview of the frame's own buffer (no copy)."""
     return [_header(frame, checksum), frame._payload]
+
+
+def stamp_parts(frame: Frame, seq: int, publisher_id: int, checksum: bool = False) -> List[Any]:
+    """A publisher's step in one call: set ``seq``, ``publisher_id`` and ``publish_ts_ns`` (the wall
+    clock now), then return ``encode_parts(frame, checksum=checksum)``."""
+    if not 0 <= seq < 1 << 64 or not 0 <= publisher_id < 1 << 64:
+        raise OverflowError("seq and publisher_id are u64")
+    frame.seq = seq
+    frame.publisher_id = publisher_id
+    frame.publish_ts_ns = time.time_ns()
+    return encode_parts(frame, checksum=checksum)
 
 
 def encode(frame: Frame, *, checksum: bool = False) -> bytes:

@@ -20,7 +20,7 @@ from . import _schema as S
 from . import config as _config
 from . import registry
 from .backends.base import Capabilities, Outgoing, Source, Start, Transport
-from .codec import BATCH_MAGIC, Frame, Reassembler, encode_parts, fragment, frame_key, is_fragment
+from .codec import BATCH_MAGIC, Frame, Reassembler, fragment, frame_key, is_fragment, stamp_parts
 from .errors import BackendUnavailable, ConfigError, FrameError, FrameTooLarge, MsightFastError
 from .stats import BusStats, LatencyWindow, SeqTracker, SubscriptionStats
 
@@ -356,10 +356,7 @@ class Bus:
         deadline = time.monotonic() + cfg.publish_timeout_s if self._lock.acquire(False) else self._take_turn(topic)
         try:
             seq = self._seq.get(topic, 0) + 1
-            frame.seq = seq
-            frame.publisher_id = self.publisher_id
-            frame.publish_ts_ns = time.time_ns()
-            parts = encode_parts(frame, checksum=cfg.checksum)
+            parts = stamp_parts(frame, seq, self.publisher_id, cfg.checksum)
             nbytes = len(parts[0]) + frame.nbytes
             if nbytes > cfg.max_frame_bytes:
                 raise FrameTooLarge(f"frame of {nbytes} bytes on {topic!r} exceeds max_frame_bytes "

@@ -28,17 +28,18 @@ if TYPE_CHECKING:
     # objects (compiled core or twin), not wrappers: decode is the compiled function itself.
     from typing_extensions import Buffer
 
-    from ._ext._wire import BufferLike, Frame, crc32c, decode, encode, encode_parts
+    from ._ext._wire import BufferLike, Frame, crc32c, decode, encode, encode_parts, stamp_parts
 else:
     Frame = impl.Frame
     encode = impl.encode
     encode_parts = impl.encode_parts
+    stamp_parts = impl.stamp_parts
     decode = impl.decode
     crc32c = impl.crc32c
 
 _B = TypeVar("_B", bound="BufferLike")
 
-__all__ = ["Frame", "encode", "encode_parts", "decode", "crc32c", "fragment", "Reassembler",
+__all__ = ["Frame", "encode", "encode_parts", "stamp_parts", "decode", "crc32c", "fragment", "Reassembler",
            "is_fragment", "fragment_key", "frame_key", "HAS_EXTENSIONS", "FrameError",
            "BATCH_MAGIC", "MAX_BATCH_COUNT", "BatchWriter", "batch_size", "batch_spans", "batch_frames", "is_batch",
            "pack_batch", "unpack_batch"]
@@ -232,6 +233,14 @@ class _BatchWriter:
         self.pieces: List[bytes] = []      # the frames, each followed by its padding
         self.lengths: List[int] = []
         self.body = 0                      # bytes of the frames and their padding
+        self.count = 0
+        self.size = _align8(BATCH_HEADER_LEN)
+
+    def clear(self) -> None:
+        """Empty again (the compiled writer keeps its grown buffers for the next batch)."""
+        self.pieces = []
+        self.lengths = []
+        self.body = 0
         self.count = 0
         self.size = _align8(BATCH_HEADER_LEN)
 

@@ -37,6 +37,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 import numpy as np
 
@@ -494,6 +495,18 @@ def encode_parts(Frame frame not None, *, bint checksum=False):
     return [_header(frame, checksum, &hl), _view_of(frame._owner, frame._ptr, frame._len)]
 
 
+def stamp_parts(Frame frame not None, uint64_t seq, uint64_t publisher_id, bint checksum=False):
+    """A publisher's step in one call: set ``seq``, ``publisher_id`` and ``publish_ts_ns`` (the wall
+    clock now, as ``time.time_ns`` reads it), then return ``encode_parts(frame, checksum=checksum)``."""
+    cdef timespec now
+    clock_gettime(CLOCK_REALTIME, &now)
+    frame.seq = seq
+    frame.publisher_id = publisher_id
+    frame.publish_ts_ns = <int64_t>now.tv_sec * 1000000000 + now.tv_nsec
+    cdef Py_ssize_t hl
+    return [_header(frame, checksum, &hl), _view_of(frame._owner, frame._ptr, frame._len)]
+
+
 def encode(Frame frame not None, *, bint checksum=False):
     """One contiguous buffer: the header followed by one copy of the payload."""
     cdef Py_ssize_t hl
@@ -768,6 +781,12 @@ cdef class BatchWriter:
                 raise MemoryError()
             self._buf, self._cap = p, cap
         return 0
+
+    def clear(self):
+        """Empty again, keeping the buffers grown so far (the next batch of a steady stream needs
+        no growing, and no fresh pages)."""
+        self.body = self.count = 0
+        self.size = (BATCH_HEADER_LEN + 7) & ~7
 
     def size_with(self, nbytes):
         """The container's length with one more frame of ``nbytes``."""

@@ -90,7 +90,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from ..codec import BATCH_MAGIC, MAX_BATCH_COUNT, BatchWriter, batch_frames, batch_size, batch_spans, decode
+from ..codec import BATCH_MAGIC, MAX_BATCH_COUNT, BatchWriter, batch_frames, batch_size, batch_spans, decode, fragment
 from ..errors import (
     AuthError,
     BackendUnavailable,
@@ -112,6 +112,7 @@ STALE_DOWN_S = 2.0               # connect failures reported this soon after a r
 STALL_S = 15.0                   # an idempotent producer with nothing leaving its queue this long is stuck
 MAX_FAILURES_KEPT = 10_000       # delivery failures listed by flush (all of them are counted in lost)
 MIN_FRAME = 128                  # the smallest encoded frame: a batch with less room left is full
+SPARE_BATCHES = 4                # batch writers kept for reuse: up to 4 x batch_max_bytes of memory
 BATCH_RETRY_S = 0.05             # the linger thread's wait for producer room, and between attempts
 _DOWN = (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)
 _TOPIC_GONE = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION)
@@ -268,6 +269,8 @@ def _frames_in(value: Any) -> int:
 
 class KafkaTransport(Transport):
     name = "kafka"
+    # send() looks the topic's limit up anyway: splitting there spares the Bus a call per frame
+    FRAGMENTS_ITSELF = True
     CAPABILITIES = Capabilities(delivery="at_least_once", groups="consumer", persistence=True, max_message=None)
     capabilities = CAPABILITIES
     PROBE_INTERVAL_S = 0.5      # how often the watcher asks a broker that went away
@@ -300,11 +303,13 @@ class KafkaTransport(Transport):
         # batching of small frames (KafkaConfig says when a batch goes out); _blk guards _batches
         # and _last_out, produces every batch, and is what the linger thread waits on
         self._batch_frame = cfg.batch_max_frame_bytes if cfg.batch_max_bytes and cfg.batch_linger_ms else 0
+        self._batch_max: int = cfg.batch_max_bytes
         self._by_publisher = cfg.partition_key == "publisher"
         self._last_key: Tuple[int, Optional[bytes]] = (0, None)
         self._linger_s = cfg.batch_linger_ms / 1000.0
         self._blk = threading.Condition()
         self._batches: Dict[Tuple[str, int], _Batch] = {}     # (topic, partition or -1) -> pending batch
+        self._spare: List[_Batch] = []                  # batches gone out, kept for their buffers
         self._last_out: Dict[str, float] = {}          # topic -> when a message last went out on it
         self._linger: Optional[threading.Thread] = None
         self.batches_sent = 0                           # batch messages produced, and the frames in them
@@ -661,8 +666,12 @@ class KafkaTransport(Transport):
     def send(self, msg: Outgoing, deadline: float) -> None:
         if self._broken is not None:
             self._replace_producer(msg.topic)
-        if msg.topic not in self._limits:
+        limit = self._limits.get(msg.topic)     # known: the common case, a dict lookup per frame
+        if limit is None:
             self.ensure_topic(msg.topic)
+            limit = self._limits[msg.topic]
+        if msg.nbytes > limit and msg.fragments is None:
+            msg.fragments = fragment(msg.parts, limit)     # one copy, straight from the parts
         # all fragments of a frame share its key, hence one partition; "publisher" keeps a
         # publisher's frames in order, "frame" spreads them for a consumer group to share
         k = msg.publisher_id if self._by_publisher or not msg.frame_id else msg.frame_id
@@ -674,13 +683,13 @@ class KafkaTransport(Transport):
             self._last_key = (k, key)
         if msg.nbytes <= self._batch_frame and msg.fragments is None:
             if self._by_publisher:
-                self._batch(msg, key, -1, deadline)
+                self._batch(msg, key, -1, deadline, limit)
                 return
             n = self._nparts.get(msg.topic, 0)
             if n and msg.frame_id:
                 # a batch per partition, each frame in the one its id picks: the frames spread over
                 # the partitions as they would alone
-                self._batch(msg, key, msg.frame_id % n, deadline)
+                self._batch(msg, key, msg.frame_id % n, deadline, limit)
                 return
         self._send_plain(msg, key, deadline)
 
@@ -707,13 +716,14 @@ class KafkaTransport(Transport):
             self._last_out[msg.topic] = time.monotonic()
 
     # -- batches of small frames
-    def _batch(self, msg: Outgoing, key: Optional[bytes], part: int, deadline: float) -> None:
-        """Add a small frame to its topic's batch (of ``part``: see _Batch); the batch goes out when
+    def _batch(self, msg: Outgoing, key: Optional[bytes], part: int, deadline: float, limit: int) -> None:
+        """Add a small frame to its topic's batch (of ``part``: see _Batch; ``limit``: the topic's
+        message limit); the batch goes out when
         full (here), when its linger passes (the linger thread), before a larger frame, on flush()
         and close()."""
         topic = msg.topic
         slot = (topic, part)
-        limit = min(self.cfg.batch_max_bytes, self._limits[topic])
+        limit = self._batch_max if self._batch_max < limit else limit
         blk = self._blk
         if not blk.acquire(False) and not blk.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise BackendUnavailable(f"Kafka at {self._where}: the batch of {topic!r} was busy going out for "
@@ -732,7 +742,13 @@ class KafkaTransport(Transport):
                     self._produce(topic, [msg.joined()], key, deadline)
                     self._last_out[topic] = now
                     return
-                b = self._batches[slot] = _Batch(topic, part, key, now + self._linger_s)
+                if self._spare:                # a writer already grown to a batch's size
+                    b = self._spare.pop()
+                    b.clear()
+                    b.topic, b.part, b.key, b.due = topic, part, key, now + self._linger_s
+                else:
+                    b = _Batch(topic, part, key, now + self._linger_s)
+                self._batches[slot] = b
                 if self._linger is None:
                     self._linger = threading.Thread(target=self._linger_loop, name="msight_fast-kafka-linger",
                                                     daemon=True)
@@ -763,6 +779,7 @@ class KafkaTransport(Transport):
             self._produce(topic, [value], b.key, deadline, b.part)
         except PublishError as e:
             del self._batches[(topic, b.part)]
+            self._reuse(b)
             with self._lock:
                 self._lost += b.count
                 room = MAX_FAILURES_KEPT - len(self._failures)
@@ -775,6 +792,14 @@ class KafkaTransport(Transport):
         if b.count > 1:
             self.batches_sent += 1
             self.frames_batched += b.count
+        self._reuse(b)
+
+    def _reuse(self, b: _Batch) -> None:
+        """Keep a batch that went out (or was dropped) for the next one, with ``_blk`` held: a
+        fresh writer grows its buffer frame by frame, on fresh pages, which cost a publisher
+        about 1 us per 1 KB frame (benchmarks/README.md); a kept one has the room already."""
+        if len(self._spare) < SPARE_BATCHES:
+            self._spare.append(b)
 
     def _flush_topic(self, topic: str, deadline: float) -> None:
         """Produce ``topic``'s pending batches now (before a larger frame or raw message of it)."""

@@ -141,6 +141,26 @@ def test_the_compiled_writer_packs_what_the_twin_packs(items: List[Any]) -> None
         assert w.frames() == want and w.first() == want[0] and w.lengths == [len(x) for x in want]
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(st.integers(0, 3000), min_size=1, max_size=12), min_size=1, max_size=5))
+def test_a_cleared_writer_packs_what_a_fresh_one_packs(batches: List[List[int]]) -> None:
+    """A producer reuses one writer for batch after batch: after ``clear`` nothing of the last
+    batch is left in what it packs, whether the next batch is larger or smaller."""
+    kept = [w() for w in WRITERS]
+    for sizes in batches:
+        frames = [frame_of(128 + n, tag=n) for n in sizes]
+        for w in kept:
+            w.clear()
+            assert (w.count, w.body, w.size, w.lengths) == (0, 0, 24, [])
+            for f in frames:
+                w.add([f])
+        fresh = WRITERS[-1]()
+        for f in frames:
+            fresh.add([f])
+        assert {w.pack() for w in kept} == {fresh.pack()} == {pack_batch([[f] for f in frames])}
+        assert all(w.frames() == frames and w.first() == frames[0] for w in kept)
+
+
 def test_an_empty_writer_has_nothing_to_pack(Writer: Any) -> None:  # noqa: N803
     w = Writer()
     assert w.count == 0 and w.size == 24 and w.frames() == [] and w.lengths == []

@@ -108,6 +108,25 @@ def test_encode_parts_is_zero_copy_and_concatenates_to_encode(wire):
     assert len(parts[0]) % 64 == 0
 
 
+def test_stamp_parts_sets_what_a_publisher_sets_and_encodes_it(wire):
+    """What Bus.publish does to a frame in one call: the same bytes as setting the three fields
+    and calling encode_parts, the publish time read from the wall clock as time.time_ns reads it."""
+    import time
+    for checksum in (False, True):
+        f = wire.Frame.from_bytes(b"xyz" * 100, sensor_name="cam", encoding="bytes", frame_id=5)
+        before = time.time_ns()
+        parts = wire.stamp_parts(f, 7, (1 << 64) - 1, checksum)
+        after = time.time_ns()
+        assert (f.seq, f.publisher_id) == (7, (1 << 64) - 1) and before <= f.publish_ts_ns <= after
+        assert b"".join(parts) == b"".join(wire.encode_parts(f, checksum=checksum))
+        got = wire.decode(b"".join(parts))
+        assert (got.seq, got.publisher_id, got.publish_ts_ns) == (7, (1 << 64) - 1, f.publish_ts_ns)
+    for seq, pub in ((-1, 1), (1 << 64, 1), (1, -1)):
+        with pytest.raises(OverflowError):
+            wire.stamp_parts(f, seq, pub)
+    assert (f.seq, f.publisher_id) == (7, (1 << 64) - 1)          # a refused stamp changes nothing
+
+
 def test_metadata_roundtrip(wire):
     meta = {"exposure_us": 1200, "gain": 1.5, "note": "héllo", "neg": -(1 << 63)}
     f = wire.Frame.from_bytes(b"\xff\xd8jpeg", sensor_name="cam_ñ", encoding="jpeg", device_name="edge-1",
