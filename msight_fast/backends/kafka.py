@@ -718,9 +718,8 @@ class KafkaTransport(Transport):
     # -- batches of small frames
     def _batch(self, msg: Outgoing, key: Optional[bytes], part: int, deadline: float, limit: int) -> None:
         """Add a small frame to its topic's batch (of ``part``: see _Batch; ``limit``: the topic's
-        message limit); the batch goes out when
-        full (here), when its linger passes (the linger thread), before a larger frame, on flush()
-        and close()."""
+        message limit). The batch goes out when full (here), when its linger passes (the linger
+        thread), before a larger frame, on flush() and close()."""
         topic = msg.topic
         slot = (topic, part)
         limit = self._batch_max if self._batch_max < limit else limit
