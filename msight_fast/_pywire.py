@@ -6,6 +6,7 @@ same bytes as ``msight_fast._ext._wire`` and accepts and rejects exactly the sam
 """
 from __future__ import annotations
 
+import operator
 import struct
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -211,6 +212,9 @@ def encode_parts(frame: Frame, *, checksum: bool = False) -> List[Any]:
 def stamp_parts(frame: Frame, seq: int, publisher_id: int, checksum: bool = False) -> List[Any]:
     """A publisher's step in one call: set ``seq``, ``publisher_id`` and ``publish_ts_ns`` (the wall
     clock now), then return ``encode_parts(frame, checksum=checksum)``."""
+    if not isinstance(frame, Frame):
+        raise TypeError(f"stamp_parts takes a Frame, not {type(frame).__name__}")
+    seq, publisher_id = operator.index(seq), operator.index(publisher_id)   # TypeError for a float, as compiled
     if not 0 <= seq < 1 << 64 or not 0 <= publisher_id < 1 << 64:
         raise OverflowError("seq and publisher_id are u64")
     frame.seq = seq

@@ -95,8 +95,13 @@ class Subscription:
             deadline = None if timeout is None else time.monotonic() + timeout
             if self._closed:
                 return None
-            got = self._src.next(timeout)
-            if got is not None:
+            got = self._src.next(None if timeout is None else max(0.0, timeout))
+            if got is None:                    # as _recv does after a wait that gave nothing
+                if self._tokens:
+                    self._check_abandoned()
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+            else:
                 buf, token = got
                 if type(buf) is Frame and not self._tokens:
                     # decoded by the backend with the rest of its batch, the common case for small
@@ -117,8 +122,9 @@ class Subscription:
             lock.release()
 
     def _recv(self, deadline: Optional[float], got: Optional[Tuple[Any, Any]]) -> Optional[Frame]:
-        """``recv`` after its first wait (``got``: what that gave, None for nothing or no wait yet)."""
-        while not self._closed:
+        """``recv`` after its first wait (``got``: what that gave, None for nothing or no wait yet);
+        a message already taken is processed even if the subscription closed meanwhile."""
+        while got is not None or not self._closed:
             if got is None:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 got = self._src.next(left)

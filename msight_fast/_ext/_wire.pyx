@@ -34,10 +34,12 @@ cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.number cimport PyNumber_Index
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
-from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+
+from time import time_ns as _time_ns
 
 import numpy as np
 
@@ -495,14 +497,15 @@ def encode_parts(Frame frame not None, *, bint checksum=False):
     return [_header(frame, checksum, &hl), _view_of(frame._owner, frame._ptr, frame._len)]
 
 
-def stamp_parts(Frame frame not None, uint64_t seq, uint64_t publisher_id, bint checksum=False):
+def stamp_parts(Frame frame not None, seq, publisher_id, bint checksum=False):
     """A publisher's step in one call: set ``seq``, ``publisher_id`` and ``publish_ts_ns`` (the wall
-    clock now, as ``time.time_ns`` reads it), then return ``encode_parts(frame, checksum=checksum)``."""
-    cdef timespec now
-    clock_gettime(CLOCK_REALTIME, &now)
-    frame.seq = seq
-    frame.publisher_id = publisher_id
-    frame.publish_ts_ns = <int64_t>now.tv_sec * 1000000000 + now.tv_nsec
+    clock now: ``time.time_ns`` itself, the clock every other timestamp here is read from), then
+    return ``encode_parts(frame, checksum=checksum)``."""
+    # integers only (a float is a TypeError, as in the twin), checked before anything is set
+    cdef uint64_t s = PyNumber_Index(seq), p = PyNumber_Index(publisher_id)
+    frame.seq = s
+    frame.publisher_id = p
+    frame.publish_ts_ns = _time_ns()
     cdef Py_ssize_t hl
     return [_header(frame, checksum, &hl), _view_of(frame._owner, frame._ptr, frame._len)]
 

@@ -102,7 +102,9 @@ class Source(abc.ABC):
         once ``timeout`` seconds pass. Must return within the timeout plus a small slack, whatever
         the network does; a lost connection is re-established here, not raised. The message may
         be a whole frame already decoded (a ``Frame``, no larger than ``max_frame_bytes``): a
-        backend that unpacks many frames from one broker message decodes them together."""
+        backend that unpacks many frames from one broker message decodes them together, and may
+        give that message's token with its last frame only (None with the others). So the caller
+        hands (``handed``) or holds what it took before it calls ``next`` again."""
 
     def handed(self, frame: Any, tokens: List[Token]) -> None:
         """A frame made of the messages with these tokens was handed to the application (or
@@ -139,7 +141,8 @@ class Transport(abc.ABC):
     LENIENT: ClassVar[bool] = True
 
     def max_message(self, topic: str) -> Optional[int]:
-        """The largest message for ``topic``; frames above it are fragmented by the Bus."""
+        """The largest message for ``topic``; frames above it are fragmented, by the Bus or, where
+        ``FRAGMENTS_ITSELF``, by ``send``."""
         return self.capabilities.max_message
 
     @abc.abstractmethod

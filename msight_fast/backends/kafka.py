@@ -44,8 +44,9 @@ every frame). Offsets are stored only for messages whose frame has been handed t
 application and then released (the next ``recv`` or ``ack()``), never ahead of delivery, and are
 committed every second and on ``ack()``: a member that dies loses nothing; the group re-delivers.
 A fragmented frame's offsets are stored only once the whole frame was handed over; a batch's
-offset once its last frame was, which the one receiving thread hands after all the others (a
-member that dies mid-batch gets the whole batch again).
+offset once its last frame was, which the Subscription hands after all the others (it takes and
+hands one message at a time, under its lock; a member that dies mid-batch gets the whole batch
+again).
 Kafka offsets, ``lag`` and the repeat counters count messages, so a batch is one. The poll
 thread outlives every error; after a broker restart the group re-joins and a partition whose
 committed offset the broker lost starts at the beginning of its (new) log. Loss and repeats in a
@@ -112,7 +113,7 @@ STALE_DOWN_S = 2.0               # connect failures reported this soon after a r
 STALL_S = 15.0                   # an idempotent producer with nothing leaving its queue this long is stuck
 MAX_FAILURES_KEPT = 10_000       # delivery failures listed by flush (all of them are counted in lost)
 MIN_FRAME = 128                  # the smallest encoded frame: a batch with less room left is full
-SPARE_BATCHES = 4                # batch writers kept for reuse: up to 4 x batch_max_bytes of memory
+SPARE_BATCHES = 4                # batch writers kept for reuse, each holding up to 2 x batch_max_bytes
 BATCH_RETRY_S = 0.05             # the linger thread's wait for producer room, and between attempts
 _DOWN = (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)
 _TOPIC_GONE = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION)
@@ -310,6 +311,7 @@ class KafkaTransport(Transport):
         self._blk = threading.Condition()
         self._batches: Dict[Tuple[str, int], _Batch] = {}     # (topic, partition or -1) -> pending batch
         self._spare: List[_Batch] = []                  # batches gone out, kept for their buffers
+        self.writers_reused = 0
         self._last_out: Dict[str, float] = {}          # topic -> when a message last went out on it
         self._linger: Optional[threading.Thread] = None
         self.batches_sent = 0                           # batch messages produced, and the frames in them
@@ -743,7 +745,7 @@ class KafkaTransport(Transport):
                     return
                 if self._spare:                # a writer already grown to a batch's size
                     b = self._spare.pop()
-                    b.clear()
+                    self.writers_reused += 1
                     b.topic, b.part, b.key, b.due = topic, part, key, now + self._linger_s
                 else:
                     b = _Batch(topic, part, key, now + self._linger_s)
@@ -795,9 +797,11 @@ class KafkaTransport(Transport):
 
     def _reuse(self, b: _Batch) -> None:
         """Keep a batch that went out (or was dropped) for the next one, with ``_blk`` held: a
-        fresh writer grows its buffer frame by frame, on fresh pages, which cost a publisher
-        about 1 us per 1 KB frame (benchmarks/README.md); a kept one has the room already."""
+        fresh writer grows its buffer frame by frame, on fresh pages, which cost a small frame's
+        publish more than the rest of its batching (benchmarks/README.md, "Kafka small frames:
+        batch writers reused"); a kept one has the room already."""
         if len(self._spare) < SPARE_BATCHES:
+            b.clear()                          # the twin's writer lets go of its frames here
             self._spare.append(b)
 
     def _flush_topic(self, topic: str, deadline: float) -> None:
@@ -1018,6 +1022,7 @@ class KafkaTransport(Transport):
             pass
         self._closed.set()
         with self._blk:
+            self._spare.clear()                    # their buffers: a closed Bus keeps none
             self._blk.notify_all()
         for th in (self._watcher, self._linger):
             if th is not None and threading.current_thread() is not th:
@@ -1535,8 +1540,8 @@ class KafkaSource(Source):
                 # the next owner delivers again (its batch's offset was not stored): a repeat, not a loss
                 f = self._bframes[self._bi]
                 self._bi += 1
-                # the token goes with the batch's last frame only: frames are handed in order by
-                # the one receiving thread, so once that one is handed all are (one call a batch)
+                # the token goes with the batch's last frame only: the Subscription hands what it
+                # takes before it takes more (Source.next), so once that one is handed all are
                 return f, (self._btok if self._bi == len(self._bframes) else None)
             if self._li < len(self._local):
                 m = self._local[self._li]

@@ -11,7 +11,7 @@ tested without a broker (as FastStream's test brokers do):
   ever published on the topic; one before what is retained starts at the oldest retained) or a
   time (the first frame logged at or after it, by ``time.time_ns()`` when it was logged);
 - a message limit (``max_message_bytes``, 1 MiB by default, as NATS): larger frames are
-  fragmented by the Bus exactly as on the brokers.
+  fragmented by the Bus, into the same fragments the brokers' transports make.
 
 Buses connected with the same ``name`` (default ``"default"``) share one broker within the process.
 Each subscription's queue is bounded by ``max_pending_bytes`` (``drop_policy``), drops counted.

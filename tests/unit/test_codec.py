@@ -124,6 +124,9 @@ def test_stamp_parts_sets_what_a_publisher_sets_and_encodes_it(wire):
     for seq, pub in ((-1, 1), (1 << 64, 1), (1, -1)):
         with pytest.raises(OverflowError):
             wire.stamp_parts(f, seq, pub)
+    for bad in ((f, 1.0, 1), (f, 1, "1"), (b"not a frame", 1, 1)):
+        with pytest.raises(TypeError):
+            wire.stamp_parts(*bad)
     assert (f.seq, f.publisher_id) == (7, (1 << 64) - 1)          # a refused stamp changes nothing
 
 

@@ -148,3 +148,57 @@ def test_a_frame_the_backend_decoded_is_counted_and_its_token_released_like_byte
     assert {k: sub_f.stats()[k] for k in keys} == want
     assert want["gaps"] == 1 and want["duplicates"] == 1 and want["received"] == 3
     assert sub_f.stats()["latency_p50_ns"] is not None and sub_b.stats()["latency_p50_ns"] is not None
+
+
+def test_a_batch_token_that_comes_with_its_last_frame_is_released_only_with_it():
+    # a backend may give a batch's token with its last frame only: nothing is released before
+    batch = [codec.decode(_good(s)) for s in (1, 2, 3)]
+    sub, src = _sub([(batch[0], None), (batch[1], None), (batch[2], "b1")])
+    assert sub.recv(0).seq == 1 and sub.recv(0).seq == 2
+    assert src.released() == []
+    assert sub.recv(0).seq == 3
+    assert src.released() == ["b1"] and src.log[-1] == ("good", ["b1"])
+    assert sub.recv(0) is None
+
+
+def test_a_decoded_frame_among_held_fragments_is_handed_and_the_fragments_kept():
+    # the short path for decoded frames is not taken while fragments hold tokens: each token
+    # still goes with its own frame
+    f, frags = _frags("big", 300, 100)
+    decoded = codec.decode(_good(1))
+    msgs = [(frags[0], "f0"), (decoded, "d"), (frags[1], "f1")] + [(x, f"f{i}") for i, x in enumerate(frags[2:], 2)]
+    sub, src = _sub(msgs)
+    got = _drain(sub)
+    assert [g.sensor_name for g in got] == ["good", "big"]
+    assert src.log == [("good", ["d"]), ("big", [f"f{i}" for i in range(len(frags))])]
+
+
+class _ClosingSource(ScriptedSource):
+    """Closes its subscription while the first message is on its way out of ``next``."""
+
+    def __init__(self, messages):
+        super().__init__(messages)
+        self.sub = None
+        self.calls = 0
+
+    def next(self, timeout):
+        self.calls += 1
+        if self.sub is not None:
+            self.sub._closed = True          # what close() from another thread does, mid-wait
+        return super().next(timeout)
+
+
+def test_a_message_taken_as_the_subscription_closes_is_still_handed():
+    src = _ClosingSource([(_good(1), "t1")])
+    sub = Subscription(None, "t", src, RedisConfig(), None, whole_stream=True)
+    src.sub = sub
+    f = sub.recv(0)
+    assert f is not None and f.seq == 1 and src.released() == ["t1"]
+    assert sub.recv(0) is None
+
+
+def test_a_recv_that_times_out_asks_the_source_once():
+    src = _ClosingSource([])
+    sub = Subscription(None, "t", src, RedisConfig(), None, whole_stream=True)
+    assert sub.recv(0) is None and src.calls == 1
+    assert sub.recv(-5) is None and src.calls == 2       # a negative timeout is no wait, not an error
