@@ -214,9 +214,13 @@ def stamp_parts(frame: Frame, seq: int, publisher_id: int, checksum: bool = Fals
     clock now), then return ``encode_parts(frame, checksum=checksum)``."""
     if not isinstance(frame, Frame):
         raise TypeError(f"stamp_parts takes a Frame, not {type(frame).__name__}")
-    seq, publisher_id = operator.index(seq), operator.index(publisher_id)   # TypeError for a float, as compiled
-    if not 0 <= seq < 1 << 64 or not 0 <= publisher_id < 1 << 64:
-        raise OverflowError("seq and publisher_id are u64")
+    # seq in full before publisher_id, as the compiled core converts them: the same error first
+    seq = operator.index(seq)                  # TypeError for a float, as compiled
+    if not 0 <= seq < 1 << 64:
+        raise OverflowError("seq is a u64")
+    publisher_id = operator.index(publisher_id)
+    if not 0 <= publisher_id < 1 << 64:
+        raise OverflowError("publisher_id is a u64")
     frame.seq = seq
     frame.publisher_id = publisher_id
     frame.publish_ts_ns = time.time_ns()

@@ -780,13 +780,13 @@ class KafkaTransport(Transport):
             self._produce(topic, [value], b.key, deadline, b.part)
         except PublishError as e:
             del self._batches[(topic, b.part)]
-            self._reuse(b)
             with self._lock:
                 self._lost += b.count
                 room = MAX_FAILURES_KEPT - len(self._failures)
                 self._failures.extend([(topic, str(e))] * min(room, b.count))
             log.warning("msight_fast: a batch of %d frames on %r could not be produced; counted as lost: %s",
                         b.count, topic, e)
+            self._reuse(b)                     # last: it empties the batch, whose count was needed above
             raise
         del self._batches[(topic, b.part)]
         self._last_out[topic] = time.monotonic()

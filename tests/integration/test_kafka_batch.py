@@ -22,6 +22,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 import msight_fast
+from msight_fast import PublishError
 from msight_fast.backends.base import Start
 from msight_fast.codec import (
     BATCH_MAGIC,
@@ -132,6 +133,26 @@ def test_many_small_frames_from_several_threads_arrive_in_order_once(kafka: Any,
     assert pub._t.frames_batched > n_threads * per_thread // 2       # type: ignore[attr-defined]
     assert pub._t.writers_reused > 0       # type: ignore[attr-defined]  # its batch writers were reused
     assert pub.stats()["lost"] == 0 and sub.recv(timeout=1) is None
+
+
+def test_a_batch_the_producer_refuses_counts_each_of_its_frames_lost(kafka: Any, topic: str) -> None:
+    """A batch dropped for good: each frame in it is counted in lost and reported by flush, and
+    the writer kept for reuse does not take the count with it."""
+    pub = kafka(batch_linger_ms=60_000)
+    pub.publish(topic, b"first")                 # an idle topic: out at once, alone
+    pub.flush(60)
+    for i in range(5):
+        pub.publish(topic, b"frame %d" % i)
+    assert pending(pub, topic) == 5
+    t = pub._t                                   # type: ignore[attr-defined]
+
+    def refuse(topic_: str, *args: Any, **kwargs: Any) -> None:
+        raise PublishError("refused by the test", [(topic_, "refused by the test")])
+    t._produce = refuse
+    with pytest.raises(PublishError) as e:
+        pub.flush(10)
+    assert len(e.value.failures) == 5 and pub.stats()["lost"] == 5
+    assert pending(pub, topic) == 0 and len(t._spare) == 1 and t._spare[0].count == 0
 
 
 def test_the_size_bounds_on_the_wire(kafka: Any, topic: str) -> None:
