@@ -18,7 +18,6 @@ librdkafka's included), with the range over rounds. The two contenders' rounds a
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -27,12 +26,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 
 from msight_fast import connect
-from msight_fast.bench import make_payload, start_broker
-
-
-def _cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
+from msight_fast.bench import _cpu_s, make_payload, start_broker
 
 
 def _timed(first: Callable[[], None], rest: Callable[[], None]) -> Tuple[float, float]:
