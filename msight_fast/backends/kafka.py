@@ -797,9 +797,8 @@ class KafkaTransport(Transport):
 
     def _reuse(self, b: _Batch) -> None:
         """Keep a batch that went out (or was dropped) for the next one, with ``_blk`` held: a
-        fresh writer grows its buffer frame by frame, on fresh pages, which cost a small frame's
-        publish more than the rest of its batching (benchmarks/README.md, "Kafka small frames:
-        batch writers reused"); a kept one has the room already."""
+        fresh writer grows its buffer frame by frame, at times on fresh pages (benchmarks/README.md,
+        "Kafka small frames: batch writers reused"); a kept one has the room already."""
         if len(self._spare) < SPARE_BATCHES:
             b.clear()                          # the twin's writer lets go of its frames here
             self._spare.append(b)
