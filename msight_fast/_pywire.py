@@ -209,6 +209,18 @@ def encode_parts(frame: Frame, *, checksum: bool = False) -> List[Any]:
     return [_header(frame, checksum), frame._payload]
 
 
+def frame_for(obj: Any, default_name: str, fields: Dict[str, Any]) -> Frame:
+    """``Bus.publish``'s frame of ``obj``: ``Frame.from_array`` of an ndarray, else
+    ``Frame.from_bytes``, with ``fields`` as their keywords; ``sensor_name`` defaults to
+    ``default_name``, and a buffer's ``encoding`` to "bytes". ``fields`` is not changed."""
+    kw = dict(fields)
+    kw.setdefault("sensor_name", default_name)
+    if isinstance(obj, np.ndarray):
+        return Frame.from_array(obj, **kw)
+    kw.setdefault("encoding", "bytes")
+    return Frame.from_bytes(obj, **kw)
+
+
 def stamp_parts(frame: Frame, seq: int, publisher_id: int, checksum: bool = False) -> List[Any]:
     """A publisher's step in one call: set ``seq``, ``publisher_id`` and ``publish_ts_ns`` (the wall
     clock now), then return ``encode_parts(frame, checksum=checksum)``."""

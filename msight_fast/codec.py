@@ -28,18 +28,19 @@ if TYPE_CHECKING:
     # objects (compiled core or twin), not wrappers: decode is the compiled function itself.
     from typing_extensions import Buffer
 
-    from ._ext._wire import BufferLike, Frame, crc32c, decode, encode, encode_parts, stamp_parts
+    from ._ext._wire import BufferLike, Frame, crc32c, decode, encode, encode_parts, frame_for, stamp_parts
 else:
     Frame = impl.Frame
     encode = impl.encode
     encode_parts = impl.encode_parts
     stamp_parts = impl.stamp_parts
+    frame_for = impl.frame_for
     decode = impl.decode
     crc32c = impl.crc32c
 
 _B = TypeVar("_B", bound="BufferLike")
 
-__all__ = ["Frame", "encode", "encode_parts", "stamp_parts", "decode", "crc32c", "fragment", "Reassembler",
+__all__ = ["Frame", "encode", "encode_parts", "stamp_parts", "frame_for", "decode", "crc32c", "fragment", "Reassembler",
            "is_fragment", "fragment_key", "frame_key", "HAS_EXTENSIONS", "FrameError",
            "BATCH_MAGIC", "MAX_BATCH_COUNT", "BatchWriter", "batch_size", "batch_spans", "batch_frames", "is_batch",
            "pack_batch", "unpack_batch"]

@@ -497,6 +497,43 @@ def encode_parts(Frame frame not None, *, bint checksum=False):
     return [_header(frame, checksum, &hl), _view_of(frame._owner, frame._ptr, frame._len)]
 
 
+def frame_for(obj, default_name, dict fields):
+    """``Bus.publish``'s frame of ``obj``: ``Frame.from_array`` of an ndarray, else
+    ``Frame.from_bytes``, with ``fields`` as their keywords; ``sensor_name`` defaults to
+    ``default_name``, and a buffer's ``encoding`` to "bytes". ``fields`` is not changed."""
+    if isinstance(obj, np.ndarray):
+        kw = dict(fields)
+        kw.setdefault("sensor_name", default_name)
+        return Frame.from_array(obj, **kw)
+    # a buffer: the fields read here instead of re-packed as keywords (half a small frame's
+    # frame-building cost); an unknown one goes the keyword way, for its usual TypeError
+    sensor_name, encoding = default_name, "bytes"
+    device_name = frame_id = capture_ts_ns = meta = None
+    if fields:
+        for k, v in fields.items():
+            if k == "sensor_name":
+                sensor_name = v
+            elif k == "encoding":
+                encoding = v
+            elif k == "device_name":
+                device_name = v
+            elif k == "frame_id":
+                frame_id = v
+            elif k == "capture_ts_ns":
+                capture_ts_ns = v
+            elif k == "meta":
+                meta = v
+            else:
+                kw = dict(fields)
+                kw.setdefault("sensor_name", default_name)
+                kw.setdefault("encoding", "bytes")
+                return Frame.from_bytes(obj, **kw)
+    cdef Frame f = Frame()
+    f._owner = _pin(obj, &f._ptr, &f._len)
+    f._init_common(sensor_name, encoding, device_name, frame_id, capture_ts_ns, meta)
+    return f
+
+
 def stamp_parts(Frame frame not None, seq, publisher_id, bint checksum=False):
     """A publisher's step in one call: set ``seq``, ``publisher_id`` and ``publish_ts_ns`` (the wall
     clock now: ``time.time_ns`` itself, the clock every other timestamp here is read from), then

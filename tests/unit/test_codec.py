@@ -130,6 +130,73 @@ def test_stamp_parts_sets_what_a_publisher_sets_and_encodes_it(wire):
     assert (f.seq, f.publisher_id) == (7, (1 << 64) - 1)          # a refused stamp changes nothing
 
 
+def _aligned(f, like):
+    """``f`` with the fields a new frame draws or reads per frame (id, times) taken from ``like``."""
+    f.frame_id, f.capture_ts_ns, f.creation_ts_ns = like.frame_id, like.capture_ts_ns, like.creation_ts_ns
+    return f
+
+
+FRAME_FOR_CASES = [
+    (b"abc" * 50, {}),
+    (bytearray(b"xy" * 10), {"encoding": "jpeg", "sensor_name": "cam", "device_name": "edge", "frame_id": 9,
+                             "capture_ts_ns": 5, "meta": {"k": 1, "f": 0.5}}),
+    (memoryview(b"q" * 7), {"sensor_name": None, "encoding": None}),
+    (b"", {"frame_id": 0}),
+    (np.arange(12, dtype="<u2").reshape(3, 4), {"frame_id": 3}),
+    (np.zeros((2, 2, 3), np.uint8), {"encoding": "rgb8", "sensor_name": "cam2"}),
+]
+
+
+@pytest.mark.parametrize("obj,fields", FRAME_FOR_CASES)
+def test_frame_for_builds_what_the_keyword_constructors_build(wire, obj, fields):
+    """Bus.publish's frame builder: the frame from_bytes / from_array make with the fields as
+    keywords, sensor_name defaulting to the topic and a buffer's encoding to "bytes"; the fields
+    are left as they were."""
+    before = dict(fields)
+    got = wire.frame_for(obj, "topic/a", fields)
+    assert fields == before
+    kw = dict(fields)
+    kw.setdefault("sensor_name", "topic/a")
+    if isinstance(obj, np.ndarray):
+        want = wire.Frame.from_array(obj, **kw)
+    else:
+        kw.setdefault("encoding", "bytes")
+        want = wire.Frame.from_bytes(obj, **kw)
+    assert type(got) is wire.Frame
+    assert wire.encode(_aligned(got, want), checksum=True) == wire.encode(want, checksum=True)
+    if "frame_id" in fields:
+        assert got.frame_id == fields["frame_id"]
+
+
+@pytest.mark.skipif(not HAS_EXTENSIONS, reason="needs the compiled core")
+@pytest.mark.parametrize("obj,fields", FRAME_FOR_CASES)
+def test_frame_for_compiled_and_twin_encode_the_same(obj, fields):
+    c = impl.frame_for(obj, "t", fields)
+    p = _pywire.frame_for(obj, "t", fields)
+    assert impl.encode(_aligned(c, p)) == _pywire.encode(p)
+
+
+@pytest.mark.parametrize("obj,fields,err", [
+    (b"x", {"bogus": 1}, TypeError),
+    (np.zeros(3, np.uint8), {"bogus": 1}, TypeError),
+    (b"x", {"sensor_name": 5}, FrameError),
+    (b"x", {"encoding": "e" * 1000}, FrameError),
+    (b"x", {"meta": {"k": object()}}, FrameError),
+    (5, {}, TypeError),
+])
+def test_frame_for_refuses_what_the_keyword_constructors_refuse(wire, obj, fields, err):
+    kw = dict(fields)
+    kw.setdefault("sensor_name", "t")
+    if isinstance(obj, np.ndarray):
+        with pytest.raises(err):
+            wire.Frame.from_array(obj, **kw)
+    else:
+        kw.setdefault("encoding", "bytes")
+        with pytest.raises(err):
+            wire.Frame.from_bytes(obj, **kw)
+    with pytest.raises(err):
+        wire.frame_for(obj, "t", fields)
+
 def test_metadata_roundtrip(wire):
     meta = {"exposure_us": 1200, "gain": 1.5, "note": "héllo", "neg": -(1 << 63)}
     f = wire.Frame.from_bytes(b"\xff\xd8jpeg", sensor_name="cam_ñ", encoding="jpeg", device_name="edge-1",
