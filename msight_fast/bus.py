@@ -20,7 +20,7 @@ from . import _schema as S
 from . import config as _config
 from . import registry
 from .backends.base import Capabilities, Outgoing, Source, Start, Transport
-from .codec import BATCH_MAGIC, Frame, Reassembler, fragment, frame_key, is_fragment, stamp_parts
+from .codec import BATCH_MAGIC, Frame, Reassembler, fragment, frame_for, frame_key, is_fragment, stamp_parts
 from .errors import BackendUnavailable, ConfigError, FrameError, FrameTooLarge, MsightFastError
 from .stats import BusStats, LatencyWindow, SeqTracker, SubscriptionStats
 
@@ -350,12 +350,7 @@ class Bus:
             if frame_fields:
                 raise TypeError("frame fields cannot be given with a ready Frame")
         else:
-            frame_fields.setdefault("sensor_name", topic)
-            if isinstance(obj, np.ndarray):
-                frame = Frame.from_array(obj, **frame_fields)
-            else:
-                frame_fields.setdefault("encoding", "bytes")
-                frame = Frame.from_bytes(obj, **frame_fields)
+            frame = frame_for(obj, topic, frame_fields)
         cfg = self.config
         # the turn is usually free: take it without _take_turn's call (a small frame's publish is a
         # few µs, and a Python call is a tenth of a µs)
@@ -367,20 +362,24 @@ class Bus:
             if nbytes > cfg.max_frame_bytes:
                 raise FrameTooLarge(f"frame of {nbytes} bytes on {topic!r} exceeds max_frame_bytes "
                                     f"{cfg.max_frame_bytes} (raise it with connect(max_frame_bytes=...))")
-            msg = Outgoing(topic, self.publisher_id, frame.frame_id, nbytes, parts)
             t = self._t
-            if not t.FRAGMENTS_ITSELF:
-                limit = t.max_message(topic)
-                if limit is not None and nbytes > limit:
-                    msg.fragments = fragment(parts, limit)     # one copy, straight from the parts
-            t.send(msg, deadline)
+            if nbytes <= t.small_frame_bytes:
+                msg = None
+                t.send_small(topic, parts, nbytes, self.publisher_id, frame.frame_id, deadline)
+            else:
+                msg = Outgoing(topic, self.publisher_id, frame.frame_id, nbytes, parts)
+                if not t.FRAGMENTS_ITSELF:
+                    limit = t.max_message(topic)
+                    if limit is not None and nbytes > limit:
+                        msg.fragments = fragment(parts, limit)     # one copy, straight from the parts
+                t.send(msg, deadline)
             self._seq[topic] = seq                         # a refused frame leaves no gap behind
             self.published += 1
         except MsightFastError as e:
             raise self._failed(e) from None
         finally:
             self._lock.release()
-        if getattr(msg, "zero_copy", False):
+        if msg is not None and getattr(msg, "zero_copy", False):
             # readers may be reading the slot the loan lies in: it is written no more, through the
             # array given or the one a ready Frame wraps
             lent = obj if isinstance(obj, np.ndarray) else frame.array

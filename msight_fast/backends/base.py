@@ -151,6 +151,15 @@ class Transport(abc.ABC):
         (``time.monotonic()``): past it raise ``BackendUnavailable``; never block without bound.
         A lost connection is re-established here, within the deadline."""
 
+    # frames of at most this many bytes (header included) go through ``send_small``; 0: none do
+    small_frame_bytes: int = 0
+
+    def send_small(self, topic: str, parts: Sequence[Any], nbytes: int, publisher_id: int, frame_id: int,
+                   deadline: float) -> None:
+        """``send`` of a whole frame of at most ``small_frame_bytes``, given by its fields instead of
+        an ``Outgoing`` (a backend that batches small frames spares itself one per frame)."""
+        self.send(Outgoing(topic, publisher_id, frame_id, nbytes, parts), deadline)
+
     def send_bytes(self, topic: str, data: bytes, deadline: float, key: int = 0) -> None:
         """Send the caller's bytes as one message, untouched (the MSight drop-in); ``key`` stands
         in for the publisher id where the backend partitions by it."""
