@@ -212,7 +212,10 @@ def encode_parts(frame: Frame, *, checksum: bool = False) -> List[Any]:
 def frame_for(obj: Any, default_name: str, fields: Dict[str, Any]) -> Frame:
     """``Bus.publish``'s frame of ``obj``: ``Frame.from_array`` of an ndarray, else
     ``Frame.from_bytes``, with ``fields`` as their keywords; ``sensor_name`` defaults to
-    ``default_name``, and a buffer's ``encoding`` to "bytes". ``fields`` is not changed."""
+    ``default_name``, and a buffer's ``encoding`` to "bytes". ``fields`` (a dict, not a subclass)
+    is not changed."""
+    if type(fields) is not dict:               # as the compiled core's typed argument
+        raise TypeError(f"fields must be a dict, not {type(fields).__name__}")
     kw = dict(fields)
     kw.setdefault("sensor_name", default_name)
     if isinstance(obj, np.ndarray):

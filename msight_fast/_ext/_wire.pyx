@@ -497,10 +497,11 @@ def encode_parts(Frame frame not None, *, bint checksum=False):
     return [_header(frame, checksum, &hl), _view_of(frame._owner, frame._ptr, frame._len)]
 
 
-def frame_for(obj, default_name, dict fields):
+def frame_for(obj, default_name, dict fields not None):
     """``Bus.publish``'s frame of ``obj``: ``Frame.from_array`` of an ndarray, else
     ``Frame.from_bytes``, with ``fields`` as their keywords; ``sensor_name`` defaults to
-    ``default_name``, and a buffer's ``encoding`` to "bytes". ``fields`` is not changed."""
+    ``default_name``, and a buffer's ``encoding`` to "bytes". ``fields`` (a dict, not a subclass)
+    is not changed."""
     if isinstance(obj, np.ndarray):
         kw = dict(fields)
         kw.setdefault("sensor_name", default_name)

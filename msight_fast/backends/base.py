@@ -12,6 +12,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar, Deque, Dict, List, Literal, Optional, Sequence, Tuple
 
+from ..codec import fragment
+
 __all__ = ["Capabilities", "Outgoing", "Transport", "Source", "BoundedQueue", "Token",
            "Delivery", "GroupKind", "Start"]
 
@@ -123,7 +125,7 @@ class Source(abc.ABC):
 class Transport(abc.ABC):
     """A connection to one broker: sends messages and opens subscription sources.
 
-    ``send`` is called by one thread at a time (the Bus serialises publishers); ``open``,
+    ``send`` and ``send_small`` are called by one thread at a time (the Bus serialises publishers); ``open``,
     ``flush``, ``stats`` and ``close`` may come from any thread.
     """
 
@@ -151,14 +153,21 @@ class Transport(abc.ABC):
         (``time.monotonic()``): past it raise ``BackendUnavailable``; never block without bound.
         A lost connection is re-established here, within the deadline."""
 
-    # frames of at most this many bytes (header included) go through ``send_small``; 0: none do
+    # frames of at most this many bytes (header included) go through ``send_small``; 0: none do.
+    # A backend that lends its buffers (``Outgoing.zero_copy``) keeps it 0: send_small reports no loan
     small_frame_bytes: int = 0
 
     def send_small(self, topic: str, parts: Sequence[Any], nbytes: int, publisher_id: int, frame_id: int,
                    deadline: float) -> None:
-        """``send`` of a whole frame of at most ``small_frame_bytes``, given by its fields instead of
-        an ``Outgoing`` (a backend that batches small frames spares itself one per frame)."""
-        self.send(Outgoing(topic, publisher_id, frame_id, nbytes, parts), deadline)
+        """``send`` of a frame of at most ``small_frame_bytes``, given by its fields instead of an
+        ``Outgoing`` (a backend that batches small frames spares itself one per frame). Still
+        fragmented above ``max_message``, as the Bus fragments what goes to ``send``."""
+        msg = Outgoing(topic, publisher_id, frame_id, nbytes, parts)
+        if not self.FRAGMENTS_ITSELF:
+            limit = self.max_message(topic)
+            if limit is not None and nbytes > limit:
+                msg.fragments = fragment(parts, limit)
+        self.send(msg, deadline)
 
     def send_bytes(self, topic: str, data: bytes, deadline: float, key: int = 0) -> None:
         """Send the caller's bytes as one message, untouched (the MSight drop-in); ``key`` stands

@@ -306,7 +306,8 @@ class KafkaTransport(Transport):
         self._batch_frame = cfg.batch_max_frame_bytes if cfg.batch_max_bytes and cfg.batch_linger_ms else 0
         self._batch_max: int = cfg.batch_max_bytes
         self._by_publisher = cfg.partition_key == "publisher"
-        self.small_frame_bytes = self._batch_frame
+        # partition_key="frame" batches per partition, which send() picks: no shorter path there
+        self.small_frame_bytes = self._batch_frame if self._by_publisher else 0
         self._last_key: Tuple[int, Optional[bytes]] = (0, None)
         self._linger_s = cfg.batch_linger_ms / 1000.0
         self._blk = threading.Condition()
@@ -703,6 +704,7 @@ class KafkaTransport(Transport):
         # tenth of it (benchmarks/README.md, "Kafka small frames: a shorter publish")
         limit = self._limits.get(topic)
         if limit is None or nbytes > limit or self._broken is not None or not self._by_publisher:
+            # a topic not yet known, a frame the topic's limit splits, a producer to replace
             self.send(Outgoing(topic, publisher_id, frame_id, nbytes, parts), deadline)
             return
         last = self._last_key

@@ -181,6 +181,7 @@ def test_the_size_bounds_on_the_wire(kafka: Any, topic: str) -> None:
 def test_frame_keys_spread_batches_over_the_partitions(kafka: Any, topic: str) -> None:
     """partition_key="frame": a batch per partition, each frame in the partition its id picks."""
     pub = kafka(partition_key="frame")
+    assert pub._t.small_frame_bytes == 0         # type: ignore[attr-defined]  # send() picks the partition
     sub = kafka().subscribe(topic)
     for i in range(400):
         pub.publish(topic, b"f %d" % i)
@@ -197,6 +198,38 @@ def test_frame_keys_spread_batches_over_the_partitions(kafka: Any, topic: str) -
     assert sum(1 for m in msgs if is_batch(m)) >= 4
     got = collect(sub, 400, timeout=60)
     assert sorted(bytes(f.data) for f in got) == sorted(b"f %d" % i for i in range(400))
+
+
+def test_small_frames_are_keyed_by_their_publisher_from_the_first(kafka: Any, topic: str) -> None:
+    """Bus.publish hands small frames to the transport's short path (send_small), which keys every
+    message with the publisher's id as send() does: from the first frame, of a topic not yet known
+    (send_small leaves that one to send), through the batches after it."""
+    pub = kafka()
+    assert pub._t.small_frame_bytes > 0          # type: ignore[attr-defined]
+    for i in range(300):
+        pub.publish(topic, b"k %d" % i)
+    pub.flush(30)
+    n_msgs = pub._t._produced                    # type: ignore[attr-defined]
+    c = Consumer({"bootstrap.servers": ",".join(kafka.options["servers"]), "group.id": f"raw-{uuid.uuid4().hex}",
+                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 500,
+                  "fetch.wait.max.ms": 10, "enable.auto.commit": False})
+    c.subscribe([topic])
+    got: List[Any] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(got) < n_msgs and time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is not None and m.error() is None:
+                got.append((m.key(), m.value()))
+    finally:
+        c.close()
+    assert len(got) == n_msgs
+    assert {k for k, _ in got} == {pub.publisher_id.to_bytes(8, "little")}
+    values = [v for _, v in got]
+    assert sum(counts(values)) == 300 and any(is_batch(v) for v in values)
+    frames = [decode(v[a:b]) for v in values for a, b in (batch_spans(v) if is_batch(v) else [(0, len(v))])]
+    assert [bytes(f.data) for f in frames] == [b"k %d" % i for i in range(300)]
+    assert seqs(frames) == list(range(1, 301))
 
 
 def test_mixed_sizes_keep_their_order(kafka: Any, topic: str) -> None:

@@ -89,3 +89,22 @@ def test_transports_without_a_small_path_get_every_frame_through_send():
         assert t.smalls == [] and len(t.sends) == 1
     finally:
         bus.close()
+
+
+def test_the_default_small_path_fragments_above_the_message_limit():
+    """A backend that leaves fragmenting to the Bus gets a small frame over its message limit in
+    fragments from the default send_small, as the Bus would have split it for send."""
+    cfg = registry.load_config("memory", {"name": "small-frames-fragments", "max_message_bytes": 4096})
+    bus = Bus(_Recording(cfg, 1 << 20), cfg)
+    t = bus._t
+    try:
+        sub = bus.subscribe("s")
+        payload = bytes(range(256)) * 40                              # 10,240 bytes: three fragments
+        sent = bus.publish("s", payload)
+        assert len(t.smalls) == 1 and len(t.sends) == 1
+        assert t.sends[0].fragments is not None and len(t.sends[0].fragments) == 3
+        assert all(len(m) <= 4096 for m in t.sends[0].fragments)
+        got = sub.recv(5.0)
+        assert got is not None and got.frame_id == sent.frame_id and bytes(got.data) == payload
+    finally:
+        bus.close()
