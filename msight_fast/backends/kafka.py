@@ -700,8 +700,8 @@ class KafkaTransport(Transport):
     def send_small(self, topic: str, parts: Sequence[Any], nbytes: int, publisher_id: int, frame_id: int,
                    deadline: float) -> None:
         # send() for a frame that goes into a batch, without the Outgoing that send() takes: a
-        # small frame's whole publish is a few µs, and the Outgoing and the extra call were a
-        # tenth of it (benchmarks/README.md, "Kafka small frames: a shorter publish")
+        # small frame's whole publish is a few µs, and making that object and the extra call were
+        # a visible part of it (benchmarks/README.md, "Kafka small frames: a shorter publish")
         limit = self._limits.get(topic)
         if limit is None or nbytes > limit or self._broken is not None or not self._by_publisher:
             # a topic not yet known, a frame the topic's limit splits, a producer to replace
