@@ -19,8 +19,8 @@ import numpy as np
 from . import _schema as S
 from . import config as _config
 from . import registry
-from .backends.base import Capabilities, Outgoing, Source, Start, Transport
-from .codec import BATCH_MAGIC, Frame, Reassembler, fragment, frame_for, frame_key, is_fragment, stamp_parts
+from .backends.base import Capabilities, Source, Start, Transport
+from .codec import BATCH_MAGIC, Frame, Reassembler, frame_for, frame_key, is_fragment, stamp_parts
 from .errors import BackendUnavailable, ConfigError, FrameError, FrameTooLarge, MsightFastError
 from .stats import BusStats, LatencyWindow, SeqTracker, SubscriptionStats
 
@@ -367,11 +367,7 @@ class Bus:
                 msg = None
                 t.send_small(topic, parts, nbytes, self.publisher_id, frame.frame_id, deadline)
             else:
-                msg = Outgoing(topic, self.publisher_id, frame.frame_id, nbytes, parts)
-                if not t.FRAGMENTS_ITSELF:
-                    limit = t.max_message(topic)
-                    if limit is not None and nbytes > limit:
-                        msg.fragments = fragment(parts, limit)     # one copy, straight from the parts
+                msg = t.outgoing(topic, parts, nbytes, self.publisher_id, frame.frame_id)
                 t.send(msg, deadline)
             self._seq[topic] = seq                         # a refused frame leaves no gap behind
             self.published += 1

@@ -125,8 +125,8 @@ class Source(abc.ABC):
 class Transport(abc.ABC):
     """A connection to one broker: sends messages and opens subscription sources.
 
-    ``send`` and ``send_small`` are called by one thread at a time (the Bus serialises publishers); ``open``,
-    ``flush``, ``stats`` and ``close`` may come from any thread.
+    ``send`` and ``send_small`` are called by one thread at a time (the Bus serialises
+    publishers); ``open``, ``flush``, ``stats`` and ``close`` may come from any thread.
     """
 
     name: ClassVar[str] = "?"
@@ -161,13 +161,18 @@ class Transport(abc.ABC):
                    deadline: float) -> None:
         """``send`` of a frame of at most ``small_frame_bytes``, given by its fields instead of an
         ``Outgoing`` (a backend that batches small frames spares itself one per frame). Still
-        fragmented above ``max_message``, as the Bus fragments what goes to ``send``."""
+        fragmented above ``max_message``, as what goes to ``send``."""
+        self.send(self.outgoing(topic, parts, nbytes, publisher_id, frame_id), deadline)
+
+    def outgoing(self, topic: str, parts: Sequence[Any], nbytes: int, publisher_id: int, frame_id: int) -> Outgoing:
+        """The ``Outgoing`` that ``send`` takes for a frame: in fragments above ``max_message``,
+        unless the backend ``FRAGMENTS_ITSELF``."""
         msg = Outgoing(topic, publisher_id, frame_id, nbytes, parts)
         if not self.FRAGMENTS_ITSELF:
             limit = self.max_message(topic)
             if limit is not None and nbytes > limit:
-                msg.fragments = fragment(parts, limit)
-        self.send(msg, deadline)
+                msg.fragments = fragment(parts, limit)     # one copy, straight from the parts
+        return msg
 
     def send_bytes(self, topic: str, data: bytes, deadline: float, key: int = 0) -> None:
         """Send the caller's bytes as one message, untouched (the MSight drop-in); ``key`` stands
