@@ -687,13 +687,13 @@ class KafkaTransport(Transport):
             self._last_key = (k, key)
         if msg.nbytes <= self._batch_frame and msg.fragments is None:
             if self._by_publisher:
-                self._batch(msg.topic, msg.parts, msg.nbytes, key, -1, deadline, limit, msg)
+                self._batch(msg.topic, msg.parts, msg.nbytes, key, -1, deadline, limit)
                 return
             n = self._nparts.get(msg.topic, 0)
             if n and msg.frame_id:
                 # a batch per partition, each frame in the one its id picks: the frames spread over
                 # the partitions as they would alone
-                self._batch(msg.topic, msg.parts, msg.nbytes, key, msg.frame_id % n, deadline, limit, msg)
+                self._batch(msg.topic, msg.parts, msg.nbytes, key, msg.frame_id % n, deadline, limit)
                 return
         self._send_plain(msg, key, deadline)
 
@@ -703,7 +703,8 @@ class KafkaTransport(Transport):
         # small frame's whole publish is a few µs, and making that object and the extra call were
         # a visible part of it (benchmarks/README.md, "Kafka small frames: a shorter publish")
         limit = self._limits.get(topic)
-        if limit is None or nbytes > limit or self._broken is not None or not self._by_publisher:
+        # (small_frame_bytes is 0 with partition_key="frame": the key here is always the publisher's)
+        if limit is None or nbytes > limit or self._broken is not None:
             # a topic not yet known, a frame the topic's limit splits, a producer to replace
             self.send(Outgoing(topic, publisher_id, frame_id, nbytes, parts), deadline)
             return
@@ -713,7 +714,7 @@ class KafkaTransport(Transport):
         else:
             key = publisher_id.to_bytes(8, "little") if publisher_id else None
             self._last_key = (publisher_id, key)
-        self._batch(topic, parts, nbytes, key, -1, deadline, limit, None)
+        self._batch(topic, parts, nbytes, key, -1, deadline, limit)
 
     def send_bytes(self, topic: str, data: bytes, deadline: float, key: int = 0) -> None:
         """The caller's bytes as one message, never batched (a subscriber of the MSight drop-in
@@ -739,11 +740,10 @@ class KafkaTransport(Transport):
 
     # -- batches of small frames
     def _batch(self, topic: str, parts: Sequence[Any], nbytes: int, key: Optional[bytes], part: int,
-               deadline: float, limit: int, msg: Optional[Outgoing]) -> None:
-        """Add a small frame (``parts``, ``nbytes`` in all; ``msg``: its Outgoing, if one was made)
-        to its topic's batch (of ``part``: see _Batch; ``limit``: the topic's message limit). The
-        batch goes out when full (here), when its linger passes (the linger thread), before a
-        larger frame, on flush() and close()."""
+               deadline: float, limit: int) -> None:
+        """Add a small frame (``parts``, ``nbytes`` in all) to its topic's batch (of ``part``: see
+        _Batch; ``limit``: the topic's message limit). The batch goes out when full (here), when
+        its linger passes (the linger thread), before a larger frame, on flush() and close()."""
         slot = (topic, part)
         limit = self._batch_max if self._batch_max < limit else limit
         blk = self._blk
@@ -781,7 +781,7 @@ class KafkaTransport(Transport):
             except ValueError:                         # not a frame (an Outgoing made by hand): alone
                 if not b.count:
                     del self._batches[slot]
-                self._send_plain(msg or Outgoing(topic, 0, 0, nbytes, parts), key, deadline)
+                self._send_plain(Outgoing(topic, 0, 0, nbytes, parts), key, deadline)   # topic and bytes: all it reads
                 return
             if size + MIN_FRAME > limit or b.count >= MAX_BATCH_COUNT:
                 try:                                   # full: out now
