@@ -352,27 +352,29 @@ def decode(buf: Any) -> Frame:
 
 # ---------------------------------------------------------------- fragment header
 def pack_fragment_header(frame_id: int, publisher_id: int, index: int, count: int, total: int,
-                         offset: int, chunk_size: int, chunk: Any) -> bytes:
+                         offset: int, chunk_size: int, chunk: Any, sending: int = 0) -> bytes:
     """The 64-byte header of one fragment; its CRC32C covers bytes 0..60 and then ``chunk``
-    (bytes-like, or a list or tuple of bytes-like pieces that together make the chunk)."""
+    (bytes-like, or a list or tuple of bytes-like pieces that together make the chunk).
+    ``sending`` is the frame's header CRC, which tells two sendings of one frame id apart."""
     pieces = chunk if isinstance(chunk, (list, tuple)) else [chunk]
     clen = sum(memoryview(x).nbytes for x in pieces)
-    h = S.FRAG.pack(S.FRAG_MAGIC, S.VERSION_MAJOR, S.VERSION_MINOR, 0, frame_id, publisher_id, index,
-                    count, total, offset, chunk_size, clen, 0, 0)
+    h = S.FRAG.pack(S.FRAG_MAGIC, S.VERSION_MAJOR, S.FRAG_VERSION_MINOR, 0, frame_id, publisher_id, index,
+                    count, total, offset, chunk_size, clen, sending, 0)
     c = crc32c(h[:60])
     for x in pieces:
         c = crc32c(x, c)
     return h[:60] + struct.pack("<I", c)
 
 
-def parse_fragment_header(buf: Any) -> Tuple[int, int, int, int, int, int, int, memoryview]:
-    """Validate one fragment; returns (frame_id, publisher_id, index, count, total, offset, chunk_size, chunk)."""
+def parse_fragment_header(buf: Any) -> Tuple[int, int, int, int, int, int, int, int, memoryview]:
+    """Validate one fragment; returns (frame_id, publisher_id, index, count, total, offset,
+    chunk_size, sending, chunk)."""
     mv = _as_bytes_view(buf)
     n = len(mv)
     if n < S.FRAG_HEADER_LEN:
         raise FrameError(f"truncated fragment: {n} bytes, its header needs {S.FRAG_HEADER_LEN} (at offset {n})")
     (magic, major, _minor, _flags, frame_id, pub_id, index, count, total, offset, chunk_size, clen,
-     _res, crc) = S.FRAG.unpack_from(mv, 0)
+     sending, crc) = S.FRAG.unpack_from(mv, 0)
     if magic != S.FRAG_MAGIC:
         raise FrameError(f"bad fragment magic {magic!r} at offset 0")
     if major != S.VERSION_MAJOR:
@@ -382,4 +384,4 @@ def parse_fragment_header(buf: Any) -> Tuple[int, int, int, int, int, int, int, 
     chunk = mv[S.FRAG_HEADER_LEN:]
     if crc32c(chunk, crc32c(mv[:60])) != crc:
         raise FrameError("fragment CRC32C mismatch at offset 60")
-    return frame_id, pub_id, index, count, total, offset, chunk_size, chunk
+    return frame_id, pub_id, index, count, total, offset, chunk_size, sending, chunk

@@ -24,6 +24,8 @@ BATCH_HEADER_LEN = 24         # magic, major, minor, flags, count, header CRC, t
 MAX_BATCH_COUNT = 65536       # most frames one container may hold
 VERSION_MAJOR = 1
 VERSION_MINOR = 0
+# fragments from 1.1 on say which sending of a frame they carry (offset 56; docs/wire-format.md 2)
+FRAG_VERSION_MINOR = 1
 
 FIXED_LEN = 88                # size of the fixed part of a v1.0 frame header
 FRAG_HEADER_LEN = 64          # size of a v1.0 fragment header
@@ -62,7 +64,8 @@ FIXED = struct.Struct("<4sBBHIIHHIQQQQQqqq")
 assert FIXED.size == FIXED_LEN
 RECORD = struct.Struct("<HHI")
 # magic, major, minor, flags, frame_id, publisher_id, index, count, total, offset,
-# chunk_size, chunk_len, reserved, crc32c (of bytes 0..60 then the chunk)
+# chunk_size, chunk_len, sending (the frame's header CRC; 0 before 1.1), crc32c (of bytes 0..60
+# then the chunk)
 FRAG = struct.Struct("<4sBBHQQIIQQIIII")
 assert FRAG.size == FRAG_HEADER_LEN
 

@@ -67,7 +67,7 @@ class Subscription:
         self._abandoned_seen = 0               # frames the reassembler gave up on, as of the last check
         self._seq = SeqTracker()
         self._lat = LatencyWindow()
-        self._tokens: Dict[Tuple[int, int, int, int, int], List[Any]] = {}   # frame_key -> tokens held
+        self._tokens: Dict[Tuple[int, int, int, int, int, int], List[Any]] = {}   # frame_key -> tokens held
         self._rlock = threading.Lock()
         self._passthrough = False              # compat: messages that are not frames come as bytes
         self.received = 0

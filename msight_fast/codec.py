@@ -76,13 +76,14 @@ def fragment_key(buf: Any) -> Tuple[int, int]:
     return (int.from_bytes(h[16:24], "little"), int.from_bytes(h[8:16], "little"))
 
 
-def frame_key(buf: Any) -> Tuple[int, int, int, int, int]:
-    """(publisher_id, frame_id, count, total, chunk_size) of a fragment, unchecked: the key under
-    which a Reassembler puts its frame together (two frames may share ids, not the whole key)."""
+def frame_key(buf: Any) -> Tuple[int, int, int, int, int, int]:
+    """(publisher_id, frame_id, count, total, chunk_size, sending) of a fragment, unchecked: the
+    key under which a Reassembler puts its frame together (two frames may share ids, not the
+    whole key; ``sending`` is the frame's header CRC, 0 in fragments before 1.1)."""
     h = _head(buf, S.FRAG_HEADER_LEN)
     return (int.from_bytes(h[16:24], "little"), int.from_bytes(h[8:16], "little"),
             int.from_bytes(h[28:32], "little"), int.from_bytes(h[32:40], "little"),
-            int.from_bytes(h[48:52], "little"))
+            int.from_bytes(h[48:52], "little"), int.from_bytes(h[56:60], "little"))
 
 
 if TYPE_CHECKING:
@@ -93,11 +94,14 @@ else:
     _view = memoryview
 
 
-def _frame_ids(frame_bytes: memoryview) -> Tuple[int, int]:
-    # frame_id and publisher_id key the fragments; taken unchecked, decode validates the whole
+def _frame_ids(frame_bytes: memoryview) -> Tuple[int, int, int]:
+    # frame_id, publisher_id and the header CRC key the fragments; taken unchecked, decode
+    # validates the whole. The CRC covers seq and publish_ts_ns, so each sending of one Frame
+    # (published again, or retried after a give-up) is a frame of its own to the receiver
     if len(frame_bytes) >= S.FIXED_LEN and frame_bytes[:4] == S.MAGIC:
-        return (int.from_bytes(frame_bytes[40:48], "little"), int.from_bytes(frame_bytes[56:64], "little"))
-    return (S.new_frame_id(), 0)
+        return (int.from_bytes(frame_bytes[40:48], "little"), int.from_bytes(frame_bytes[56:64], "little"),
+                int.from_bytes(frame_bytes[12:16], "little"))
+    return (S.new_frame_id(), 0, 0)
 
 
 def fragment_views(frame_bytes: Sequence[BufferLike], max_size: int) -> Tuple[int, Iterator[List[Any]]]:
@@ -119,7 +123,7 @@ def fragment_views(frame_bytes: Sequence[BufferLike], max_size: int) -> Tuple[in
         least = -(-total // S.MAX_FRAGMENT_COUNT) + S.FRAG_HEADER_LEN
         raise FrameError(f"a frame of {total} bytes would need {count} fragments of at most {max_size} bytes, "
                          f"over the {S.MAX_FRAGMENT_COUNT} allowed; max_size must be at least {least}")
-    frame_id, pub_id = _frame_ids(parts[0] if len(parts[0]) >= S.FIXED_LEN else memoryview(b"".join(parts)))
+    frame_id, pub_id, sending = _frame_ids(parts[0] if len(parts[0]) >= S.FIXED_LEN else memoryview(b"".join(parts)))
 
     def each() -> Iterator[List[Any]]:
         k, pos = 0, 0                   # current part, position in it
@@ -135,7 +139,8 @@ def fragment_views(frame_bytes: Sequence[BufferLike], max_size: int) -> Tuple[in
                 want -= take
                 if pos == len(p):
                     k, pos = k + 1, 0
-            yield [impl.pack_fragment_header(frame_id, pub_id, i, count, total, i * chunk, chunk, pieces), *pieces]
+            yield [impl.pack_fragment_header(frame_id, pub_id, i, count, total, i * chunk, chunk, pieces, sending),
+                   *pieces]
     return count, each()
 
 
@@ -381,7 +386,7 @@ def unpack_batch(buf: BufferLike) -> List[memoryview]:
     return [mv[a:b] for a, b in spans]
 
 
-_Key = Tuple[int, int, int, int, int]        # publisher_id, frame_id, count, total, chunk_size
+_Key = Tuple[int, int, int, int, int, int]   # publisher_id, frame_id, count, total, chunk_size, sending
 
 # Upper bounds used by Reassembler.memory_bound, in bytes. Per pending frame, besides its buffer
 # and its map of received chunks: the numpy array and view, the memoryview, the bytearray header,
@@ -407,9 +412,11 @@ class Reassembler:
     Every fragment is checked whole (CRC, then geometry: ``1 <= total <= max_frame_bytes``,
     ``count == ceil(total / chunk_size) <= MAX_FRAGMENT_COUNT``, index, offset and length that
     tile the frame) before anything is allocated; a rejected fragment leaves nothing behind.
-    Frames are keyed by ``(publisher_id, frame_id, count, total, chunk_size)``, so a forged
-    fragment that reuses a real frame's ids with another geometry gets an entry of its own and
-    cannot spoil the real frame.
+    Frames are keyed by ``(publisher_id, frame_id, count, total, chunk_size, sending)``, so a
+    forged fragment that reuses a real frame's ids with another geometry gets an entry of its own
+    and cannot spoil the real frame. ``sending`` is the frame's header CRC (fragments from 1.1
+    on), which a frame made must match: a Frame published again, or retried after a publish gave
+    up part way, is a frame of its own, not a duplicate of the last sending or a forged copy.
 
     Room: at most ``max_pending`` frames are pending, at most ``max_pending_per_publisher`` of
     one publisher. A publisher at its quota, or holding frames when every slot is taken, makes
@@ -518,12 +525,12 @@ class Reassembler:
             self.completed += 1
             return f
         try:
-            frame_id, pub_id, index, count, total, offset, chunk_size, chunk = impl.parse_fragment_header(buf)
+            frame_id, pub_id, index, count, total, offset, chunk_size, sending, chunk = impl.parse_fragment_header(buf)
             self._check_geometry(frame_id, index, count, total, offset, chunk_size, len(chunk))
         except FrameError:
             self.rejected += 1
             raise
-        key = (pub_id, frame_id, count, total, chunk_size)
+        key = (pub_id, frame_id, count, total, chunk_size, sending)
         with self._lock:
             p = self._pending.get(key)
             if p is None:
@@ -550,6 +557,11 @@ class Reassembler:
             self._drop(key)
             self._remember(self._done, key)
         p.buf.flags.writeable = False          # the frame views it read-only, whatever the codec
+        if sending and (total < 16 or int.from_bytes(p.buf[12:16].tobytes(), "little") != sending):
+            # the fragments name a sending (the header CRC) that the frame they make does not have
+            self.rejected += 1
+            raise FrameError(f"fragments of frame {frame_id} name header CRC {sending:#010x} at offset 56, "
+                             "which the reassembled frame does not have (offset 12)")
         try:
             f = decode(p.buf)
         except FrameError:
@@ -600,7 +612,7 @@ class Reassembler:
             self._remember(self._abandoned, key)
             self.refused += 1
             return None
-        pub_id, frame_id, count, total, chunk_size = key
+        count, total = key[2], key[3]
         p = _Pending()
         # np.empty leaves the pages untouched until chunks land in them; over-allocate by one
         # alignment unit, then start the frame on a 64-byte boundary

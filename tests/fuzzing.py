@@ -812,10 +812,10 @@ def fragment_outcome(wire: ModuleType, buf: bytes) -> Outcome:
     except Exception as e:
         return f"escape:{type(e).__name__}", None, str(e)[:300]
     try:
-        summary = tuple(int(x) for x in r[:7]) + (bytes(r[7]),)
+        summary = tuple(int(x) for x in r[:8]) + (bytes(r[8]),)
     except Exception as e:
         return f"escape:{type(e).__name__}", None, f"reading the fragment: {str(e)[:300]}"
-    if summary[7] != bytes(buf[S.FRAG_HEADER_LEN:]):
+    if summary[8] != bytes(buf[S.FRAG_HEADER_LEN:]):
         return "wrong:chunk", summary, "the chunk is not the bytes after the header"
     return "ok", summary, ""
 
@@ -861,7 +861,8 @@ def classify(buf: bytes, impls: Dict[str, ModuleType], kind: str = "frame") -> V
     return Verdict(outcomes, messages, not why, "; ".join(why))
 
 
-FRAGMENT_FIELDS = ("frame_id", "publisher_id", "index", "count", "total", "offset", "chunk_size", "chunk")
+FRAGMENT_FIELDS = ("frame_id", "publisher_id", "index", "count", "total", "offset", "chunk_size", "sending",
+                   "chunk")
 
 
 def _same(x: Any, y: Any) -> bool:

@@ -95,14 +95,15 @@ cdef enum:
     MAX_NDIM = 32
     FLAG_PAYLOAD_CRC = 1
     FLAG_NDARRAY = 2
+    FRAG_VERSION_MINOR = 1
     NOGIL_BYTES = 65536       # below this, releasing the GIL costs more than it saves
     DTYPE_CACHE_MAX = 1024
     DTYPE_CACHE_MAX_BYTES_ = 262144
 
 # the twin and this core must agree on every constant
 assert (S.FIXED_LEN, S.FRAG_HEADER_LEN, S.ALIGN, S.MAX_HEADER_LEN, S.MAX_NDIM, S.FLAG_PAYLOAD_CRC,
-        S.FLAG_NDARRAY) == (FIXED_LEN, FRAG_HEADER_LEN, ALIGN, MAX_HEADER_LEN, MAX_NDIM,
-                            FLAG_PAYLOAD_CRC, FLAG_NDARRAY)
+        S.FLAG_NDARRAY, S.FRAG_VERSION_MINOR) == (FIXED_LEN, FRAG_HEADER_LEN, ALIGN, MAX_HEADER_LEN, MAX_NDIM,
+                                                  FLAG_PAYLOAD_CRC, FLAG_NDARRAY, FRAG_VERSION_MINOR)
 cdef bytes MAGIC = S.MAGIC
 cdef bytes FRAG_MAGIC = S.FRAG_MAGIC
 cdef int MAX_NAME_BYTES = S.MAX_NAME_BYTES
@@ -910,11 +911,12 @@ cdef class BatchWriter:
 
 # ---------------------------------------------------------------- fragment header
 def pack_fragment_header(uint64_t frame_id, uint64_t publisher_id, uint32_t index, uint32_t count,
-                         uint64_t total, uint64_t offset, uint32_t chunk_size, chunk):
+                         uint64_t total, uint64_t offset, uint32_t chunk_size, chunk, uint32_t sending=0):
     """The 64-byte header of one fragment; its CRC32C covers bytes 0..60 and then ``chunk``.
 
     ``chunk`` may be a list or tuple of bytes-like pieces that together make the chunk, so a
-    fragment can be gathered from a frame's parts without joining them first."""
+    fragment can be gathered from a frame's parts without joining them first. ``sending`` is
+    the frame's header CRC, which tells two sendings of one frame id apart."""
     cdef const uint8_t* p
     cdef Py_ssize_t n, k
     cdef list pins = []
@@ -929,7 +931,7 @@ def pack_fragment_header(uint64_t frame_id, uint64_t publisher_id, uint32_t inde
     cdef uint8_t* h = <uint8_t*>PyBytes_AS_STRING(out)
     memcpy(h, <const char*>FRAG_MAGIC, 4)
     h[4] = 1
-    h[5] = 0
+    h[5] = FRAG_VERSION_MINOR
     msf_st16(h + 6, 0)
     msf_st64(h + 8, frame_id)
     msf_st64(h + 16, publisher_id)
@@ -939,7 +941,7 @@ def pack_fragment_header(uint64_t frame_id, uint64_t publisher_id, uint32_t inde
     msf_st64(h + 40, offset)
     msf_st32(h + 48, chunk_size)
     msf_st32(h + 52, <uint32_t>n)
-    msf_st32(h + 56, 0)
+    msf_st32(h + 56, sending)
     cdef uint32_t crc = msf_crc32c(0, h, 60)
     for piece in pins:
         _pin(piece, &p, &k)
@@ -949,7 +951,8 @@ def pack_fragment_header(uint64_t frame_id, uint64_t publisher_id, uint32_t inde
 
 
 def parse_fragment_header(buf):
-    """Validate one fragment; returns (frame_id, publisher_id, index, count, total, offset, chunk_size, chunk)."""
+    """Validate one fragment; returns (frame_id, publisher_id, index, count, total, offset,
+    chunk_size, sending, chunk)."""
     cdef const uint8_t* b
     cdef Py_ssize_t n
     owner = _pin(buf, &b, &n)
@@ -965,4 +968,4 @@ def parse_fragment_header(buf):
     if _crc(msf_crc32c(0, b, 60), b + FRAG_HEADER_LEN, clen) != msf_ld32(b + 60):
         raise FrameError("fragment CRC32C mismatch at offset 60")
     return (msf_ld64(b + 8), msf_ld64(b + 16), msf_ld32(b + 24), msf_ld32(b + 28), msf_ld64(b + 32),
-            msf_ld64(b + 40), msf_ld32(b + 48), _view_of(owner, b + FRAG_HEADER_LEN, clen))
+            msf_ld64(b + 40), msf_ld32(b + 48), msf_ld32(b + 56), _view_of(owner, b + FRAG_HEADER_LEN, clen))

@@ -77,7 +77,7 @@ import numpy as np
 from nats import errors as nats_errors
 
 from .. import _schema as S
-from ..codec import fragment_key, fragment_views
+from ..codec import fragment_views, frame_key
 from ..errors import AuthError, BackendUnavailable, FrameError, FrameTooLarge, MsightFastError, PublishError
 from .base import BoundedQueue, Capabilities, Outgoing, Source, Start, Transport
 
@@ -677,7 +677,7 @@ class NatsTransport(Transport):
         self._failures: List[Tuple[str, str]] = []
         self._failed = 0
         # fragmented frames kept for queue members' pulls: topic, fragments, their buffer
-        self._rest: collections.OrderedDict[Tuple[int, int], Tuple[str, List[Any], Optional[np.ndarray]]] = \
+        self._rest: collections.OrderedDict[Tuple[int, ...], Tuple[str, List[Any], Optional[np.ndarray]]] = \
             collections.OrderedDict()
         self._spare: List[np.ndarray] = []          # fragment buffers to reuse
         self._groups: Dict[str, Tuple[float, bool]] = {}   # topic -> (answer good until, a queue group listens)
@@ -848,7 +848,8 @@ class NatsTransport(Transport):
             if got is not None and not got[1] and time.monotonic() < got[0]:
                 # "no group" came meanwhile (and _forget_pulls ran with it): nothing to cache
                 return
-            self._rest[(msg.publisher_id, msg.frame_id)] = (topic, cached, buf)
+            # keyed as the member's reassembler keys the frame: a Frame sent again has its own entry
+            self._rest[frame_key(head)] = (topic, cached, buf)
             while len(self._rest) > REST_CACHE:
                 _, (_, _, old_buf) = self._rest.popitem(last=False)
                 # pulls copy out of the cache under the lock: its buffer is free for a later frame
@@ -1120,7 +1121,7 @@ class NatsTransport(Transport):
             if len(msg.data) < S.FRAG_HEADER_LEN:
                 return
             with self._lock:
-                entry = self._rest.get(fragment_key(msg.data))
+                entry = self._rest.get(frame_key(msg.data))
                 # copied now: once the frame leaves the cache, its buffer serves a later frame
                 datas = [] if entry is None else [b"".join(f) if isinstance(f, list) else bytes(f) for f in entry[1]]
             if entry is None or not msg.reply:

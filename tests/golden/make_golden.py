@@ -59,6 +59,7 @@ def main():
             "shape": None if f.array is None else list(f.array.shape),
             "payload_hex": bytes(f.data).hex(),
         }
+    # image_bgr8_fragments_1_0.hex is kept as 1.0 writers made it (minor 0, no sending): not remade
     enc = W.encode(next(cases())[1])
     frags = fragment(enc, 200)
     (HERE / "image_bgr8_fragments.hex").write_text("".join(hexlines(x) + "--\n" for x in frags))

@@ -96,9 +96,80 @@ def test_fragment_headers_are_self_describing():
     frags = fragment(enc, 4096)
     fid = decode(enc).frame_id
     for i, fr in enumerate(frags):
-        frame_id, pub, index, count, total, offset, chunk_size, chunk = codec.impl.parse_fragment_header(fr)
+        frame_id, pub, index, count, total, offset, chunk_size, sending, chunk = codec.impl.parse_fragment_header(fr)
         assert (frame_id, index, count, total) == (fid, i, len(frags), len(enc))
         assert offset == i * chunk_size and bytes(chunk) == enc[offset:offset + len(chunk)]
+        assert sending == int.from_bytes(enc[12:16], "little") and fr[5] == 1    # header CRC, minor 1
+
+
+def _sendings(frame, seqs, max_size=64 * 1024):
+    """The fragments of ``frame`` stamped and sent once per seq in ``seqs`` (a publisher's step)."""
+    out = []
+    for seq in seqs:
+        stamp = frame.publish_ts_ns
+        parts = codec.stamp_parts(frame, seq, 0xFEED, False)
+        while frame.publish_ts_ns == stamp:     # a coarse clock: each sending has a stamp of its own
+            parts = codec.stamp_parts(frame, seq, 0xFEED, False)
+        out.append(fragment(b"".join(bytes(p) for p in parts), max_size))
+    return out
+
+
+def test_a_frame_sent_again_with_its_id_is_a_frame_of_its_own():
+    # the same Frame published three times: one frame id, three frames (under the 1.0 key, the
+    # second and third passed for late copies of the first)
+    arr = np.arange(300_000, dtype=np.uint32).view(np.uint8)
+    frame = Frame.from_array(arr, sensor_name="cam")
+    r = Reassembler()
+    got = [g for frags in _sendings(frame, [1, 2, 3]) for g in map(r.feed, frags) if g is not None]
+    assert [(g.seq, g.frame_id) for g in got] == [(1, frame.frame_id), (2, frame.frame_id), (3, frame.frame_id)]
+    assert all(np.array_equal(g.array, arr) for g in got)
+    assert r.stats()["completed"] == 3 and r.duplicates == 0 and r.rejected == 0
+
+
+def test_a_retry_after_a_give_up_part_way_arrives():
+    # a publish gave up after two fragments; the retry has the same seq (a refusal leaves no gap)
+    # and a new publish_ts_ns: it completes, and the first attempt's part expires on its own
+    arr = np.arange(300_000, dtype=np.uint32).view(np.uint8)
+    frame = Frame.from_array(arr, sensor_name="cam")
+    first, retry = _sendings(frame, [9, 9])
+    r = Reassembler(timeout_s=5)
+    assert [r.feed(f) for f in first[:2]] == [None, None]
+    got = [g for g in map(r.feed, retry) if g is not None]
+    assert len(got) == 1 and got[0].seq == 9 and np.array_equal(got[0].array, arr)
+    assert r.rejected == 0 and r.pending == 1
+    import time
+    assert r.expire(now=time.monotonic() + 10) == 1 and r.expired == 1
+
+
+def test_fragments_naming_another_header_crc_are_rejected():
+    arr = np.arange(300_000, dtype=np.uint32).view(np.uint8)
+    [frags] = _sendings(Frame.from_array(arr, sensor_name="cam"), [1])
+    relabelled = []
+    for fr in frags:
+        fid, pub, index, count, total, offset, chunk_size, sending, chunk = codec.impl.parse_fragment_header(fr)
+        relabelled.append(codec.impl.pack_fragment_header(fid, pub, index, count, total, offset, chunk_size,
+                                                          chunk, sending ^ 1) + bytes(chunk))
+    r = Reassembler()
+    assert [r.feed(f) for f in relabelled[:-1]] == [None] * (len(frags) - 1)
+    with pytest.raises(FrameError, match="header CRC"):
+        r.feed(relabelled[-1])
+    assert r.rejected == 1 and r.completed == 0 and r.pending == 0
+
+
+def test_fragments_without_a_sending_are_keyed_as_1_0_writers_key_them():
+    # sending 0 (1.0 writers, which wrote 0 there): a second sending passes for a late copy,
+    # as before; nothing is checked against the frame's header CRC
+    arr = np.arange(300_000, dtype=np.uint32).view(np.uint8)
+    one, two = _sendings(Frame.from_array(arr, sensor_name="cam"), [1, 2])
+
+    def as_1_0(fr):
+        fid, pub, index, count, total, offset, chunk_size, _, chunk = codec.impl.parse_fragment_header(fr)
+        return codec.impl.pack_fragment_header(fid, pub, index, count, total, offset, chunk_size, chunk) + bytes(chunk)
+
+    r = Reassembler()
+    got = [g for g in map(r.feed, [as_1_0(f) for f in one + two]) if g is not None]
+    assert [g.seq for g in got] == [1]
+    assert r.duplicates == len(two) and r.rejected == 0
 
 
 def test_duplicates_are_counted_and_ignored_including_after_completion():

@@ -96,7 +96,7 @@ def test_the_documented_bound_covers_what_a_pending_frame_and_a_remembered_key_c
 
 def test_a_forged_first_fragment_with_the_genuine_ids_cannot_stop_the_genuine_frame():
     arr, frags = _frame(A)
-    fid, _, _, count, total, _, chunk_size, _ = codec.impl.parse_fragment_header(frags[0])
+    fid, _, _, count, total, _, chunk_size, _, _ = codec.impl.parse_fragment_header(frags[0])
     r = Reassembler()
     # the same (publisher_id, frame_id), another geometry, before any genuine fragment
     with pytest.raises(FrameError):            # its chunk is not a frame: it cannot complete as one
@@ -287,9 +287,9 @@ def test_a_publisher_holding_frames_makes_room_from_its_own_when_every_slot_is_t
 def _same_geometry_forgery(genuine: bytes) -> bytes:
     """A fragment with the genuine one's ids and geometry and other bytes: what an attacker who
     watches the wire can race against the genuine fragment."""
-    fid, pub, index, count, total, offset, chunk_size, chunk = codec.impl.parse_fragment_header(genuine)
+    fid, pub, index, count, total, offset, chunk_size, sending, chunk = codec.impl.parse_fragment_header(genuine)
     bad = bytes(b ^ 0xFF for b in bytes(chunk))
-    return codec.impl.pack_fragment_header(fid, pub, index, count, total, offset, chunk_size, bad) + bad
+    return codec.impl.pack_fragment_header(fid, pub, index, count, total, offset, chunk_size, bad, sending) + bad
 
 
 @pytest.mark.parametrize("forgery_first", [True, False])

@@ -71,9 +71,9 @@ def test_the_tokens_of_a_frame_that_fails_to_decode_are_released():
 
 def test_the_tokens_of_a_frame_dropped_for_two_different_copies_of_a_fragment_are_released():
     f, frags = _frags("genuine", 3000, 1000)
-    fid, pub, index, count, total, offset, chunk_size, chunk = codec.impl.parse_fragment_header(frags[0])
+    fid, pub, index, count, total, offset, chunk_size, sending, chunk = codec.impl.parse_fragment_header(frags[0])
     bad = bytes(b ^ 0xFF for b in bytes(chunk))
-    forged = codec.impl.pack_fragment_header(fid, pub, index, count, total, offset, chunk_size, bad) + bad
+    forged = codec.impl.pack_fragment_header(fid, pub, index, count, total, offset, chunk_size, bad, sending) + bad
     msgs = [(frags[0], 0), (forged, 1)] + [(m, 2 + i) for i, m in enumerate(frags[1:])] + [(_good(1), 100)]
     sub, src = _sub(msgs)
     assert [g.sensor_name for g in _drain(sub)] == ["good"]
@@ -124,9 +124,10 @@ def test_a_fragment_passed_as_a_2d_array_is_still_a_fragment():
 
 def test_frame_key_and_fragment_key_read_the_header():
     f, frags = _frags("genuine", 3000, 1000, pub=0xABCDEF)
-    fid, pub, _, count, total, _, chunk_size, _ = codec.impl.parse_fragment_header(frags[1])
+    fid, pub, _, count, total, _, chunk_size, sending, _ = codec.impl.parse_fragment_header(frags[1])
     assert codec.fragment_key(frags[1]) == (pub, fid) == (0xABCDEF, f.frame_id)
-    assert codec.frame_key(frags[1]) == (pub, fid, count, total, chunk_size)
+    assert codec.frame_key(frags[1]) == (pub, fid, count, total, chunk_size, sending)
+    assert sending == int.from_bytes(frags[0][64 + 12:64 + 16], "little") != 0    # the frame's header CRC
     assert struct.unpack_from("<I", frags[1], 28)[0] == count and len(frags[1]) >= S.FRAG_HEADER_LEN
 
 
