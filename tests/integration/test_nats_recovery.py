@@ -358,6 +358,45 @@ def test_stalled_server_publish_and_flush_are_bounded(own_broker, topic):
         sub_bus.close()
 
 
+def test_a_frame_sent_again_after_a_give_up_arrives(own_broker, topic):
+    # one Frame object published until a stalled server makes a publish give up part way, then
+    # published again once it is back: every sending that publish accepted arrives, and so does
+    # the retry (it has the given-up sending's seq and a new stamp; that sending's part expires)
+    b = own_broker("nats")
+    bus = msight_fast.connect("nats", **b.options(), publish_timeout_s=1.0)
+    sub_bus = msight_fast.connect("nats", **b.options())
+    sub = sub_bus.subscribe(topic)
+    resumed = False
+    try:
+        arr = raw_frame(1080, 1920)
+        frame = msight_fast.Frame.from_array(arr, sensor_name="cam")
+        accepted = [bus.publish(topic, frame).seq]
+        assert [f.seq for f in collect(sub, 1, timeout=20)] == accepted
+        b.pause()
+        gave_up = False
+        for _ in range(100):
+            try:
+                accepted.append(bus.publish(topic, frame).seq)
+            except BackendUnavailable:
+                gave_up = True
+                break
+        assert gave_up
+        b.resume()
+        resumed = True
+        accepted.append(bus.publish(topic, frame).seq)
+        bus.flush(30)
+        got = collect(sub, len(accepted) - 1, timeout=60)
+        assert [f.seq for f in got] == accepted[1:]
+        assert {f.frame_id for f in got} == {frame.frame_id}
+        assert all(np.array_equal(f.array, arr) for f in got)
+        assert sub.stats()["duplicates"] == 0 and sub.stats()["rejected"] == 0
+    finally:
+        if not resumed:
+            b.resume()
+        bus.close()
+        sub_bus.close()
+
+
 def test_a_stalled_server_holding_unsent_frames_is_left_for_another(own_broker, topic, monkeypatch):
     """A server that stops reading (SIGSTOP: no reset, its window closes) while 6 MB frames fill
     the connection's buffers: the unanswered PINGs must move the publisher to the other server
