@@ -45,15 +45,15 @@ def peak_rss() -> int:
 
 
 def forged(pub: int, frame_id: int, index: int, count: int, total: int, chunk_size: int,
-           offset: Optional[int] = None, chunk_len: Optional[int] = None) -> bytes:
-    """A fragment with a valid CRC and whatever geometry is asked for."""
+           offset: Optional[int] = None, chunk_len: Optional[int] = None, sending: int = 0) -> bytes:
+    """A fragment with a valid CRC and whatever geometry (and ``sending``) is asked for."""
     if offset is None:
         offset = index * chunk_size
     if chunk_len is None:
         chunk_len = max(0, min(chunk_size, total - offset))
     chunk = bytes([index & 0xFF]) * chunk_len
     head = codec.impl.pack_fragment_header(frame_id, pub, index & 0xFFFFFFFF, count & 0xFFFFFFFF,
-                                           total, offset, chunk_size & 0xFFFFFFFF, chunk)
+                                           total, offset, chunk_size & 0xFFFFFFFF, chunk, sending)
     return head + chunk
 
 
@@ -65,8 +65,10 @@ def _geometry(rng: random.Random, total: int) -> Tuple[int, int, int]:
     return count, chunk_size, rng.randrange(count)
 
 
-def forgeries(n: int, max_frame_bytes: int, genuine_frame_id: int, seed: int = 0) -> Iterator[bytes]:
-    """``n`` forged fragments, made one at a time (a list of them would weigh on the RSS)."""
+def forgeries(n: int, max_frame_bytes: int, genuine_frame_id: int, seed: int = 0,
+              genuine_sending: int = 0) -> Iterator[bytes]:
+    """``n`` forged fragments, made one at a time (a list of them would weigh on the RSS);
+    ``genuine_sending``: the genuine fragments' ``sending``, which a watching forger copies."""
     rng = random.Random(seed)
     forgers = [rng.getrandbits(64) | 1 for _ in range(3)]
     frame_ids = [rng.getrandbits(64) for _ in range(6)]          # reused: forged frames that fill up
@@ -87,10 +89,11 @@ def forgeries(n: int, max_frame_bytes: int, genuine_frame_id: int, seed: int = 0
             total = rng.randint(1, max_frame_bytes)
             count, chunk_size, index = _geometry(rng, total)
             yield forged(rng.choice(forgers), rng.choice(frame_ids), index, count, total, chunk_size)
-        elif kind == 3:            # the genuine frame's ids with another geometry
+        elif kind == 3:            # the genuine frame's ids and sending with another geometry
             total, chunk_size = rng.choice(genuine_geoms)
             count = -(-total // chunk_size)
-            yield forged(GENUINE_PUB, genuine_frame_id, rng.randrange(count), count, total, chunk_size)
+            yield forged(GENUINE_PUB, genuine_frame_id, rng.randrange(count), count, total, chunk_size,
+                         sending=genuine_sending)
         elif kind == 4:            # a new publisher and frame each time
             total = rng.randint(1, max_frame_bytes)
             count, chunk_size, index = _geometry(rng, total)
@@ -132,7 +135,8 @@ def run(max_frame_bytes: int = 256 << 20, max_pending: int = 8, n_forged: int = 
     out: List[Any] = []
     rejected = 0
     t0 = time.monotonic()
-    for i, msg in enumerate(forgeries(n_forged, max_frame_bytes, frame.frame_id, seed)):
+    sending = codec.impl.parse_fragment_header(genuine[0])[7]
+    for i, msg in enumerate(forgeries(n_forged, max_frame_bytes, frame.frame_id, seed, sending)):
         if i % stride == 0 and i // stride < len(genuine):
             got = r.feed(genuine[i // stride])
             if got is not None:

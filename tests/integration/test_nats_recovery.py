@@ -390,6 +390,9 @@ def test_a_frame_sent_again_after_a_give_up_arrives(own_broker, topic):
         assert {f.frame_id for f in got} == {frame.frame_id}
         assert all(np.array_equal(f.array, arr) for f in got)
         assert sub.stats()["duplicates"] == 0 and sub.stats()["rejected"] == 0
+        # the given-up sending was counted lost, and the part of it the server passed on expires
+        assert bus.stats()["lost"] >= 1
+        wait_for(lambda: sub.stats()["fragments_expired"] >= 1, "the given-up sending's part to expire", timeout=30)
     finally:
         if not resumed:
             b.resume()

@@ -203,7 +203,7 @@ def fragments(draw: Any) -> bytes:
                               pick(draw, st.just(1), st.sampled_from((0, 2, 255))), draw(st.sampled_from((0, 9))),
                               draw(st.sampled_from((0, 0xFFFF))), draw(u64), draw(u64), draw(u32s), draw(u32s),
                               draw(u64), draw(u64), draw(u32s), pick(draw, st.just(len(chunk)), u32s),
-                              draw(st.sampled_from((0, 0, 1))), 0))
+                              draw(st.sampled_from((0, 1, 0xFFFFFFFF)) | u32s), 0))
     c = crc32c(chunk, crc32c(bytes(h[:60])))
     struct.pack_into("<I", h, 60, pick(draw, st.just(c), st.just(c ^ 1)))
     buf = bytes(h) + chunk

@@ -75,7 +75,7 @@ def test_the_documented_bound_covers_what_a_pending_frame_and_a_remembered_key_c
     n, total, chunk = 64, 65_536 * 100, 100                   # the largest map: 65,536 chunks
     r = Reassembler(max_frame_bytes=total, max_pending=n, max_pending_per_publisher=n)
     top = (1 << 64) - 1                                       # the largest ids make the largest keys
-    msgs = [forged(top - i, top - i, 0, 65_536, total, chunk) for i in range(n)]
+    msgs = [forged(top - i, top - i, 0, 65_536, total, chunk, sending=0xFFFFFFFF) for i in range(n)]
     gc.collect()
     tracemalloc.start()
     try:
@@ -96,12 +96,12 @@ def test_the_documented_bound_covers_what_a_pending_frame_and_a_remembered_key_c
 
 def test_a_forged_first_fragment_with_the_genuine_ids_cannot_stop_the_genuine_frame():
     arr, frags = _frame(A)
-    fid, _, _, count, total, _, chunk_size, _, _ = codec.impl.parse_fragment_header(frags[0])
+    fid, _, _, count, total, _, chunk_size, sending, _ = codec.impl.parse_fragment_header(frags[0])
     r = Reassembler()
-    # the same (publisher_id, frame_id), another geometry, before any genuine fragment
+    # the same (publisher_id, frame_id, sending), another geometry, before any genuine fragment
     with pytest.raises(FrameError):            # its chunk is not a frame: it cannot complete as one
-        r.feed(forged(A, fid, 0, 1, 5000, 5000))
-    assert r.feed(forged(A, fid, 0, 3, 5000, 2000)) is None
+        r.feed(forged(A, fid, 0, 1, 5000, 5000, sending=sending))
+    assert r.feed(forged(A, fid, 0, 3, 5000, 2000, sending=sending)) is None
     assert r.pending == 1
     assert _intact([r.feed(f) for f in frags], arr)
     assert r.rejected == 1 and r.completed == 1 and r.pending == 1    # the forgery waits for its time
@@ -110,13 +110,14 @@ def test_a_forged_first_fragment_with_the_genuine_ids_cannot_stop_the_genuine_fr
 
 def test_forged_fragments_interleaved_with_the_genuine_ones_do_not_spoil_it():
     arr, frags = _frame(A, n=60_000)
-    fid = codec.impl.parse_fragment_header(frags[0])[0]
+    head = codec.impl.parse_fragment_header(frags[0])
+    fid, sending = head[0], head[7]
     total = sum(len(f) - S.FRAG_HEADER_LEN for f in frags)
     n = len(frags)
-    # two other geometries under the genuine pair; the second one gets all its chunks, so it
-    # completes (as garbage, rejected by decode) in the middle of the genuine frame
-    before = [forged(A, fid, i % 30, 30, 30 * 100, 100) for i in range(n)]
-    after = [forged(A, fid, i % 7, -(-total // 9999), total, 9999) for i in range(n)]
+    # two other geometries under the genuine ids and sending; the second one gets all its chunks,
+    # so it completes (as garbage, rejected) in the middle of the genuine frame
+    before = [forged(A, fid, i % 30, 30, 30 * 100, 100, sending=sending) for i in range(n)]
+    after = [forged(A, fid, i % 7, -(-total // 9999), total, 9999, sending=sending) for i in range(n)]
     r = Reassembler()
     out = []
 
