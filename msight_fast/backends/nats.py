@@ -22,10 +22,14 @@ publisher keeps a copy of its last ``REST_CACHE`` fragmented frames to answer, m
 broadcast fragments are written and before the announcement goes. Whether any group listens it
 asks the server at most once a second per topic (``_probe_groups``: a request on the group
 subject, which the server refuses at once when no one subscribes), in the background. An answer
-holds for ``GROUP_PROBE_S``; without a fresh one the publisher assumes a group listens. So a
-member that joins, or reconnects, after a "no" misses at most the frames of that answer's life
-(about a second), and a "no" drops the topic's cached frames: a member whose connection broke
-between an announcement and its pull then finds nothing to pull. Any subscriber on the group
+holds for ``GROUP_PROBE_S``; without a fresh one the publisher assumes a group listens. A member
+that joins, or reconnects, says hello on ``_MSF.hello.<topic>`` (after its subscriptions, before
+``subscribe`` returns), and a publisher that hears it takes "a group listens" at once, whatever
+its last answer, or a probe then in flight, said. So a member misses only frames published
+while its hello travels (one server hop; a publisher not allowed to subscribe to
+``_MSF.hello.>`` hears none, and the answer's life, about a second, is the bound there). A "no"
+drops the topic's cached frames: a member whose connection broke between an announcement and its
+pull then finds nothing to pull. Any subscriber on the group
 subject counts as a group (a monitor on ``>`` too), and the probe's reply inbox needs the
 publisher's permission to subscribe to ``_INBOX.>``: without it, groups are assumed to listen.
 Subscribers without a group get every fragment pushed on the subject and never ask. (A member
@@ -87,6 +91,7 @@ HANDOFF_MAX_BYTES = 8 << 20           # publisher hand-off bound: publish() bloc
                                       # queueing latency stays ~tens of ms at a few hundred MB/s
 PULL_PREFIX = "_MSF.pull."            # + publisher id: where queue members ask for the rest
 GROUP_PREFIX = "_MSF.q."              # + topic: first fragments of frames for queue groups
+HELLO_PREFIX = "_MSF.hello."          # + topic: a queue member that joins or reconnects says so
 REST_CACHE = 4                        # fragmented frames a publisher keeps for pulls (a member pulls within
                                       # a round trip); their buffers are then reused, warm
 GROUP_PROBE_S = 1.0                   # how long the server's answer to "does a queue group listen?" holds
@@ -681,6 +686,7 @@ class NatsTransport(Transport):
             collections.OrderedDict()
         self._spare: List[np.ndarray] = []          # fragment buffers to reuse
         self._groups: Dict[str, Tuple[float, bool]] = {}   # topic -> (answer good until, a queue group listens)
+        self._hello: Dict[str, float] = {}    # topic -> when a member last said hello (topics probed only)
         self._probing: Set[str] = set()
         self._probes: Set[Any] = set()               # probe tasks under way
         self._pull_sub = None
@@ -758,6 +764,14 @@ class NatsTransport(Transport):
         log.warning("msight_fast: NATS reconnected to %s after %s: %s", _where(self._server_url),
                     "?" if self.last_outage_s is None else f"{self.last_outage_s:.2f} s", why)
         self._server_said = None
+        # nats-py has subscribed again: a queue member says hello anew (publishers may have heard
+        # "no group" while it was away)
+        for src in {id(x): x for x in self._sources.values()}.values():
+            if src.group_id and not src._closed:
+                try:
+                    await nc.publish(HELLO_PREFIX + src.topic, b"")
+                except Exception as e:  # noqa: BLE001 - the answer's life bounds what it misses
+                    log.debug("msight_fast: NATS could not say hello on %r: %r", src.topic, e)
         self._outage_since = None
         nc.msf_cause = None
         self._refresh_max_payload()
@@ -867,8 +881,8 @@ class NatsTransport(Transport):
     def _groups_listen(self, topic: str) -> bool:
         """Whether a queue group may listen on ``topic``: the server's last answer while it is
         under ``GROUP_PROBE_S`` old; else True (a copy and an announcement made for nothing cost
-        less than a frame a member misses), and the server is asked again in the background. So a
-        member that joins misses at most the frames of one answer's life."""
+        less than a frame a member misses), and the server is asked again in the background. A
+        member's hello (``_on_hello``) makes the answer "yes" at once."""
         got = self._groups.get(topic)
         if got is not None and time.monotonic() < got[0]:
             return got[1]
@@ -894,6 +908,7 @@ class NatsTransport(Transport):
         silent, so the request times out. Anything else (server away, no headers support, no
         permission for the reply inbox) counts as a group listening."""
         listens = True
+        asked = time.monotonic()
         try:
             if self.nc.is_connected:              # away: it would only take room in the reconnect buffer
                 await self.nc.request(GROUP_PREFIX + topic, b"", timeout=PROBE_WAIT_S)
@@ -907,11 +922,24 @@ class NatsTransport(Transport):
             with self._lock:
                 for t in [t for t, (until, _) in self._groups.items() if until < now - 60]:
                     del self._groups[t]           # topics no longer published, and their frames
+                    self._hello.pop(t, None)
                     self._forget_pulls(t)
+                if self._hello.get(topic, -1.0) >= asked:
+                    listens = True                # a member said hello after the server's "no" was given
                 self._groups[topic] = (now + GROUP_PROBE_S, listens)
                 if not listens:
                     self._forget_pulls(topic)
                 self._probing.discard(topic)
+
+    async def _on_hello(self, msg: Any) -> None:
+        """A queue member joined or reconnected on a topic: a group listens from now on. Only
+        topics this publisher asked about are noted, so hellos cannot grow its state."""
+        topic = msg.subject[len(HELLO_PREFIX):]
+        now = time.monotonic()
+        with self._lock:
+            if topic in self._groups or topic in self._probing:
+                self._hello[topic] = now
+                self._groups[topic] = (now + GROUP_PROBE_S, True)
 
     def _forget_pulls(self, topic: str) -> None:
         """Nobody is to pull ``topic``'s cached frames: let their buffers go (and the spare ones,
@@ -1133,7 +1161,9 @@ class NatsTransport(Transport):
                 log.debug("msight_fast: NATS could not answer a pull: %r", e)
 
         async def sub() -> Any:
-            return await self.nc.subscribe(subject, cb=serve)
+            got = await self.nc.subscribe(subject, cb=serve)
+            await self.nc.subscribe(HELLO_PREFIX + ">", cb=self._on_hello)
+            return got
 
         try:
             # while the server is away nats-py keeps the subscription and sends it on reconnect
@@ -1246,6 +1276,7 @@ class NatsSource(Source):
         self.topic = topic
         self.q = BoundedQueue(t.cfg.max_pending_bytes, t.cfg.drop_policy)
         self.client_dropped = 0          # messages nats-py dropped above its per-subscription limit
+        self.group_id = group_id
         self.inbox = ""
         self._subs: List[Any] = []        # nats-py Subscriptions
         self._closed = False
@@ -1288,6 +1319,9 @@ class NatsSource(Source):
                 await add(self.inbox, on_msg, route=take)
                 await add(topic, self._whole_only(on_msg), group_id, route=take_whole)
                 await add(GROUP_PREFIX + topic, on_first, group_id)
+                # publishers that last heard "no group" announce again from this hello on; the
+                # flush below returns once the server has passed it on
+                await t.nc.publish(HELLO_PREFIX + topic, b"")
             else:
                 await add(topic, on_msg, route=take)
             # the server has the interest before subscribe() returns: wait (bounded) for the

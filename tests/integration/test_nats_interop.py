@@ -280,6 +280,55 @@ def test_a_member_that_joins_later_is_announced_frames_again(nats_opts: Any) -> 
             _publish_until(pub, topic, a, lambda: t._groups[topic][1] is True, "an answer that a group listens")
 
 
+def test_a_member_that_joins_after_a_no_says_hello_and_gets_the_next_frame(nats_opts: Any, monkeypatch: Any) -> None:
+    """A member says hello as it joins: a publisher told "no group" announces its very next frame,
+    without waiting for that answer to expire (here it would hold all along)."""
+    from msight_fast.backends import nats as nats_backend
+    monkeypatch.setattr(nats_backend, "GROUP_PROBE_S", 1e6)
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    a = np.random.default_rng(9).integers(0, 256, (700, 800, 3), dtype=np.uint8)
+    with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus:
+        t = _told_no_group(pub, topic, a)
+        with sub_bus.subscribe(topic, group_id="late") as member:
+            wait_for(lambda: t._groups[topic][1] is True, "the member's hello to reach the publisher", timeout=10)
+            sent = pub.publish(topic, a)
+            got = member.recv(30)
+        assert got is not None and got.seq == sent.seq and np.array_equal(got.array, a)
+
+
+def test_a_member_that_reconnects_after_a_no_says_hello_again(nats_opts: Any, monkeypatch: Any) -> None:
+    """A member whose connection is cut while the publisher hears "no group" says hello once
+    nats-py has subscribed it again, and gets the publisher's next frame."""
+    from msight_fast.backends import nats as nats_backend
+
+    from ..faultproxy import FaultProxy
+    monkeypatch.setattr(nats_backend, "GROUP_PROBE_S", 1e6)
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    a = np.random.default_rng(10).integers(0, 256, (700, 800, 3), dtype=np.uint8)
+    host, port = nats_opts["servers"][0].rsplit("/", 1)[1].split(":")
+    with FaultProxy((host, int(port))) as proxy, msight_fast.connect("nats", **nats_opts) as pub, \
+            msight_fast.connect("nats", servers=[f"nats://{proxy.host}:{proxy.port}"]) as sub_bus, \
+            sub_bus.subscribe(topic, group_id="back") as member:
+        t = pub._t
+        pub.publish(topic, a)
+        wait_for(lambda: t._groups.get(topic, (0, False))[1] is True, "an answer that a group listens", timeout=10)
+        assert member.recv(30) is not None
+        proxy.refuse()                             # the member stays away until accept() below
+        proxy.cut()                                # its connection, and its subscriptions with it
+        with t._lock:
+            t._groups[topic] = (0.0, True)         # the answer expires: the next frame asks again
+        _publish_until(pub, topic, a, lambda: t._groups[topic][1] is False,
+                       "the server to answer that no queue group listens")
+        proxy.accept()
+        wait_for(lambda: t._groups[topic][1] is True, "the reconnected member's hello", timeout=30)
+        sent = pub.publish(topic, a)
+        got = None
+        deadline = time.monotonic() + 30
+        while (got is None or got.seq != sent.seq) and time.monotonic() < deadline:
+            got = member.recv(1)
+        assert got is not None and got.seq == sent.seq and np.array_equal(got.array, a)
+
+
 def test_a_slow_publishers_next_frame_after_the_answer_expired_reaches_a_new_member(nats_opts: Any) -> None:
     """A publisher that sends a frame now and then: an answer of "no group" older than its life
     counts for nothing, so the first frame after a member joined is announced, not only the one
