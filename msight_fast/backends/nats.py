@@ -23,13 +23,13 @@ broadcast fragments are written and before the announcement goes. Whether any gr
 asks the server at most once a second per topic (``_probe_groups``: a request on the group
 subject, which the server refuses at once when no one subscribes), in the background. An answer
 holds for ``GROUP_PROBE_S``; without a fresh one the publisher assumes a group listens. A member
-that joins, or reconnects, says hello on ``_MSF.hello.<topic>`` (after its subscriptions, before
-``subscribe`` returns), and a publisher that hears it takes "a group listens" at once, whatever
-its last answer, or a probe then in flight, said. So a member misses only frames published
-while its hello travels (one server hop; a publisher not allowed to subscribe to
-``_MSF.hello.>`` hears none, and the answer's life, about a second, is the bound there). A "no"
-drops the topic's cached frames: a member whose connection broke between an announcement and its
-pull then finds nothing to pull. Any subscriber on the group
+that joins, or reconnects, says hello on ``_MSF.hello.<topic>`` (after its subscriptions; the
+server has passed it on when ``subscribe`` returns), and a publisher that hears it takes "a group
+listens" at once, whatever its last answer, or a probe then in flight, said. So a member misses
+only frames published before its hello reaches the publisher. Where a hello cannot be sent or
+heard (permissions), or names no topic a publisher sends on (a wildcard), the answer's life,
+about a second, is the bound. A "no" drops the topic's cached frames: a member whose connection
+broke between an announcement and its pull then finds nothing to pull. Any subscriber on the group
 subject counts as a group (a monitor on ``>`` too), and the probe's reply inbox needs the
 publisher's permission to subscribe to ``_INBOX.>``: without it, groups are assumed to listen.
 Subscribers without a group get every fragment pushed on the subject and never ask. (A member
@@ -601,7 +601,18 @@ class _Pieces:
 
 def _auth_error(e: BaseException) -> bool:
     text = str(e).lower()
+    if "permissions violation" in text:         # a subject refused (its name may say anything): not the login
+        return False
     return "authorization" in text or "authentication" in text or isinstance(e, nats_errors.AuthorizationError)
+
+
+async def _say_hello(nc: Any, topic: str) -> None:
+    """A queue member's hello on ``topic`` (see the module docstring); a failure (no permission,
+    the connection away with a full reconnect buffer) leaves the answer's life as the bound."""
+    try:
+        await nc.publish(HELLO_PREFIX + topic, b"")
+    except Exception as e:  # noqa: BLE001
+        log.debug("msight_fast: NATS could not say hello on %r: %r", topic, e)
 
 
 def _where(url: Any) -> str:
@@ -722,7 +733,12 @@ class NatsTransport(Transport):
             return
         if _auth_error(e):
             self._auth_failed = True
-        if "slow consumer" in str(e).lower():
+        text = str(e).lower()
+        if "permissions violation" in text and HELLO_PREFIX.lower() in text:
+            # hellos are optional: a refusal must not stand in later messages for what went wrong
+            log.debug("msight_fast: NATS refused a queue member's hello: %r", e)
+            return
+        if "slow consumer" in text:
             self._server_said = str(e)
         self._last_error = e
         log.debug("msight_fast: NATS error: %r", e)
@@ -764,20 +780,17 @@ class NatsTransport(Transport):
         log.warning("msight_fast: NATS reconnected to %s after %s: %s", _where(self._server_url),
                     "?" if self.last_outage_s is None else f"{self.last_outage_s:.2f} s", why)
         self._server_said = None
-        # nats-py has subscribed again: a queue member says hello anew (publishers may have heard
-        # "no group" while it was away)
-        for src in {id(x): x for x in self._sources.values()}.values():
-            if src.group_id and not src._closed:
-                try:
-                    await nc.publish(HELLO_PREFIX + src.topic, b"")
-                except Exception as e:  # noqa: BLE001 - the answer's life bounds what it misses
-                    log.debug("msight_fast: NATS could not say hello on %r: %r", src.topic, e)
         self._outage_since = None
         nc.msf_cause = None
         self._refresh_max_payload()
         with self._cv:
             self._buffered.clear()       # nats-py wrote its reconnect buffer to the new connection
             self._cv.notify_all()
+        # nats-py has subscribed again: a queue member says hello anew (publishers may have heard
+        # "no group" while it was away). A copy: close() may drop sources from another thread
+        members = {src.topic for src in list(self._sources.values()) if src.group_id and not src._closed}
+        for topic in members:
+            await _say_hello(nc, topic)
 
     async def _on_closed(self) -> None:
         if not self._closing and hasattr(self, "nc"):
@@ -933,7 +946,10 @@ class NatsTransport(Transport):
 
     async def _on_hello(self, msg: Any) -> None:
         """A queue member joined or reconnected on a topic: a group listens from now on. Only
-        topics this publisher asked about are noted, so hellos cannot grow its state."""
+        topics this publisher asked about are noted, so hellos cannot grow its state; a hello
+        has no payload (one with a payload is not ours)."""
+        if msg.data:
+            return
         topic = msg.subject[len(HELLO_PREFIX):]
         now = time.monotonic()
         with self._lock:
@@ -1162,7 +1178,12 @@ class NatsTransport(Transport):
 
         async def sub() -> Any:
             got = await self.nc.subscribe(subject, cb=serve)
-            await self.nc.subscribe(HELLO_PREFIX + ">", cb=self._on_hello)
+            try:
+                # hellos are empty: anything larger is dropped by nats-py's limits, not buffered
+                await self.nc.subscribe(HELLO_PREFIX + ">", cb=self._on_hello, pending_msgs_limit=1024,
+                                        pending_bytes_limit=64 << 10)
+            except Exception as e:  # noqa: BLE001 - without hellos, the answer's life is the bound
+                log.debug("msight_fast: NATS could not listen for queue members' hellos: %r", e)
             return got
 
         try:
@@ -1321,7 +1342,7 @@ class NatsSource(Source):
                 await add(GROUP_PREFIX + topic, on_first, group_id)
                 # publishers that last heard "no group" announce again from this hello on; the
                 # flush below returns once the server has passed it on
-                await t.nc.publish(HELLO_PREFIX + topic, b"")
+                await _say_hello(t.nc, topic)
             else:
                 await add(topic, on_msg, route=take)
             # the server has the interest before subscribe() returns: wait (bounded) for the

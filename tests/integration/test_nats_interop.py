@@ -296,6 +296,25 @@ def test_a_member_that_joins_after_a_no_says_hello_and_gets_the_next_frame(nats_
         assert got is not None and got.seq == sent.seq and np.array_equal(got.array, a)
 
 
+def test_a_hello_that_comes_while_a_probe_waits_outweighs_its_no(nats_opts: Any) -> None:
+    """The server's "no" may be given before a member joined and reach the publisher after the
+    member's hello: the hello wins. (The client's request is replaced to fix that order.)"""
+    import types
+
+    from msight_fast.backends import nats as nats_backend
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    a = np.random.default_rng(11).integers(0, 256, (700, 800, 3), dtype=np.uint8)
+    with msight_fast.connect("nats", **nats_opts) as pub:
+        t = _told_no_group(pub, topic, a)
+
+        async def request(subject: str, payload: bytes, timeout: float) -> Any:
+            await t._on_hello(types.SimpleNamespace(subject=nats_backend.HELLO_PREFIX + topic, data=b""))
+            raise nats.errors.NoRespondersError
+        t.nc.request = request
+        t._L.run(t._probe_groups(topic), 10)
+        assert t._groups[topic][1] is True
+
+
 def test_a_member_that_reconnects_after_a_no_says_hello_again(nats_opts: Any, monkeypatch: Any) -> None:
     """A member whose connection is cut while the publisher hears "no group" says hello once
     nats-py has subscribed it again, and gets the publisher's next frame."""
@@ -315,10 +334,16 @@ def test_a_member_that_reconnects_after_a_no_says_hello_again(nats_opts: Any, mo
         assert member.recv(30) is not None
         proxy.refuse()                             # the member stays away until accept() below
         proxy.cut()                                # its connection, and its subscriptions with it
-        with t._lock:
-            t._groups[topic] = (0.0, True)         # the answer expires: the next frame asks again
-        _publish_until(pub, topic, a, lambda: t._groups[topic][1] is False,
-                       "the server to answer that no queue group listens")
+
+        def told_no() -> bool:
+            # until the server has dropped the member's subscriptions its answer is "yes": expire
+            # each such answer, so that the next frame asks again
+            with t._lock:
+                if t._groups[topic][1]:
+                    t._groups[topic] = (0.0, True)
+                    return False
+            return True
+        _publish_until(pub, topic, a, told_no, "the server to answer that no queue group listens")
         proxy.accept()
         wait_for(lambda: t._groups[topic][1] is True, "the reconnected member's hello", timeout=30)
         sent = pub.publish(topic, a)
