@@ -6,6 +6,7 @@ Every test starts its own nats-server(s) on free loopback ports. Recovery times 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -306,13 +307,24 @@ def test_broker_down_publish_recv_flush_subscribe_are_bounded(own_broker, topic)
         bus.close()
 
 
-def test_stalled_server_publish_and_flush_are_bounded(own_broker, topic):
+@contextlib.contextmanager
+def _to_be_stalled(own_broker, topic, publish_timeout_s):
+    """A nats-server of the test's own, a Bus publishing to it and a subscription to ``topic``:
+    (server, bus, sub). At the end the server runs again (SIGCONT, harmless if it does) and both
+    Buses are closed, whatever happened."""
     b = own_broker("nats")
-    bus = msight_fast.connect("nats", **b.options(), publish_timeout_s=2.0)
+    bus = msight_fast.connect("nats", **b.options(), publish_timeout_s=publish_timeout_s)
     sub_bus = msight_fast.connect("nats", **b.options())
-    sub = sub_bus.subscribe(topic)
-    resumed = False
     try:
+        yield b, bus, sub_bus.subscribe(topic)
+    finally:
+        b.resume()
+        bus.close()
+        sub_bus.close()
+
+
+def test_stalled_server_publish_and_flush_are_bounded(own_broker, topic):
+    with _to_be_stalled(own_broker, topic, 2.0) as (b, bus, sub):
         frame = raw_frame(1080, 1920)
         bus.publish(topic, frame)
         assert len(collect(sub, 1, timeout=20)) == 1
@@ -337,8 +349,7 @@ def test_stalled_server_publish_and_flush_are_bounded(own_broker, topic):
         with pytest.raises(PublishError):
             bus.flush(timeout=1)
         assert time.monotonic() - t < 1 + SLACK
-        b.proc.send_signal(signal.SIGCONT)
-        resumed = True
+        b.resume()
         last = bus.publish(topic, frame).seq
         bus.flush(30)
         seen: List[msight_fast.Frame] = []
@@ -351,23 +362,13 @@ def test_stalled_server_publish_and_flush_are_bounded(own_broker, topic):
             assert np.array_equal(f.array, original) or bool((f.array == 7).all()), f.seq
         st = sub.stats()
         assert st["rejected"] == 0 and st["duplicates"] == 0
-    finally:
-        if not resumed:
-            b.proc.send_signal(signal.SIGCONT)
-        bus.close()
-        sub_bus.close()
 
 
 def test_a_frame_sent_again_after_a_give_up_arrives(own_broker, topic):
     # one Frame object published until a stalled server makes a publish give up part way, then
     # published again once it is back: every sending that publish accepted arrives, and so does
     # the retry (it has the given-up sending's seq and a new stamp; that sending's part expires)
-    b = own_broker("nats")
-    bus = msight_fast.connect("nats", **b.options(), publish_timeout_s=1.0)
-    sub_bus = msight_fast.connect("nats", **b.options())
-    sub = sub_bus.subscribe(topic)
-    resumed = False
-    try:
+    with _to_be_stalled(own_broker, topic, 1.0) as (b, bus, sub):
         arr = raw_frame(1080, 1920)
         frame = msight_fast.Frame.from_array(arr, sensor_name="cam")
         accepted = [bus.publish(topic, frame).seq]
@@ -382,7 +383,6 @@ def test_a_frame_sent_again_after_a_give_up_arrives(own_broker, topic):
                 break
         assert gave_up
         b.resume()
-        resumed = True
         accepted.append(bus.publish(topic, frame).seq)
         bus.flush(30)
         got = collect(sub, len(accepted) - 1, timeout=60)
@@ -393,11 +393,6 @@ def test_a_frame_sent_again_after_a_give_up_arrives(own_broker, topic):
         # the given-up sending was counted lost, and the part of it the server passed on expires
         assert bus.stats()["lost"] >= 1
         wait_for(lambda: sub.stats()["fragments_expired"] >= 1, "the given-up sending's part to expire", timeout=30)
-    finally:
-        if not resumed:
-            b.resume()
-        bus.close()
-        sub_bus.close()
 
 
 def test_a_stalled_server_holding_unsent_frames_is_left_for_another(own_broker, topic, monkeypatch):
