@@ -1179,7 +1179,9 @@ class NatsTransport(Transport):
         async def sub() -> Any:
             got = await self.nc.subscribe(subject, cb=serve)
             try:
-                # hellos are empty: anything larger is dropped by nats-py's limits, not buffered
+                # hellos are empty and rare: past 1,024 messages or 64 KiB waiting for this
+                # callback, nats-py drops what comes (counted by no one: a hello lost costs the
+                # answer's life at most), so nobody can fill this publisher's memory with them
                 await self.nc.subscribe(HELLO_PREFIX + ">", cb=self._on_hello, pending_msgs_limit=1024,
                                         pending_bytes_limit=64 << 10)
             except Exception as e:  # noqa: BLE001 - without hellos, the answer's life is the bound
