@@ -354,6 +354,31 @@ def test_a_member_that_reconnects_after_a_no_says_hello_again(nats_opts: Any, mo
         assert got is not None and got.seq == sent.seq and np.array_equal(got.array, a)
 
 
+def test_hellos_refused_by_permissions_leave_the_answers_life_as_the_bound(own_broker: Any, tmp_path: Any) -> None:
+    """A publisher that may not subscribe to the hello subject, and a member that may not publish
+    on it: nothing fails, neither refusal is taken for a login failure (the topic's name says
+    "authorization"), and a member that joins after a "no" gets frames once the answer expires."""
+    conf = tmp_path / "permissions.conf"
+    conf.write_text("authorization { users = [\n"
+                    '  {user: pub, password: pw, permissions: {subscribe: {deny: ["_MSF.hello.>"]}}}\n'
+                    '  {user: sub, password: pw, permissions: {publish: {deny: ["_MSF.hello.>"]}}}\n] }\n')
+    b = own_broker("nats", extra_args=["-c", str(conf)])
+    servers = [f"nats://127.0.0.1:{b.port}"]
+    topic = f"authorization/{uuid.uuid4().hex[:8]}"
+    a = np.random.default_rng(12).integers(0, 256, (700, 800, 3), dtype=np.uint8)
+    with msight_fast.connect("nats", servers=servers, username="pub", password="pw") as pub, \
+            msight_fast.connect("nats", servers=servers, username="sub", password="pw") as sub_bus:
+        t = _told_no_group(pub, topic, a)
+        with sub_bus.subscribe(topic, group_id="late") as member:
+            got: List[Any] = []
+            _publish_until(pub, topic, a, lambda: got.append(member.recv(0.05)) or got[-1] is not None,
+                           "the late member's first frame")
+        assert np.array_equal(got[-1].array, a)
+        assert not t._hello                        # no hello was heard: the permissions held
+        assert not t._auth_failed and not sub_bus._t._auth_failed
+        assert pub.stats()["publish_errors"] == 0 and pub.stats()["lost"] == 0
+
+
 def test_a_slow_publishers_next_frame_after_the_answer_expired_reaches_a_new_member(nats_opts: Any) -> None:
     """A publisher that sends a frame now and then: an answer of "no group" older than its life
     counts for nothing, so the first frame after a member joined is announced, not only the one
