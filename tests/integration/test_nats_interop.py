@@ -264,6 +264,14 @@ def _told_no_group(pub: Any, topic: str, a: np.ndarray) -> Any:
     return t
 
 
+def _first_frame_while_publishing(pub: Any, member: Any, topic: str, a: np.ndarray) -> Any:
+    """Publish ``a`` every 20 ms until ``member`` receives a frame; that frame."""
+    got: List[Any] = []
+    _publish_until(pub, topic, a, lambda: got.append(member.recv(0.05)) or got[-1] is not None,
+                   "the late member's first frame")
+    return got[-1]
+
+
 def test_a_member_that_joins_later_is_announced_frames_again(nats_opts: Any) -> None:
     """After the server said no queue group listens, a member that joins starts getting frames once
     the publisher asks again (about a second), intact."""
@@ -272,10 +280,7 @@ def test_a_member_that_joins_later_is_announced_frames_again(nats_opts: Any) -> 
     with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus:
         t = _told_no_group(pub, topic, a)
         with sub_bus.subscribe(topic, group_id="late") as member:
-            got: List[Any] = []
-            _publish_until(pub, topic, a, lambda: got.append(member.recv(0.05)) or got[-1] is not None,
-                           "the late member's first frame")
-            assert np.array_equal(got[-1].array, a)
+            assert np.array_equal(_first_frame_while_publishing(pub, member, topic, a).array, a)
             # and the server's next answer names the member's group
             _publish_until(pub, topic, a, lambda: t._groups[topic][1] is True, "an answer that a group listens")
 
@@ -370,10 +375,8 @@ def test_hellos_refused_by_permissions_leave_the_answers_life_as_the_bound(own_b
             msight_fast.connect("nats", servers=servers, username="sub", password="pw") as sub_bus:
         t = _told_no_group(pub, topic, a)
         with sub_bus.subscribe(topic, group_id="late") as member:
-            got: List[Any] = []
-            _publish_until(pub, topic, a, lambda: got.append(member.recv(0.05)) or got[-1] is not None,
-                           "the late member's first frame")
-        assert np.array_equal(got[-1].array, a)
+            first = _first_frame_while_publishing(pub, member, topic, a)
+        assert np.array_equal(first.array, a)
         assert not t._hello                        # no hello was heard: the permissions held
         assert not t._auth_failed and not sub_bus._t._auth_failed
         assert pub.stats()["publish_errors"] == 0 and pub.stats()["lost"] == 0
