@@ -22,6 +22,9 @@ FRAG_MAGIC = b"\x93MSP"       # fragment of a frame
 BATCH_MAGIC = b"\x93MSB"      # batch container of whole frames (docs/wire-format.md 2a)
 BATCH_HEADER_LEN = 24         # magic, major, minor, flags, count, header CRC, total; the index follows
 MAX_BATCH_COUNT = 65536       # most frames one container may hold
+BATCH_SHARED = 1              # batch flag bit 0: the frames share frame 0's header (docs/wire-format.md 2b)
+SHARED_HEAD_LEN = 32          # a shared-header batch's header, before the template
+MAX_SHARED_TEMPLATE = 512     # longest shared header: bounds what a reader expands a message to
 VERSION_MAJOR = 1
 VERSION_MINOR = 0
 # fragments from 1.1 on say which sending of a frame they carry (offset 56; docs/wire-format.md 2)

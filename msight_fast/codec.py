@@ -205,9 +205,11 @@ def _assemble(lengths: List[int], pieces: List[Any], total: int) -> bytes:
     return b"".join([head, index, _PAD[_align8(index_end) - index_end], *pieces])
 
 
-def pack_batch(frames: Sequence[Sequence[BufferLike]]) -> bytes:
+def pack_batch(frames: Sequence[Sequence[BufferLike]], *, shared: bool = False) -> bytes:
     """One batch container of whole frames, each given as its ``encode_parts`` list (or a
-    one-item list of its encoded bytes). Each frame is copied once, into the container.
+    one-item list of its encoded bytes). Each frame is copied once, into the container. With
+    ``shared``, frames that differ only in their ids, times, lengths and CRCs share frame 0's
+    header (docs/wire-format.md 2b), when there are two or more; otherwise each goes whole.
 
     Raises ValueError for an empty list, more than ``MAX_BATCH_COUNT`` frames, or an item that
     does not start with the frame magic (a fragment or a batch cannot go inside a batch).
@@ -223,7 +225,162 @@ def pack_batch(frames: Sequence[Sequence[BufferLike]]) -> bytes:
         pieces.extend(views)
         if n & 7:
             pieces.append(_PAD[8 - (n & 7)])
+    if shared and 2 <= len(lengths) <= MAX_BATCH_COUNT:
+        whole = [b"".join(p if type(p) is bytes else _view(p).cast("B") for p in parts) for parts in frames]
+        t = _template_len(whole[0])
+        if t and all(_shares(f, whole[0], t) for f in whole[1:]):
+            return _pack_shared(whole, t)
     return _assemble(lengths, pieces, batch_size(lengths))
+
+
+# ---- shared-header batches (docs/wire-format.md 2b)
+_SHARED_HEAD = struct.Struct("<4sBBHIIQHHI")
+assert _SHARED_HEAD.size == S.SHARED_HEAD_LEN
+_M64 = (1 << 64) - 1
+_MIN_ENTRY = 18              # header CRC, frame id and six one-byte varints
+
+
+def _template_len(frame: bytes) -> int:
+    """The shared header's length if ``frame`` can lend its header to a batch, else 0."""
+    t = int.from_bytes(frame[24:32], "little")
+    return t if 128 <= t <= S.MAX_SHARED_TEMPLATE and not t & 63 and len(frame) >= t else 0
+
+
+def _shares(frame: bytes, first: bytes, t: int) -> bool:
+    """True when ``frame``'s header is ``first``'s but for the fields a shared batch's entry
+    carries: header CRC (12), payload CRC (20), payload length, frame id, seq (32-56), times (64-88)."""
+    return (len(frame) >= t and frame[:12] == first[:12] and frame[16:20] == first[16:20]
+            and frame[24:32] == first[24:32] and frame[56:64] == first[56:64] and frame[88:t] == first[88:t])
+
+
+def _uvarint(out: bytearray, v: int) -> None:
+    while v > 0x7F:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+
+
+def _zigzag(d: int) -> int:
+    """The difference ``d`` (mod 2**64), read as a signed 64-bit number, zigzag-coded."""
+    d &= _M64
+    return ((d << 1) & _M64) if d < 1 << 63 else (((_M64 - d) << 1) | 1)
+
+
+def _unzigzag(z: int) -> int:
+    return (z >> 1) if not z & 1 else (_M64 - (z >> 1))
+
+
+def _pack_shared(frames: List[bytes], t: int) -> bytes:
+    first = frames[0]
+    ent = bytearray()
+    prev = struct.unpack_from("<Q8xQQQ", first, 48)          # seq, capture, creation, publish
+    for f in frames[1:]:
+        ent += f[12:16]
+        ent += f[40:48]
+        _uvarint(ent, len(f) - t)
+        cur = struct.unpack_from("<Q8xQQQ", f, 48)
+        for a, b in zip(cur, prev):
+            _uvarint(ent, _zigzag(a - b))
+        _uvarint(ent, int.from_bytes(f[20:24], "little"))
+        prev = cur
+    total = S.SHARED_HEAD_LEN + t + len(ent) + sum(len(f) - t for f in frames)
+    head = _SHARED_HEAD.pack(BATCH_MAGIC, 1, 1, S.BATCH_SHARED, len(frames), 0, total, t, 0, len(ent))
+    crc = crc32c(ent, crc32c(first[:t], crc32c(head[16:], crc32c(head[:12]))))
+    head = _SHARED_HEAD.pack(BATCH_MAGIC, 1, 1, S.BATCH_SHARED, len(frames), crc, total, t, 0, len(ent))
+    return b"".join([head, first[:t], ent, *(memoryview(f)[t:] for f in frames)])
+
+
+def _read_uvarint(chk: Any, pos: int, end: int, i: int) -> Tuple[int, int]:
+    """(value, position after it); FrameError for one that runs past ``end``, is longer than 10
+    bytes, exceeds 64 bits or is not in its shortest form."""
+    v, k, p = 0, 0, pos
+    while True:
+        if p >= end:
+            raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
+        b = chk[p]
+        p += 1
+        if k == 9 and b > 1:
+            raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
+        v |= (b & 0x7F) << (7 * k)
+        if not b & 0x80:
+            if k and not b:
+                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
+            return v, p
+        k += 1
+
+
+def _shared_frames(chk: Any, n: int, count: int) -> List[bytes]:
+    """The frames of a shared-header batch whose first 24 bytes ``batch_spans``'s rules passed,
+    rebuilt each as its own bytes; every rule of docs/wire-format.md 2b checked first."""
+    hl = S.SHARED_HEAD_LEN
+    if n < hl:
+        raise FrameError(f"truncated shared-header batch: {n} bytes, its header needs {hl} (at offset {n})")
+    _m, _a, _b, _f, _c, crc, total, t, _r, e = _SHARED_HEAD.unpack_from(chk, 0)
+    if t & 63 or not 128 <= t <= S.MAX_SHARED_TEMPLATE:
+        raise FrameError(f"shared header length {t} at offset 24 is not a multiple of 64 in "
+                         f"[128, {S.MAX_SHARED_TEMPLATE}]")
+    body = hl + t + e
+    if body > n:
+        raise FrameError(f"shared header and entries ({t} + {e} bytes, at offset 24) run past the {n}-byte message")
+    if crc32c(chk[16:body], crc32c(chk[:12])) != crc:
+        raise FrameError("batch header CRC32C mismatch at offset 12")
+    if total != n:
+        raise FrameError(f"batch total {total} at offset 16 differs from the message length {n}")
+    if (count - 1) * _MIN_ENTRY > e:
+        raise FrameError(f"batch count {count} at offset 8 needs at least {(count - 1) * _MIN_ENTRY} bytes of "
+                         f"entries, not {e}")
+    if bytes(chk[hl:hl + 4]) != S.MAGIC:
+        raise FrameError(f"batch template at offset {hl} is not a frame header (magic {bytes(chk[hl:hl + 4])!r})")
+    poff, plen = struct.unpack_from("<QQ", chk, hl + 24)
+    if poff != t:
+        raise FrameError(f"template payload offset {poff} at offset {hl + 24} differs from the shared header "
+                         f"length {t}")
+    avail = n - body
+    if plen > avail:
+        raise FrameError(f"frame 0's payload of {plen} bytes (length at offset {hl + 32}) runs past the message")
+    used = plen
+    entries = []
+    pos = hl + t
+    seq, cap, cre, pub = struct.unpack_from("<Q8xQQQ", chk, hl + 48)
+    for i in range(1, count):
+        start = pos
+        if pos + 12 > body:
+            raise FrameError(f"batch entry {i} at offset {pos} runs past the entries' end {body}")
+        hcrc, fid = struct.unpack_from("<IQ", chk, pos)
+        pos += 12
+        ln, pos = _read_uvarint(chk, pos, body, i)
+        z, pos = _read_uvarint(chk, pos, body, i)
+        seq = (seq + _unzigzag(z)) & _M64
+        z, pos = _read_uvarint(chk, pos, body, i)
+        cap = (cap + _unzigzag(z)) & _M64
+        z, pos = _read_uvarint(chk, pos, body, i)
+        cre = (cre + _unzigzag(z)) & _M64
+        z, pos = _read_uvarint(chk, pos, body, i)
+        pub = (pub + _unzigzag(z)) & _M64
+        at = pos
+        pcrc, pos = _read_uvarint(chk, pos, body, i)
+        if pcrc > 0xFFFFFFFF:
+            raise FrameError(f"payload CRC {pcrc} in batch entry {i} at offset {at} exceeds 32 bits")
+        if ln > avail - used:
+            raise FrameError(f"batch entry {i}'s payload of {ln} bytes runs past the message (entry at offset {start})")
+        used += ln
+        entries.append((hcrc, pcrc, ln, fid, seq, cap, cre, pub))
+    if pos != body:
+        raise FrameError(f"{body - pos} bytes after the last batch entry (at offset {pos})")
+    if used != avail:
+        raise FrameError(f"{avail - used} bytes after the last payload (at offset {body + used})")
+    tmpl = bytes(chk[hl:hl + t])
+    out = [tmpl + bytes(chk[body:body + plen])]
+    at = body + plen
+    head = bytearray(tmpl)
+    for hcrc, pcrc, ln, fid, seq, cap, cre, pub in entries:
+        struct.pack_into("<I", head, 12, hcrc)
+        struct.pack_into("<I", head, 20, pcrc)
+        struct.pack_into("<QQQ", head, 32, ln, fid, seq)
+        struct.pack_into("<QQQ", head, 64, cap, cre, pub)
+        out.append(bytes(head) + bytes(chk[at:at + ln]))
+        at += ln
+    return out
 
 
 class _BatchWriter:
@@ -231,9 +388,11 @@ class _BatchWriter:
     frame is copied when added (unless it is ``bytes`` already), so the caller's buffers are free
     again once ``add`` returns; ``pack`` copies them once more, into the container. ``count`` and
     ``size`` (the length of the container ``pack`` would make now) are plain attributes: a
-    producer reads them per frame."""
+    producer reads them per frame. With ``shared`` set, ``pack`` makes a shared-header batch
+    (docs/wire-format.md 2b) when every frame added can share the first one's header; ``size``
+    is the whole-frames layout's length either way, which the shared one never exceeds."""
 
-    __slots__ = ("pieces", "lengths", "body", "count", "size")
+    __slots__ = ("pieces", "lengths", "body", "count", "size", "shared", "_t")
 
     def __init__(self) -> None:
         self.pieces: List[bytes] = []      # the frames, each followed by its padding
@@ -241,6 +400,8 @@ class _BatchWriter:
         self.body = 0                      # bytes of the frames and their padding
         self.count = 0
         self.size = _align8(BATCH_HEADER_LEN)
+        self.shared = False
+        self._t = 0                        # the shared header's length while the frames share it, else 0
 
     def clear(self) -> None:
         """Empty again (the compiled writer keeps its grown buffers for the next batch)."""
@@ -249,6 +410,7 @@ class _BatchWriter:
         self.body = 0
         self.count = 0
         self.size = _align8(BATCH_HEADER_LEN)
+        self._t = 0
 
     def size_with(self, nbytes: int) -> int:
         """The container's length with one more frame of ``nbytes``."""
@@ -267,6 +429,10 @@ class _BatchWriter:
         n = len(data)
         if n < S.FIXED_LEN or data[:4] != S.MAGIC:
             raise ValueError("not an encoded frame (a batch holds whole frames only)")
+        if not self.count:
+            self._t = _template_len(data)
+        elif self._t and not _shares(data, self.pieces[0], self._t):
+            self._t = 0
         self.pieces.append(data)
         self.lengths.append(n)
         pad = -n & 7
@@ -288,6 +454,10 @@ class _BatchWriter:
         return self.pieces[0]
 
     def pack(self) -> bytes:
+        """The container: shared-header (2b) when ``shared`` is set and the frames allow it,
+        else whole frames (2a)."""
+        if self.shared and self._t and self.count > 1:
+            return _pack_shared(self.frames(), self._t)
         return _assemble(self.lengths, self.pieces, self.size)
 
 
@@ -300,8 +470,20 @@ else:
 
 def batch_spans(buf: BufferLike) -> List[Tuple[int, int]]:
     """(start, end) of each frame in a batch container, every rule of docs/wire-format.md 2a
-    checked first: FrameError (naming the offset) for anything malformed. Nothing is allocated
-    before the count is known to fit the buffer; the frames' own headers are left to ``decode``."""
+    checked first: FrameError (naming the offset) for anything malformed, or for a shared-header
+    batch (2b), whose frames are rebuilt by ``batch_frames`` and have no spans. Nothing is
+    allocated before the count is known to fit the buffer; the frames' own headers are left to
+    ``decode``."""
+    chk, n, count, flags = _batch_head(buf)
+    if flags & S.BATCH_SHARED:
+        raise FrameError("a shared-header batch (flags at offset 6) has no spans: its frames are rebuilt by "
+                         "batch_frames")
+    return _spans(chk, n, count)
+
+
+def _batch_head(buf: BufferLike) -> Tuple[Any, int, int, int]:
+    """(buffer to read, its length, count, flags) of a batch container whose first 24 bytes
+    pass the rules both layouts share."""
     if type(buf) is bytes:
         chk: Any = buf
         n = len(buf)
@@ -317,13 +499,18 @@ def batch_spans(buf: BufferLike) -> List[Tuple[int, int]]:
         n = chk.nbytes
     if n < BATCH_HEADER_LEN:
         raise FrameError(f"truncated batch: {n} bytes, its header needs {BATCH_HEADER_LEN} (at offset {n})")
-    magic, major, _minor, _flags, count, crc, total = _BATCH_HEAD.unpack_from(chk, 0)
+    magic, major, _minor, flags, count, _crc, _total = _BATCH_HEAD.unpack_from(chk, 0)
     if magic != BATCH_MAGIC:
         raise FrameError(f"bad batch magic {magic!r} at offset 0 (expected {BATCH_MAGIC!r})")
     if major != 1:
         raise FrameError(f"unsupported batch major version {major} at offset 4 (this reader knows 1)")
     if not 1 <= count <= MAX_BATCH_COUNT:
         raise FrameError(f"batch count {count} at offset 8 out of range [1, {MAX_BATCH_COUNT}]")
+    return chk, n, count, flags
+
+
+def _spans(chk: Any, n: int, count: int) -> List[Tuple[int, int]]:
+    crc, total = struct.unpack_from("<IQ", chk, 12)
     index_end = BATCH_HEADER_LEN + 4 * count
     if index_end > n:
         raise FrameError(f"batch index of {count} lengths runs past the {n}-byte message "
@@ -357,8 +544,12 @@ def batch_spans(buf: BufferLike) -> List[Tuple[int, int]]:
 
 
 def _batch_frames(buf: BufferLike) -> List[bytes]:
-    """The twin of the compiled ``batch_frames``: ``batch_spans``, then each frame copied."""
-    spans = batch_spans(buf)
+    """The twin of the compiled ``batch_frames``: ``batch_spans``, then each frame copied (or,
+    for a shared-header batch, rebuilt)."""
+    chk, n, count, flags = _batch_head(buf)
+    if flags & S.BATCH_SHARED:
+        return _shared_frames(chk, n, count)
+    spans = _spans(chk, n, count)
     if type(buf) is bytes:
         return [buf[a:b] for a, b in spans]
     mv = _view(buf)
@@ -375,10 +566,13 @@ else:
 
 
 def unpack_batch(buf: BufferLike) -> List[memoryview]:
-    """The frames of a batch container as read-only views into it (no copy); FrameError for a
-    malformed container (see ``batch_spans``). Decode each with ``decode``, which checks the
-    frame itself."""
-    spans = batch_spans(buf)
+    """The frames of a batch container as read-only views into it (no copy; for a shared-header
+    batch, views of the rebuilt frames); FrameError for a malformed container (see
+    ``batch_spans``). Decode each with ``decode``, which checks the frame itself."""
+    chk, n, count, flags = _batch_head(buf)
+    if flags & S.BATCH_SHARED:
+        return [memoryview(f) for f in _shared_frames(chk, n, count)]
+    spans = _spans(chk, n, count)
     mv = _view(buf)
     if mv.ndim != 1 or mv.itemsize != 1:
         mv = mv.cast("B")

@@ -33,7 +33,7 @@ cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.number cimport PyNumber_Index
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -731,6 +731,180 @@ def decode(buf):
 cdef bytes BATCH_MAGIC = S.BATCH_MAGIC
 cdef Py_ssize_t BATCH_HEADER_LEN = S.BATCH_HEADER_LEN
 cdef uint64_t MAX_BATCH_COUNT = S.MAX_BATCH_COUNT
+cdef uint16_t BATCH_SHARED = S.BATCH_SHARED
+cdef Py_ssize_t SHARED_HEAD_LEN = S.SHARED_HEAD_LEN
+cdef uint64_t MAX_SHARED_TEMPLATE = S.MAX_SHARED_TEMPLATE
+cdef enum:
+    MIN_ENTRY = 18            # header CRC, frame id and six one-byte varints
+    MAX_ENTRY = 72            # header CRC, frame id and six ten-byte varints
+
+
+cdef inline uint64_t _zigzag(uint64_t d) noexcept nogil:
+    return (d << 1) ^ <uint64_t>(<int64_t>d >> 63)
+
+
+cdef inline uint64_t _unzigzag(uint64_t z) noexcept nogil:
+    return (z >> 1) ^ (0 - (z & 1))
+
+
+cdef inline Py_ssize_t _put_uvarint(uint8_t* p, uint64_t v) noexcept nogil:
+    cdef Py_ssize_t k = 0
+    while v > 0x7F:
+        p[k] = <uint8_t>((v & 0x7F) | 0x80)
+        v >>= 7
+        k += 1
+    p[k] = <uint8_t>v
+    return k + 1
+
+
+cdef inline Py_ssize_t _get_uvarint(const uint8_t* b, Py_ssize_t pos, Py_ssize_t end, uint64_t* out) noexcept nogil:
+    """The position after the varint at ``pos``, its value in ``out``; -1 for one that runs past
+    ``end``, is longer than 10 bytes, exceeds 64 bits or is not in its shortest form."""
+    cdef uint64_t v = 0
+    cdef int k = 0
+    cdef uint8_t c
+    while True:
+        if pos >= end:
+            return -1
+        c = b[pos]
+        pos += 1
+        if k == 9 and c > 1:
+            return -1
+        v |= (<uint64_t>(c & 0x7F)) << (7 * k)
+        if not (c & 0x80):
+            if k and not c:
+                return -1
+            out[0] = v
+            return pos
+        k += 1
+
+
+cdef inline bint _shares(const uint8_t* f, Py_ssize_t n, const uint8_t* first, Py_ssize_t t) noexcept nogil:
+    """The twin's codec._shares: ``f``'s header is ``first``'s but for an entry's fields."""
+    return (n >= t and memcmp(f, first, 12) == 0 and memcmp(f + 16, first + 16, 4) == 0
+            and memcmp(f + 24, first + 24, 8) == 0 and memcmp(f + 56, first + 56, 8) == 0
+            and memcmp(f + 88, first + 88, t - 88) == 0)
+
+
+cdef list _shared_frames(const uint8_t* b, Py_ssize_t n, uint64_t count):
+    """codec._shared_frames: every rule of docs/wire-format.md 2b checked, with its messages,
+    before any frame is made; then each frame rebuilt as its own bytes."""
+    if n < SHARED_HEAD_LEN:
+        raise FrameError(f"truncated shared-header batch: {n} bytes, its header needs {SHARED_HEAD_LEN} "
+                         f"(at offset {n})")
+    cdef uint64_t t = msf_ld16(b + 24), e = msf_ld32(b + 28)
+    if t & 63 or t < 128 or t > MAX_SHARED_TEMPLATE:
+        raise FrameError(f"shared header length {t} at offset 24 is not a multiple of 64 in "
+                         f"[128, {MAX_SHARED_TEMPLATE}]")
+    cdef uint64_t body = <uint64_t>SHARED_HEAD_LEN + t + e
+    if body > <uint64_t>n:
+        raise FrameError(f"shared header and entries ({t} + {e} bytes, at offset 24) run past the {n}-byte message")
+    if msf_crc32c(msf_crc32c(0, b, 12), b + 16, body - 16) != msf_ld32(b + 12):
+        raise FrameError("batch header CRC32C mismatch at offset 12")
+    cdef uint64_t total = msf_ld64(b + 16)
+    if total != <uint64_t>n:
+        raise FrameError(f"batch total {total} at offset 16 differs from the message length {n}")
+    if (count - 1) * MIN_ENTRY > e:
+        raise FrameError(f"batch count {count} at offset 8 needs at least {(count - 1) * MIN_ENTRY} bytes of "
+                         f"entries, not {e}")
+    cdef const uint8_t* tp = b + SHARED_HEAD_LEN
+    if memcmp(tp, <const char*>MAGIC, 4) != 0:
+        raise FrameError(f"batch template at offset {SHARED_HEAD_LEN} is not a frame header (magic "
+                         f"{PyBytes_FromStringAndSize(<const char*>tp, 4)!r})")
+    cdef uint64_t poff = msf_ld64(tp + 24), plen = msf_ld64(tp + 32)
+    if poff != t:
+        raise FrameError(f"template payload offset {poff} at offset {SHARED_HEAD_LEN + 24} differs from the shared "
+                         f"header length {t}")
+    cdef uint64_t avail = <uint64_t>n - body
+    if plen > avail:
+        raise FrameError(f"frame 0's payload of {plen} bytes (length at offset {SHARED_HEAD_LEN + 32}) runs past "
+                         "the message")
+    cdef uint64_t used = plen, i, ln, z, pcrc
+    cdef uint64_t seq = msf_ld64(tp + 48), cap = msf_ld64(tp + 64), cre = msf_ld64(tp + 72), pub = msf_ld64(tp + 80)
+    cdef Py_ssize_t pos = SHARED_HEAD_LEN + t, start, at, q
+    # (count - 1) * 8 words: at most 64 / MIN_ENTRY times the entries' bytes, checked above
+    cdef uint64_t* ent = <uint64_t*>PyMem_Malloc(sizeof(uint64_t) * 8 * (count - 1) + 1)
+    if ent == NULL:
+        raise MemoryError()
+    cdef uint64_t* en
+    cdef list out
+    cdef uint8_t* o
+    try:
+        for i in range(1, count):
+            start = pos
+            if <uint64_t>pos + 12 > body:
+                raise FrameError(f"batch entry {i} at offset {pos} runs past the entries' end {body}")
+            en = ent + 8 * (i - 1)
+            en[0] = msf_ld32(b + pos)
+            en[3] = msf_ld64(b + pos + 4)
+            pos += 12
+            q = _get_uvarint(b, pos, <Py_ssize_t>body, &ln)
+            if q < 0:
+                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
+            pos = q
+            q = _get_uvarint(b, pos, <Py_ssize_t>body, &z)
+            if q < 0:
+                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
+            pos = q
+            seq += _unzigzag(z)
+            q = _get_uvarint(b, pos, <Py_ssize_t>body, &z)
+            if q < 0:
+                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
+            pos = q
+            cap += _unzigzag(z)
+            q = _get_uvarint(b, pos, <Py_ssize_t>body, &z)
+            if q < 0:
+                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
+            pos = q
+            cre += _unzigzag(z)
+            q = _get_uvarint(b, pos, <Py_ssize_t>body, &z)
+            if q < 0:
+                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
+            pos = q
+            pub += _unzigzag(z)
+            at = pos
+            q = _get_uvarint(b, pos, <Py_ssize_t>body, &pcrc)
+            if q < 0:
+                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
+            pos = q
+            if pcrc > 0xFFFFFFFF:
+                raise FrameError(f"payload CRC {pcrc} in batch entry {i} at offset {at} exceeds 32 bits")
+            if ln > avail - used:
+                raise FrameError(f"batch entry {i}'s payload of {ln} bytes runs past the message (entry at "
+                                 f"offset {start})")
+            used += ln
+            en[1], en[2], en[4], en[5], en[6], en[7] = pcrc, ln, seq, cap, cre, pub
+        if <uint64_t>pos != body:
+            raise FrameError(f"{body - pos} bytes after the last batch entry (at offset {pos})")
+        if used != avail:
+            raise FrameError(f"{avail - used} bytes after the last payload (at offset {body + used})")
+        out = []
+        f = PyBytes_FromStringAndSize(NULL, t + plen)
+        o = <uint8_t*>PyBytes_AS_STRING(f)
+        memcpy(o, tp, t)
+        memcpy(o + t, b + body, plen)
+        out.append(f)
+        at = body + plen
+        for i in range(count - 1):
+            en = ent + 8 * i
+            ln = en[2]
+            f = PyBytes_FromStringAndSize(NULL, t + ln)
+            o = <uint8_t*>PyBytes_AS_STRING(f)
+            memcpy(o, tp, t)
+            msf_st32(o + 12, <uint32_t>en[0])
+            msf_st32(o + 20, <uint32_t>en[1])
+            msf_st64(o + 32, ln)
+            msf_st64(o + 40, en[3])
+            msf_st64(o + 48, en[4])
+            msf_st64(o + 64, en[5])
+            msf_st64(o + 72, en[6])
+            msf_st64(o + 80, en[7])
+            memcpy(o + t, b + at, ln)
+            at += ln
+            out.append(f)
+        return out
+    finally:
+        PyMem_Free(ent)
 
 
 def batch_frames(buf):
@@ -751,6 +925,8 @@ def batch_frames(buf):
     cdef uint64_t count = msf_ld32(b + 8)
     if count < 1 or count > MAX_BATCH_COUNT:
         raise FrameError(f"batch count {count} at offset 8 out of range [1, {MAX_BATCH_COUNT}]")
+    if msf_ld16(b + 6) & BATCH_SHARED:
+        return _shared_frames(b, n, count)
     cdef uint64_t index_end = BATCH_HEADER_LEN + 4 * count
     if index_end > <uint64_t>n:
         raise FrameError(f"batch index of {count} lengths runs past the {n}-byte message "
@@ -801,6 +977,8 @@ cdef class BatchWriter:
     cdef readonly Py_ssize_t body   # bytes of the frames and their padding
     cdef readonly Py_ssize_t count
     cdef readonly Py_ssize_t size
+    cdef public bint shared         # pack a shared-header batch (2b) when the frames allow it
+    cdef Py_ssize_t _t              # the shared header's length while the frames share it, else 0
 
     def __cinit__(self):
         self._buf = NULL
@@ -808,6 +986,8 @@ cdef class BatchWriter:
         self._cap = self._lcap = 0
         self.body = self.count = 0
         self.size = (BATCH_HEADER_LEN + 7) & ~7
+        self.shared = False
+        self._t = 0
 
     def __dealloc__(self):
         PyMem_Free(self._buf)
@@ -829,6 +1009,7 @@ cdef class BatchWriter:
         no growing, and no fresh pages)."""
         self.body = self.count = 0
         self.size = (BATCH_HEADER_LEN + 7) & ~7
+        self._t = 0
 
     def size_with(self, nbytes):
         """The container's length with one more frame of ``nbytes``."""
@@ -855,6 +1036,12 @@ cdef class BatchWriter:
             raise ValueError("not an encoded frame (a batch holds whole frames only)")
         if n > 0xFFFFFFFF:
             raise ValueError(f"a frame of {n} bytes does not fit a batch's 32-bit length")
+        cdef uint64_t t
+        if not self.count:
+            t = msf_ld64(self._buf + 24)
+            self._t = <Py_ssize_t>t if 128 <= t <= MAX_SHARED_TEMPLATE and not (t & 63) and t <= <uint64_t>n else 0
+        elif self._t and not _shares(self._buf + start, n, self._buf, self._t):
+            self._t = 0
         if self.count == self._lcap:
             lens = <uint32_t*>PyMem_Realloc(self._lens, sizeof(uint32_t) * max(64, 2 * self._lcap))
             if lens == NULL:
@@ -889,9 +1076,12 @@ cdef class BatchWriter:
         return PyBytes_FromStringAndSize(<const char*>self._buf, self._lens[0])
 
     def pack(self):
-        """The container (docs/wire-format.md 2a): header, index, padding, the frames; one copy."""
+        """The container: shared-header (docs/wire-format.md 2b) when ``shared`` is set and the
+        frames allow it, else header, index, padding and the frames (2a); one copy."""
         if not self.count:
             raise ValueError(f"a batch holds 1 to {MAX_BATCH_COUNT} frames, not 0")
+        if self.shared and self._t and self.count > 1:
+            return self._pack_shared()
         cdef Py_ssize_t index_end = BATCH_HEADER_LEN + 4 * self.count, pos = (index_end + 7) & ~7, i
         out = PyBytes_FromStringAndSize(NULL, self.size)
         cdef uint8_t* o = <uint8_t*>PyBytes_AS_STRING(out)
@@ -907,6 +1097,67 @@ cdef class BatchWriter:
         msf_st32(o + 12, msf_crc32c(msf_crc32c(0, o, 12), o + 16, index_end - 16))
         memcpy(o + pos, self._buf, self.body)
         return out
+
+    cdef bytes _pack_shared(self):
+        cdef Py_ssize_t t = self._t, count = self.count, i, pos, e = 0, plsum, ln, q
+        cdef const uint8_t* first = self._buf
+        cdef const uint8_t* f
+        cdef uint64_t seq = msf_ld64(first + 48), cap = msf_ld64(first + 64), cre = msf_ld64(first + 72)
+        cdef uint64_t pub = msf_ld64(first + 80), v
+        cdef bytes out
+        cdef uint8_t* o
+        cdef uint8_t* ent = <uint8_t*>PyMem_Malloc(MAX_ENTRY * (count - 1))
+        if ent == NULL:
+            raise MemoryError()
+        try:
+            plsum = self._lens[0] - t
+            pos = (self._lens[0] + 7) & ~7
+            for i in range(1, count):
+                f = self._buf + pos
+                ln = self._lens[i]
+                memcpy(ent + e, f + 12, 4)
+                memcpy(ent + e + 4, f + 40, 8)
+                e += 12
+                e += _put_uvarint(ent + e, <uint64_t>(ln - t))
+                v = msf_ld64(f + 48)
+                e += _put_uvarint(ent + e, _zigzag(v - seq))
+                seq = v
+                v = msf_ld64(f + 64)
+                e += _put_uvarint(ent + e, _zigzag(v - cap))
+                cap = v
+                v = msf_ld64(f + 72)
+                e += _put_uvarint(ent + e, _zigzag(v - cre))
+                cre = v
+                v = msf_ld64(f + 80)
+                e += _put_uvarint(ent + e, _zigzag(v - pub))
+                pub = v
+                e += _put_uvarint(ent + e, msf_ld32(f + 20))
+                plsum += ln - t
+                pos += (ln + 7) & ~7
+            out = PyBytes_FromStringAndSize(NULL, SHARED_HEAD_LEN + t + e + plsum)
+            o = <uint8_t*>PyBytes_AS_STRING(out)
+            memcpy(o, <const char*>BATCH_MAGIC, 4)
+            o[4] = 1
+            o[5] = 1
+            msf_st16(o + 6, BATCH_SHARED)
+            msf_st32(o + 8, <uint32_t>count)
+            msf_st64(o + 16, <uint64_t>(SHARED_HEAD_LEN + t + e + plsum))
+            msf_st16(o + 24, <uint16_t>t)
+            msf_st16(o + 26, 0)
+            msf_st32(o + 28, <uint32_t>e)
+            memcpy(o + SHARED_HEAD_LEN, first, t)
+            memcpy(o + SHARED_HEAD_LEN + t, ent, e)
+            msf_st32(o + 12, msf_crc32c(msf_crc32c(0, o, 12), o + 16, SHARED_HEAD_LEN + t + e - 16))
+            q = SHARED_HEAD_LEN + t + e
+            pos = 0
+            for i in range(count):
+                ln = self._lens[i]
+                memcpy(o + q, self._buf + pos + t, ln - t)
+                q += ln - t
+                pos += (ln + 7) & ~7
+            return out
+        finally:
+            PyMem_Free(ent)
 
 
 # ---------------------------------------------------------------- fragment header

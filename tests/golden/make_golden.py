@@ -5,6 +5,8 @@
 Writes <name>.hex (the frame, hex, 64 bytes a line) and vectors.json (what each decodes to).
 Made with the pure-Python twin, the reference implementation. batch_three.hex is a batch container
 (docs/wire-format.md 2a) of three of those frames; batch_three.json says where each one lies.
+batch_shared.hex is a shared-header batch (2b) of one sensor's three frames, and
+batch_shared.json holds each frame, whole, as hex: what a reader must rebuild.
 """
 import json
 from pathlib import Path
@@ -40,6 +42,19 @@ def cases():
     yield "zero_d", fixed(W.Frame.from_array(np.array(7, "<i4"), sensor_name="", frame_id=5), 5), False
 
 
+def stream():
+    """Three frames of one JPEG stream: a gap in seq, a capture time that steps back, a CRC each."""
+    for k, (seq, payload, back) in enumerate([(41, b"\xff\xd8first\xff\xd9", 0), (42, b"\xff\xd8second!\xff\xd9", 0),
+                                               (45, b"\xff\xd8\xff\xd9", 40_000_000)]):
+        f = fixed(W.Frame.from_bytes(payload, sensor_name="mcity_cam", encoding="jpeg",
+                                     frame_id=0xFEDCBA9876543210 + k), seq)
+        step = 33_333_333 * k
+        f.capture_ts_ns += step - back
+        f.creation_ts_ns += step
+        f.publish_ts_ns += step
+        yield W.encode(f, checksum=True)
+
+
 def hexlines(b: bytes) -> str:
     return "\n".join(b[i:i + 64].hex() for i in range(0, len(b), 64)) + "\n"
 
@@ -69,6 +84,9 @@ def main():
     (HERE / "batch_three.hex").write_text(hexlines(batch))
     (HERE / "batch_three.json").write_text(json.dumps(
         {"frames": names, "spans": [list(s) for s in batch_spans(batch)], "total": len(batch)}, indent=1) + "\n")
+    frames = list(stream())
+    (HERE / "batch_shared.hex").write_text(hexlines(pack_batch([[f] for f in frames], shared=True)))
+    (HERE / "batch_shared.json").write_text(json.dumps({"frames_hex": [f.hex() for f in frames]}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
