@@ -19,7 +19,7 @@ from .errors import FrameError
 
 MAGIC = b"\x93MSF"            # frame
 FRAG_MAGIC = b"\x93MSP"       # fragment of a frame
-BATCH_MAGIC = b"\x93MSB"      # batch container of whole frames (docs/wire-format.md 2a)
+BATCH_MAGIC = b"\x93MSB"      # batch container of small frames (docs/wire-format.md 2a, 2b)
 BATCH_HEADER_LEN = 24         # magic, major, minor, flags, count, header CRC, total; the index follows
 MAX_BATCH_COUNT = 65536       # most frames one container may hold
 BATCH_SHARED = 1              # batch flag bit 0: the frames share frame 0's header (docs/wire-format.md 2b)

@@ -166,7 +166,7 @@ def fragment(frame_bytes: Union[BufferLike, Sequence[BufferLike]], max_size: int
     return [b"".join(f) for f in fragment_views(parts, max_size)[1]]
 
 
-# -- batch containers (docs/wire-format.md, section 2a)
+# -- batch containers (docs/wire-format.md, sections 2a and 2b)
 BATCH_MAGIC = S.BATCH_MAGIC
 BATCH_HEADER_LEN = S.BATCH_HEADER_LEN
 BATCH_ALIGN = 8              # every frame starts at a multiple of 8 from the container's start

@@ -27,7 +27,7 @@ from msight_fast.backends.base import Start
 from msight_fast.codec import (
     BATCH_MAGIC,
     Frame,
-    batch_spans,
+    batch_frames,
     crc32c,
     decode,
     encode,
@@ -79,7 +79,12 @@ def payload_for(topic: str, n: int) -> bytes:
 
 def counts(msgs: List[bytes]) -> List[int]:
     """Frames per message: a batch's count, 1 for a plain frame."""
-    return [len(batch_spans(m)) if is_batch(m) else 1 for m in msgs]
+    return [len(batch_frames(m)) if is_batch(m) else 1 for m in msgs]
+
+
+def frames_of(msg: bytes) -> List[bytes]:
+    """The frames one message carries: a batch's (either layout), or the message itself."""
+    return batch_frames(msg) if is_batch(msg) else [msg]
 
 
 def forged_batch(items: List[bytes]) -> bytes:
@@ -155,10 +160,13 @@ def test_a_batch_the_producer_refuses_counts_each_of_its_frames_lost(kafka: Any,
     assert pending(pub, topic) == 0 and len(t._spare) == 1 and t._spare[0].count == 0
 
 
-def test_the_size_bounds_on_the_wire(kafka: Any, topic: str) -> None:
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_size_bounds_on_the_wire(kafka: Any, topic: str, shared: bool) -> None:
     """A frame exactly at batch_max_frame_bytes is batched, one byte over is not; a batch that
-    reaches batch_max_bytes exactly goes out at once, at exactly that size."""
-    pub = kafka(batch_max_frame_bytes=1024, batch_max_bytes=4136, batch_linger_ms=60_000)
+    reaches batch_max_bytes exactly goes out at once: at exactly that size with whole frames, and
+    smaller with a shared header, which carries the same frames bit for bit."""
+    pub = kafka(batch_max_frame_bytes=1024, batch_max_bytes=4136, batch_linger_ms=60_000,
+                batch_shared_header=shared)
     sub = kafka().subscribe(topic)
     at, over, small = payload_for(topic, 1024), payload_for(topic, 1025), payload_for(topic, 200)
     pub.publish(topic, at)                       # an idle topic: out at once, alone
@@ -173,8 +181,15 @@ def test_the_size_bounds_on_the_wire(kafka: Any, topic: str) -> None:
     assert pending(pub, topic) == 0
     msgs = raw_messages(kafka.options["servers"], topic, 4)
     assert counts(msgs) == [1, 4, 1, 2]
-    assert [len(m) for m in msgs[:3]] == [1024, 4136, 1025]
+    assert [len(m) for m in msgs[::2]] == [1024, 1025]
     assert not is_batch(msgs[0]) and not is_batch(msgs[2])
+    assert [m[6] & 1 for m in (msgs[1], msgs[3])] == [int(shared)] * 2      # flag bit 0: a shared header
+    # whole: 40 bytes of container and 4 frames; shared: 32 + one 128-byte header, 3 entries, 4 payloads
+    if shared:
+        assert 32 + 1024 + 3 * 896 + 3 * 18 <= len(msgs[1]) <= 32 + 1024 + 3 * 896 + 3 * 72
+    else:
+        assert len(msgs[1]) == 4136
+    assert [decode(f).seq for f in frames_of(msgs[1])] == [2, 3, 4, 5]
     assert seqs(collect(sub, 8, timeout=60)) == list(range(1, 9))
 
 
@@ -193,7 +208,7 @@ def test_frame_keys_spread_batches_over_the_partitions(kafka: Any, topic: str) -
     assert sum(counts(msgs)) == 400 and len(set(parts)) == n_parts
     for m, part in zip(msgs, parts):
         if is_batch(m):
-            ids = [decode(m[a:b]).frame_id for a, b in batch_spans(m)]
+            ids = [decode(f).frame_id for f in batch_frames(m)]
             assert {i % n_parts for i in ids} == {part}
     assert sum(1 for m in msgs if is_batch(m)) >= 4
     got = collect(sub, 400, timeout=60)
@@ -227,7 +242,7 @@ def test_small_frames_are_keyed_by_their_publisher_from_the_first(kafka: Any, to
     assert {k for k, _ in got} == {pub.publisher_id.to_bytes(8, "little")}
     values = [v for _, v in got]
     assert sum(counts(values)) == 300 and any(is_batch(v) for v in values)
-    frames = [decode(v[a:b]) for v in values for a, b in (batch_spans(v) if is_batch(v) else [(0, len(v))])]
+    frames = [decode(f) for v in values for f in frames_of(v)]
     assert [bytes(f.data) for f in frames] == [b"k %d" % i for i in range(300)]
     assert seqs(frames) == list(range(1, 301))
 

@@ -445,6 +445,10 @@ def test_batch_options_are_validated() -> None:
             registry.load_config("kafka", opts, {})
     with pytest.raises(ConfigError, match="MSIGHT_KAFKA_BATCH_MAX_BYTES"):
         registry.load_config("kafka", {}, {"MSIGHT_KAFKA_BATCH_MAX_BYTES": "-1"})
+    assert registry.load_config("kafka", {}, {}).batch_shared_header is True
+    assert registry.load_config("kafka", {}, {"MSIGHT_KAFKA_BATCH_SHARED_HEADER": "false"}).batch_shared_header is False
+    with pytest.raises(ConfigError, match="MSIGHT_KAFKA_BATCH_SHARED_HEADER"):
+        registry.load_config("kafka", {}, {"MSIGHT_KAFKA_BATCH_SHARED_HEADER": "sometimes"})
 
 
 def test_a_batch_a_backend_could_not_split_is_rejected_not_passed_on_as_bytes() -> None:
