@@ -23,6 +23,7 @@ BATCH_MAGIC = b"\x93MSB"      # batch container of small frames (docs/wire-forma
 BATCH_HEADER_LEN = 24         # magic, major, minor, flags, count, header CRC, total; the index follows
 MAX_BATCH_COUNT = 65536       # most frames one container may hold
 BATCH_SHARED = 1              # batch flag bit 0: the frames share frame 0's header (docs/wire-format.md 2b)
+SHARED_VERSION_MINOR = 2      # a shared-header batch's minor version (wire format 1.2)
 SHARED_HEAD_LEN = 32          # a shared-header batch's header, before the template
 MAX_SHARED_TEMPLATE = 512     # longest shared header: bounds what a reader expands a message to
 VERSION_MAJOR = 1

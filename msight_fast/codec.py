@@ -243,14 +243,17 @@ _MIN_ENTRY = 18              # header CRC, frame id and six one-byte varints
 def _template_len(frame: bytes) -> int:
     """The shared header's length if ``frame`` can lend its header to a batch, else 0."""
     t = int.from_bytes(frame[24:32], "little")
-    return t if 128 <= t <= S.MAX_SHARED_TEMPLATE and not t & 63 and len(frame) >= t else 0
+    ok = 128 <= t <= S.MAX_SHARED_TEMPLATE and not t & 63 and len(frame) >= t
+    return t if ok and int.from_bytes(frame[32:40], "little") == len(frame) - t else 0
 
 
 def _shares(frame: bytes, first: bytes, t: int) -> bool:
     """True when ``frame``'s header is ``first``'s but for the fields a shared batch's entry
-    carries: header CRC (12), payload CRC (20), payload length, frame id, seq (32-56), times (64-88)."""
+    carries: header CRC (12), payload CRC (20), payload length, frame id, seq (32-56), times (64-88);
+    and its payload length says what follows its header (the entry's length is what follows)."""
     return (len(frame) >= t and frame[:12] == first[:12] and frame[16:20] == first[16:20]
-            and frame[24:32] == first[24:32] and frame[56:64] == first[56:64] and frame[88:t] == first[88:t])
+            and frame[24:32] == first[24:32] and frame[56:64] == first[56:64] and frame[88:t] == first[88:t]
+            and int.from_bytes(frame[32:40], "little") == len(frame) - t)
 
 
 def _uvarint(out: bytearray, v: int) -> None:
@@ -284,9 +287,10 @@ def _pack_shared(frames: List[bytes], t: int) -> bytes:
         _uvarint(ent, int.from_bytes(f[20:24], "little"))
         prev = cur
     total = S.SHARED_HEAD_LEN + t + len(ent) + sum(len(f) - t for f in frames)
-    head = _SHARED_HEAD.pack(BATCH_MAGIC, 1, 1, S.BATCH_SHARED, len(frames), 0, total, t, 0, len(ent))
+    minor = S.SHARED_VERSION_MINOR
+    head = _SHARED_HEAD.pack(BATCH_MAGIC, 1, minor, S.BATCH_SHARED, len(frames), 0, total, t, 0, len(ent))
     crc = crc32c(ent, crc32c(first[:t], crc32c(head[16:], crc32c(head[:12]))))
-    head = _SHARED_HEAD.pack(BATCH_MAGIC, 1, 1, S.BATCH_SHARED, len(frames), crc, total, t, 0, len(ent))
+    head = _SHARED_HEAD.pack(BATCH_MAGIC, 1, minor, S.BATCH_SHARED, len(frames), crc, total, t, 0, len(ent))
     return b"".join([head, first[:t], ent, *(memoryview(f)[t:] for f in frames)])
 
 
@@ -491,7 +495,7 @@ def _batch_head(buf: BufferLike) -> Tuple[Any, int, int, int]:
         chk = _view(buf)
         if not chk.c_contiguous:               # the compiled batch_frames' check and message
             raise FrameError("the buffer is not C-contiguous")
-        if chk.ndim != 1 or chk.itemsize != 1:
+        if chk.ndim != 1 or chk.format != "B":    # 'b' and 'c' items read as signed or as bytes
             try:
                 chk = chk.cast("B")
             except TypeError:

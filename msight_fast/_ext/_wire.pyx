@@ -732,6 +732,7 @@ cdef bytes BATCH_MAGIC = S.BATCH_MAGIC
 cdef Py_ssize_t BATCH_HEADER_LEN = S.BATCH_HEADER_LEN
 cdef uint64_t MAX_BATCH_COUNT = S.MAX_BATCH_COUNT
 cdef uint16_t BATCH_SHARED = S.BATCH_SHARED
+cdef uint8_t SHARED_VERSION_MINOR = S.SHARED_VERSION_MINOR
 cdef Py_ssize_t SHARED_HEAD_LEN = S.SHARED_HEAD_LEN
 cdef uint64_t MAX_SHARED_TEMPLATE = S.MAX_SHARED_TEMPLATE
 cdef enum:
@@ -780,10 +781,11 @@ cdef inline Py_ssize_t _get_uvarint(const uint8_t* b, Py_ssize_t pos, Py_ssize_t
 
 
 cdef inline bint _shares(const uint8_t* f, Py_ssize_t n, const uint8_t* first, Py_ssize_t t) noexcept nogil:
-    """The twin's codec._shares: ``f``'s header is ``first``'s but for an entry's fields."""
+    """The twin's codec._shares: ``f``'s header is ``first``'s but for an entry's fields, and its
+    payload length says what follows its header."""
     return (n >= t and memcmp(f, first, 12) == 0 and memcmp(f + 16, first + 16, 4) == 0
             and memcmp(f + 24, first + 24, 8) == 0 and memcmp(f + 56, first + 56, 8) == 0
-            and memcmp(f + 88, first + 88, t - 88) == 0)
+            and memcmp(f + 88, first + 88, t - 88) == 0 and msf_ld64(f + 32) == <uint64_t>(n - t))
 
 
 cdef list _shared_frames(const uint8_t* b, Py_ssize_t n, uint64_t count):
@@ -909,9 +911,10 @@ cdef list _shared_frames(const uint8_t* b, Py_ssize_t n, uint64_t count):
 
 def batch_frames(buf):
     """The frames of a batch container (docs/wire-format.md 2a), each copied into a bytes of its
-    own (a frame kept does not keep the container alive). Every rule of the container is checked
-    before anything is returned, with the twin's FrameError messages (codec.batch_spans); the
-    frames' own headers are left to ``decode``. Nothing is read outside ``buf``."""
+    own (a frame kept does not keep the container alive), or, for a shared-header batch (2b),
+    each rebuilt into one. Every rule of the container is checked before anything is returned,
+    with the twin's FrameError messages (codec.batch_spans, codec._shared_frames); the frames'
+    own headers are left to ``decode``. Nothing is read outside ``buf``."""
     cdef const uint8_t* b
     cdef Py_ssize_t n
     owner = _pin(buf, &b, &n)
@@ -1039,7 +1042,8 @@ cdef class BatchWriter:
         cdef uint64_t t
         if not self.count:
             t = msf_ld64(self._buf + 24)
-            self._t = <Py_ssize_t>t if 128 <= t <= MAX_SHARED_TEMPLATE and not (t & 63) and t <= <uint64_t>n else 0
+            self._t = <Py_ssize_t>t if (128 <= t <= MAX_SHARED_TEMPLATE and not (t & 63) and t <= <uint64_t>n
+                                        and msf_ld64(self._buf + 32) == <uint64_t>n - t) else 0
         elif self._t and not _shares(self._buf + start, n, self._buf, self._t):
             self._t = 0
         if self.count == self._lcap:
@@ -1110,11 +1114,11 @@ cdef class BatchWriter:
         if ent == NULL:
             raise MemoryError()
         try:
-            plsum = self._lens[0] - t
-            pos = (self._lens[0] + 7) & ~7
+            plsum = <Py_ssize_t>self._lens[0] - t
+            pos = (<Py_ssize_t>self._lens[0] + 7) & ~7
             for i in range(1, count):
                 f = self._buf + pos
-                ln = self._lens[i]
+                ln = <Py_ssize_t>self._lens[i]
                 memcpy(ent + e, f + 12, 4)
                 memcpy(ent + e + 4, f + 40, 8)
                 e += 12
@@ -1138,7 +1142,7 @@ cdef class BatchWriter:
             o = <uint8_t*>PyBytes_AS_STRING(out)
             memcpy(o, <const char*>BATCH_MAGIC, 4)
             o[4] = 1
-            o[5] = 1
+            o[5] = SHARED_VERSION_MINOR
             msf_st16(o + 6, BATCH_SHARED)
             msf_st32(o + 8, <uint32_t>count)
             msf_st64(o + 16, <uint64_t>(SHARED_HEAD_LEN + t + e + plsum))
@@ -1151,7 +1155,7 @@ cdef class BatchWriter:
             q = SHARED_HEAD_LEN + t + e
             pos = 0
             for i in range(count):
-                ln = self._lens[i]
+                ln = <Py_ssize_t>self._lens[i]
                 memcpy(o + q, self._buf + pos + t, ln - t)
                 q += ln - t
                 pos += (ln + 7) & ~7
