@@ -20,36 +20,21 @@ from msight_fast import bench as B
 
 def _pub_sized(backend: str, opts: Dict[str, Any], topic: str, payload: str, seconds: float, ready: Any, go: Any,
                out: Any) -> None:
-    """``_pub_raw``'s Kafka loop, with messages of ``MSF_RAW_SIZE`` bytes (stamped, as there)."""
-    from confluent_kafka import Producer
+    """``_pub_raw``'s Kafka publisher, with messages of ``MSF_RAW_SIZE`` bytes (stamped, as there)."""
     body = os.urandom(int(os.environ["MSF_RAW_SIZE"]) - 8)
-    p = Producer({"bootstrap.servers": ",".join(opts["servers"]), "linger.ms": 5,
-                  "message.max.bytes": 67108864, "queue.buffering.max.kbytes": 1048576})
-    p.list_topics(timeout=30)
-    ready.set()
-    go.wait()
-    n = 0
-    t0, c0 = time.monotonic(), B._cpu_s()
-    while time.monotonic() - t0 < seconds:
-        while True:
-            try:
-                p.produce(topic, B._stamped(body))
-                break
-            except BufferError:
-                p.poll(0.01)
-        p.poll(0)
-        n += 1
-    p.flush(120)
+    n, t0, c0 = B.raw_kafka_publish(opts, topic, body, seconds, ready, go)
     out[0], out[1], out[2] = n, time.monotonic() - t0, B._cpu_s() - c0
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description="Raw confluent-kafka on tansu, with messages of the sizes given.")
     ap.add_argument("--sizes", default="1024,1050,1216", help="message sizes in bytes, comma-separated")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0)
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
+    if min(sizes) < 8:
+        ap.error("every size must be at least 8 bytes: the timestamp the subscriber reads")
     fps: Dict[int, List[float]] = {s: [] for s in sizes}
     for r in range(a.runs):
         for s in sizes:

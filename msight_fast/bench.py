@@ -145,24 +145,33 @@ def _pub_raw(backend: str, opts: Dict[str, Any], topic: str, payload: str, secon
         t0, c0 = time.monotonic(), _cpu_s()
         n = asyncio.run(run())
     else:
-        from confluent_kafka import Producer
-        p = Producer({"bootstrap.servers": ",".join(opts["servers"]), "linger.ms": 5,
-                      "message.max.bytes": 67108864, "queue.buffering.max.kbytes": 1048576})
-        p.list_topics(timeout=30)
-        ready.set()
-        go.wait()
-        t0, c0 = time.monotonic(), _cpu_s()
-        while time.monotonic() - t0 < seconds:
-            while True:
-                try:
-                    p.produce(topic, _stamped(body))
-                    break
-                except BufferError:
-                    p.poll(0.01)
-            p.poll(0)
-            n += 1
-        p.flush(120)
+        n, t0, c0 = raw_kafka_publish(opts, topic, body, seconds, ready, go)
     out[0], out[1], out[2] = n, time.monotonic() - t0, _cpu_s() - c0
+
+
+def raw_kafka_publish(opts: Dict[str, Any], topic: str, body: bytes, seconds: float, ready: Any,
+                      go: Any) -> Tuple[int, float, float]:
+    """The raw Kafka path's publisher: confluent-kafka ``produce`` + ``poll(0)`` of ``body``,
+    stamped, for ``seconds`` after ``go``; (messages, start, CPU seconds at the start)."""
+    from confluent_kafka import Producer
+    p = Producer({"bootstrap.servers": ",".join(opts["servers"]), "linger.ms": 5,
+                  "message.max.bytes": 67108864, "queue.buffering.max.kbytes": 1048576})
+    p.list_topics(timeout=30)
+    ready.set()
+    go.wait()
+    n = 0
+    t0, c0 = time.monotonic(), _cpu_s()
+    while time.monotonic() - t0 < seconds:
+        while True:
+            try:
+                p.produce(topic, _stamped(body))
+                break
+            except BufferError:
+                p.poll(0.01)
+        p.poll(0)
+        n += 1
+    p.flush(120)
+    return n, t0, c0
 
 
 # ---------------------------------------------------------------- subscribers (this process)

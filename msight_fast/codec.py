@@ -51,7 +51,7 @@ def _head(buf: Any, n: int) -> bytes:
     if type(buf) is bytes:
         return buf[:n]
     mv = memoryview(buf)
-    if mv.ndim != 1 or mv.itemsize != 1:
+    if mv.ndim != 1 or mv.format != "B":
         try:
             mv = mv.cast("B")
         except TypeError:                     # not contiguous, or empty with a zero in its shape
@@ -557,7 +557,7 @@ def _batch_frames(buf: BufferLike) -> List[bytes]:
     if type(buf) is bytes:
         return [buf[a:b] for a, b in spans]
     mv = _view(buf)
-    if mv.ndim != 1 or mv.itemsize != 1:
+    if mv.ndim != 1 or mv.format != "B":
         mv = mv.cast("B")                      # batch_spans has checked that it casts
     return [bytes(mv[a:b]) for a, b in spans]
 

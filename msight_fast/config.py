@@ -281,7 +281,7 @@ class KafkaConfig(BaseConfig):
     batch_linger_ms: int = 5
     # A batch whose frames differ only in ids, times, lengths and CRCs (one sensor's stream) sends
     # the header once and a short entry per frame (docs/wire-format.md 2b): a 1 KB frame's 128-192
-    # header bytes become 25-32. Readers before wire format 1.2 reject such a batch: set false
+    # header bytes become 22-35. Readers before wire format 1.2 reject such a batch: set false
     # while any subscriber is older.
     batch_shared_header: bool = True
     producer_config: Dict[str, Any] = field(default_factory=dict)

@@ -735,9 +735,10 @@ cdef uint16_t BATCH_SHARED = S.BATCH_SHARED
 cdef uint8_t SHARED_VERSION_MINOR = S.SHARED_VERSION_MINOR
 cdef Py_ssize_t SHARED_HEAD_LEN = S.SHARED_HEAD_LEN
 cdef uint64_t MAX_SHARED_TEMPLATE = S.MAX_SHARED_TEMPLATE
+cdef int[4] DELTA_AT = [48, 64, 72, 80]   # seq, capture, creation, publish: an entry's differences
 cdef enum:
     MIN_ENTRY = 18            # header CRC, frame id and six one-byte varints
-    MAX_ENTRY = 72            # header CRC, frame id and six ten-byte varints
+    MAX_ENTRY = 72            # more than the most an entry takes (67): header CRC, frame id, six varints
 
 
 cdef inline uint64_t _zigzag(uint64_t d) noexcept nogil:
@@ -778,6 +779,15 @@ cdef inline Py_ssize_t _get_uvarint(const uint8_t* b, Py_ssize_t pos, Py_ssize_t
             out[0] = v
             return pos
         k += 1
+
+
+cdef Py_ssize_t _entry_varint(const uint8_t* b, Py_ssize_t pos, Py_ssize_t end, uint64_t* out,
+                              uint64_t i) except -1:
+    """_get_uvarint for entry ``i``, FrameError for a bad one."""
+    cdef Py_ssize_t q = _get_uvarint(b, pos, end, out)
+    if q < 0:
+        raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
+    return q
 
 
 cdef inline bint _shares(const uint8_t* f, Py_ssize_t n, const uint8_t* first, Py_ssize_t t) noexcept nogil:
@@ -823,7 +833,7 @@ cdef list _shared_frames(const uint8_t* b, Py_ssize_t n, uint64_t count):
                          "the message")
     cdef uint64_t used = plen, i, ln, z, pcrc
     cdef uint64_t seq = msf_ld64(tp + 48), cap = msf_ld64(tp + 64), cre = msf_ld64(tp + 72), pub = msf_ld64(tp + 80)
-    cdef Py_ssize_t pos = SHARED_HEAD_LEN + t, start, at, q
+    cdef Py_ssize_t pos = SHARED_HEAD_LEN + t, start, at
     # (count - 1) * 8 words: at most 64 / MIN_ENTRY times the entries' bytes, checked above
     cdef uint64_t* ent = <uint64_t*>PyMem_Malloc(sizeof(uint64_t) * 8 * (count - 1) + 1)
     if ent == NULL:
@@ -840,35 +850,17 @@ cdef list _shared_frames(const uint8_t* b, Py_ssize_t n, uint64_t count):
             en[0] = msf_ld32(b + pos)
             en[3] = msf_ld64(b + pos + 4)
             pos += 12
-            q = _get_uvarint(b, pos, <Py_ssize_t>body, &ln)
-            if q < 0:
-                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
-            pos = q
-            q = _get_uvarint(b, pos, <Py_ssize_t>body, &z)
-            if q < 0:
-                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
-            pos = q
+            pos = _entry_varint(b, pos, <Py_ssize_t>body, &ln, i)
+            pos = _entry_varint(b, pos, <Py_ssize_t>body, &z, i)
             seq += _unzigzag(z)
-            q = _get_uvarint(b, pos, <Py_ssize_t>body, &z)
-            if q < 0:
-                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
-            pos = q
+            pos = _entry_varint(b, pos, <Py_ssize_t>body, &z, i)
             cap += _unzigzag(z)
-            q = _get_uvarint(b, pos, <Py_ssize_t>body, &z)
-            if q < 0:
-                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
-            pos = q
+            pos = _entry_varint(b, pos, <Py_ssize_t>body, &z, i)
             cre += _unzigzag(z)
-            q = _get_uvarint(b, pos, <Py_ssize_t>body, &z)
-            if q < 0:
-                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
-            pos = q
+            pos = _entry_varint(b, pos, <Py_ssize_t>body, &z, i)
             pub += _unzigzag(z)
             at = pos
-            q = _get_uvarint(b, pos, <Py_ssize_t>body, &pcrc)
-            if q < 0:
-                raise FrameError(f"bad varint in batch entry {i} at offset {pos}")
-            pos = q
+            pos = _entry_varint(b, pos, <Py_ssize_t>body, &pcrc, i)
             if pcrc > 0xFFFFFFFF:
                 raise FrameError(f"payload CRC {pcrc} in batch entry {i} at offset {at} exceeds 32 bits")
             if ln > avail - used:
@@ -1070,7 +1062,7 @@ cdef class BatchWriter:
         cdef Py_ssize_t pos = 0, i
         for i in range(self.count):
             out.append(PyBytes_FromStringAndSize(<const char*>self._buf + pos, self._lens[i]))
-            pos += (self._lens[i] + 7) & ~7
+            pos += (<Py_ssize_t>self._lens[i] + 7) & ~7
         return out
 
     def first(self):
@@ -1106,8 +1098,11 @@ cdef class BatchWriter:
         cdef Py_ssize_t t = self._t, count = self.count, i, pos, e = 0, plsum, ln, q
         cdef const uint8_t* first = self._buf
         cdef const uint8_t* f
-        cdef uint64_t seq = msf_ld64(first + 48), cap = msf_ld64(first + 64), cre = msf_ld64(first + 72)
-        cdef uint64_t pub = msf_ld64(first + 80), v
+        cdef uint64_t prev[4]
+        cdef uint64_t v
+        cdef int k
+        for k in range(4):
+            prev[k] = msf_ld64(first + DELTA_AT[k])
         cdef bytes out
         cdef uint8_t* o
         cdef uint8_t* ent = <uint8_t*>PyMem_Malloc(MAX_ENTRY * (count - 1))
@@ -1123,18 +1118,10 @@ cdef class BatchWriter:
                 memcpy(ent + e + 4, f + 40, 8)
                 e += 12
                 e += _put_uvarint(ent + e, <uint64_t>(ln - t))
-                v = msf_ld64(f + 48)
-                e += _put_uvarint(ent + e, _zigzag(v - seq))
-                seq = v
-                v = msf_ld64(f + 64)
-                e += _put_uvarint(ent + e, _zigzag(v - cap))
-                cap = v
-                v = msf_ld64(f + 72)
-                e += _put_uvarint(ent + e, _zigzag(v - cre))
-                cre = v
-                v = msf_ld64(f + 80)
-                e += _put_uvarint(ent + e, _zigzag(v - pub))
-                pub = v
+                for k in range(4):                 # seq and the three times, each from the last frame's
+                    v = msf_ld64(f + DELTA_AT[k])
+                    e += _put_uvarint(ent + e, _zigzag(v - prev[k]))
+                    prev[k] = v
                 e += _put_uvarint(ent + e, msf_ld32(f + 20))
                 plsum += ln - t
                 pos += (ln + 7) & ~7

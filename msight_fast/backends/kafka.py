@@ -12,7 +12,7 @@ Small frames (up to ``batch_max_frame_bytes``, 16 KiB) are batched: coalesced pe
 Kafka message, a batch container (docs/wire-format.md 2a), so that the cost Kafka has per message
 (the client's, the broker's, the consumer's) is paid once per batch. Frames that differ only in
 ids, times, lengths and CRCs share one header in it (2b, ``batch_shared_header``), so the broker
-carries and stores 25-32 bytes of header per frame instead of 128 or more. A batch goes out when it
+carries and stores 22-35 bytes of entry per 1 KB frame instead of a 128-byte or longer header. A batch goes out when it
 reaches ``batch_max_bytes`` (or the topic's limit), ``batch_linger_ms`` after its first frame (the
 linger thread), before a larger frame or raw message of its topic (order per publisher is kept),
 and on ``flush`` and ``close``; a frame that finds its topic idle (nothing sent on it within the

@@ -1,5 +1,5 @@
-"""Kafka batching of small frames (docs/wire-format.md 2a) on the session's tansu broker: what goes
-on the wire at the edges of the size bounds, order and completeness from several threads, mixed
+"""Kafka batching of small frames (docs/wire-format.md 2a, and 2b's shared header) on the session's
+tansu broker: what goes on the wire at the edges of the size bounds, order and completeness from several threads, mixed
 sizes, the linger, flush and close, at-least-once across a consumer that stops or dies mid-batch,
 malformed batches, and a time start inside a batch.
 

@@ -321,7 +321,7 @@ def test_a_well_formed_forgery_rebuilds_frames_that_decode_or_fail_alone() -> No
 def test_what_a_message_expands_to_is_bounded() -> None:
     """The worst a sender can make a reader rebuild: the longest shared header, entries of 18
     bytes (the least), no payloads. Within the spec's bound of 512 / 18 per message byte, and
-    one entry short of it is refused before anything is made."""
+    one byte of entries short of it is refused before anything is made."""
     first = stamped(b"", 1, meta={"note": "n" * 340})
     t = int.from_bytes(first[24:32], "little")
     assert t == S.MAX_SHARED_TEMPLATE
