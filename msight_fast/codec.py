@@ -51,7 +51,7 @@ def _head(buf: Any, n: int) -> bytes:
     if type(buf) is bytes:
         return buf[:n]
     mv = memoryview(buf)
-    if mv.ndim != 1 or mv.format != "B":
+    if mv.ndim != 1 or mv.itemsize != 1:
         try:
             mv = mv.cast("B")
         except TypeError:                     # not contiguous, or empty with a zero in its shape
@@ -578,7 +578,7 @@ def unpack_batch(buf: BufferLike) -> List[memoryview]:
         return [memoryview(f) for f in _shared_frames(chk, n, count)]
     spans = _spans(chk, n, count)
     mv = _view(buf)
-    if mv.ndim != 1 or mv.itemsize != 1:
+    if mv.ndim != 1 or mv.format != "B":
         mv = mv.cast("B")
     mv = mv.toreadonly()
     return [mv[a:b] for a, b in spans]
