@@ -313,9 +313,10 @@ def _read_uvarint(chk: Any, pos: int, end: int, i: int) -> Tuple[int, int]:
         k += 1
 
 
-def _shared_frames(chk: Any, n: int, count: int) -> List[bytes]:
+def _shared_frames(chk: Any, n: int, count: int, max_bytes: Optional[int] = None) -> List[bytes]:
     """The frames of a shared-header batch whose first 24 bytes ``batch_spans``'s rules passed,
-    rebuilt each as its own bytes; every rule of docs/wire-format.md 2b checked first."""
+    rebuilt each as its own bytes; every rule of docs/wire-format.md 2b checked first, and their
+    total (``count`` x the header plus the payloads) against ``max_bytes``."""
     hl = S.SHARED_HEAD_LEN
     if n < hl:
         raise FrameError(f"truncated shared-header batch: {n} bytes, its header needs {hl} (at offset {n})")
@@ -340,6 +341,9 @@ def _shared_frames(chk: Any, n: int, count: int) -> List[bytes]:
         raise FrameError(f"template payload offset {poff} at offset {hl + 24} differs from the shared header "
                          f"length {t}")
     avail = n - body
+    if max_bytes is not None and count * t + avail > max(0, max_bytes):   # exact once the rules below pass
+        raise FrameError(f"batch of {count} frames would rebuild to {count * t + avail} bytes, over the "
+                         f"limit of {max(0, max_bytes)}")
     if plen > avail:
         raise FrameError(f"frame 0's payload of {plen} bytes (length at offset {hl + 32}) runs past the message")
     used = plen
@@ -547,12 +551,12 @@ def _spans(chk: Any, n: int, count: int) -> List[Tuple[int, int]]:
     return spans
 
 
-def _batch_frames(buf: BufferLike) -> List[bytes]:
+def _batch_frames(buf: BufferLike, *, max_bytes: Optional[int] = None) -> List[bytes]:
     """The twin of the compiled ``batch_frames``: ``batch_spans``, then each frame copied (or,
-    for a shared-header batch, rebuilt)."""
+    for a shared-header batch, rebuilt, its frames' total at most ``max_bytes``)."""
     chk, n, count, flags = _batch_head(buf)
     if flags & S.BATCH_SHARED:
-        return _shared_frames(chk, n, count)
+        return _shared_frames(chk, n, count, max_bytes)
     spans = _spans(chk, n, count)
     if type(buf) is bytes:
         return [buf[a:b] for a, b in spans]

@@ -798,7 +798,7 @@ cdef inline bint _shares(const uint8_t* f, Py_ssize_t n, const uint8_t* first, P
             and memcmp(f + 88, first + 88, t - 88) == 0 and msf_ld64(f + 32) == <uint64_t>(n - t))
 
 
-cdef list _shared_frames(const uint8_t* b, Py_ssize_t n, uint64_t count):
+cdef list _shared_frames(const uint8_t* b, Py_ssize_t n, uint64_t count, uint64_t max_bytes):
     """codec._shared_frames: every rule of docs/wire-format.md 2b checked, with its messages,
     before any frame is made; then each frame rebuilt as its own bytes."""
     if n < SHARED_HEAD_LEN:
@@ -828,6 +828,9 @@ cdef list _shared_frames(const uint8_t* b, Py_ssize_t n, uint64_t count):
         raise FrameError(f"template payload offset {poff} at offset {SHARED_HEAD_LEN + 24} differs from the shared "
                          f"header length {t}")
     cdef uint64_t avail = <uint64_t>n - body
+    if count * t + avail > max_bytes:           # the frames' total, exact once the rules below pass
+        raise FrameError(f"batch of {count} frames would rebuild to {count * t + avail} bytes, over the "
+                         f"limit of {max_bytes}")
     if plen > avail:
         raise FrameError(f"frame 0's payload of {plen} bytes (length at offset {SHARED_HEAD_LEN + 32}) runs past "
                          "the message")
@@ -901,12 +904,14 @@ cdef list _shared_frames(const uint8_t* b, Py_ssize_t n, uint64_t count):
         PyMem_Free(ent)
 
 
-def batch_frames(buf):
+def batch_frames(buf, *, max_bytes=None):
     """The frames of a batch container (docs/wire-format.md 2a), each copied into a bytes of its
     own (a frame kept does not keep the container alive), or, for a shared-header batch (2b),
     each rebuilt into one. Every rule of the container is checked before anything is returned,
     with the twin's FrameError messages (codec.batch_spans, codec._shared_frames); the frames'
-    own headers are left to ``decode``. Nothing is read outside ``buf``."""
+    own headers are left to ``decode``. Nothing is read outside ``buf``. ``max_bytes`` bounds what
+    a shared-header batch rebuilds to (its frames' total; a whole-frame batch's is under its own
+    length): FrameError above it, before anything is made."""
     cdef const uint8_t* b
     cdef Py_ssize_t n
     owner = _pin(buf, &b, &n)
@@ -921,7 +926,8 @@ def batch_frames(buf):
     if count < 1 or count > MAX_BATCH_COUNT:
         raise FrameError(f"batch count {count} at offset 8 out of range [1, {MAX_BATCH_COUNT}]")
     if msf_ld16(b + 6) & BATCH_SHARED:
-        return _shared_frames(b, n, count)
+        limit = 0xFFFFFFFFFFFFFFFF if max_bytes is None else min(max(0, max_bytes), 0xFFFFFFFFFFFFFFFF)
+        return _shared_frames(b, n, count, limit)
     cdef uint64_t index_end = BATCH_HEADER_LEN + 4 * count
     if index_end > <uint64_t>n:
         raise FrameError(f"batch index of {count} lengths runs past the {n}-byte message "

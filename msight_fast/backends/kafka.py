@@ -253,12 +253,12 @@ class _Batch(BatchWriter):
         self.shared = shared
 
 
-def _frames_skipped(value: Any) -> int:
+def _frames_skipped(value: Any, max_bytes: int) -> int:
     """How many frames a message skipped unread holds: a batch's frames (checked, as it comes
-    from the broker), else 1."""
+    from the broker, rebuilding at most ``max_bytes`` of them), else 1."""
     if isinstance(value, bytes) and value[:4] == BATCH_MAGIC:
         try:
-            return len(batch_frames(value))       # either layout (a shared header's frames have no spans)
+            return len(batch_frames(value, max_bytes=max_bytes))   # either layout
         except FrameError:
             pass
     return 1
@@ -1286,7 +1286,7 @@ class KafkaSource(Source):
                 kind, ts = m.timestamp()
                 if kind != TIMESTAMP_NOT_AVAILABLE and ts < ms:
                     skipped_to[p] = m.offset() + 1
-                    n += _frames_skipped(m.value())
+                    n += _frames_skipped(m.value(), self.t.cfg.max_frame_bytes)
                     continue
                 del floor[p]
                 v = m.value()
@@ -1605,7 +1605,9 @@ class KafkaSource(Source):
         """The first frame of a batch message and its token; the others follow from ``next``.
         A malformed batch goes on whole, for the Subscription to reject (and release)."""
         try:
-            frames = batch_frames(v)
+            # a shared header's frames are rebuilt: a forged count may not make them more than the
+            # subscriber would take as one frame (a real batch is batch_max_bytes, 256 KiB, at most)
+            frames = batch_frames(v, max_bytes=self.t.cfg.max_frame_bytes)
         except FrameError as e:
             self.batch_rejected += 1
             if self.batch_rejected == 1 or self.batch_rejected % 1000 == 0:

@@ -100,7 +100,8 @@ def test_one_sensors_frames_share_a_header_and_come_back_as_they_were() -> None:
 def test_a_skipped_shared_batch_counts_its_frames() -> None:
     pytest.importorskip("confluent_kafka")
     from msight_fast.backends.kafka import _frames_skipped
-    assert _frames_skipped(GOOD) == 4
+    assert _frames_skipped(GOOD, 1 << 20) == 4
+    assert _frames_skipped(GOOD, 100) == 1           # over the bound: counted as one malformed message
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -335,6 +336,10 @@ def test_what_a_message_expands_to_is_bounded() -> None:
     for read in READERS:
         frames = read(good)
         assert len(frames) == count and all(len(f) == t for f in frames)
+        # a subscriber's bound on what it rebuilds: exactly the frames' total passes, a byte less not
+        assert len(read(good, max_bytes=count * t)) == count
+        with pytest.raises(FrameError, match=f"rebuild to {count * t} bytes, over the limit of {count * t - 1}"):
+            read(good, max_bytes=count * t - 1)
     rebuilt = count * t
     assert 28 * len(good) < rebuilt <= (S.MAX_SHARED_TEMPLATE / 18 + 1) * len(good)
     short = bytearray(good[:-1])
