@@ -313,6 +313,9 @@ class Bus:
         self.node = node
         self.publisher_id: int = S.new_publisher_id()
         self._t = transport
+        # a backend's shortest path for small frames (Transport.add_small), None where it has none
+        self._lane = transport.add_small if transport.small_frame_bytes else None
+        self._small = transport.small_frame_bytes
         self._seq: Dict[str, int] = {}
         self._subs: List[Subscription] = []
         self._lock = threading.Lock()          # one frame on the wire at a time, in seq order
@@ -357,18 +360,22 @@ class Bus:
         deadline = time.monotonic() + cfg.publish_timeout_s if self._lock.acquire(False) else self._take_turn(topic)
         try:
             seq = self._seq.get(topic, 0) + 1
-            parts = stamp_parts(frame, seq, self.publisher_id, cfg.checksum)
-            nbytes = len(parts[0]) + frame.nbytes
-            if nbytes > cfg.max_frame_bytes:
-                raise FrameTooLarge(f"frame of {nbytes} bytes on {topic!r} exceeds max_frame_bytes "
-                                    f"{cfg.max_frame_bytes} (raise it with connect(max_frame_bytes=...))")
-            t = self._t
-            if nbytes <= t.small_frame_bytes:
-                msg = None
-                t.send_small(topic, parts, nbytes, self.publisher_id, frame.frame_id, deadline)
-            else:
-                msg = t.outgoing(topic, parts, nbytes, self.publisher_id, frame.frame_id)
-                t.send(msg, deadline)
+            msg = None
+            lane = self._lane
+            # (a payload of small_frame_bytes or more is never small, whatever its header)
+            if (lane is None or frame.nbytes >= self._small
+                    or not lane(topic, frame, seq, self.publisher_id, cfg.checksum, deadline)):
+                parts = stamp_parts(frame, seq, self.publisher_id, cfg.checksum)
+                nbytes = len(parts[0]) + frame.nbytes
+                if nbytes > cfg.max_frame_bytes:
+                    raise FrameTooLarge(f"frame of {nbytes} bytes on {topic!r} exceeds max_frame_bytes "
+                                        f"{cfg.max_frame_bytes} (raise it with connect(max_frame_bytes=...))")
+                t = self._t
+                if nbytes <= t.small_frame_bytes:
+                    t.send_small(topic, parts, nbytes, self.publisher_id, frame.frame_id, deadline)
+                else:
+                    msg = t.outgoing(topic, parts, nbytes, self.publisher_id, frame.frame_id)
+                    t.send(msg, deadline)
             self._seq[topic] = seq                         # a refused frame leaves no gap behind
             self.published += 1
         except MsightFastError as e:

@@ -451,6 +451,16 @@ class _BatchWriter:
         self.size = ((BATCH_HEADER_LEN + 7 + 4 * self.count) & -8) + self.body
         return self.size
 
+    def stamp_add(self, frame: Frame, seq: int, publisher_id: int, checksum: bool, cap: int, limit: int) -> int:
+        """``add(stamp_parts(frame, seq, publisher_id, checksum))`` in one call, when the encoded
+        frame is at most ``cap`` bytes, the container with it at most ``limit`` and the batch not
+        full; returns the new ``size``, or 0 with nothing added (the frame is stamped either way)."""
+        parts = stamp_parts(frame, seq, publisher_id, checksum)
+        n = len(parts[0]) + frame.nbytes
+        if n > cap or self.count >= MAX_BATCH_COUNT or self.size_with(n) > limit:
+            return 0
+        return self.add(parts)
+
     def frames(self) -> List[bytes]:
         """The frames added, in order, without their padding."""
         return [p for p in self.pieces if len(p) >= S.FIXED_LEN]

@@ -1022,9 +1022,8 @@ cdef class BatchWriter:
         returns the container's new ``size``."""
         if self.count >= <Py_ssize_t>MAX_BATCH_COUNT:
             raise ValueError(f"a batch holds at most {MAX_BATCH_COUNT} frames")
-        cdef Py_ssize_t start = self.body, n = 0, pad
+        cdef Py_ssize_t start = self.body, n = 0
         cdef Py_buffer v
-        cdef uint32_t* lens
         for part in parts:
             PyObject_GetBuffer(part, &v, PyBUF_SIMPLE)
             try:
@@ -1035,6 +1034,33 @@ cdef class BatchWriter:
                 PyBuffer_Release(&v)
         if n < FIXED_LEN or memcmp(self._buf + start, <const char*>MAGIC, 4) != 0:
             raise ValueError("not an encoded frame (a batch holds whole frames only)")
+        return self._append(n)
+
+    def stamp_add(self, Frame frame not None, seq, publisher_id, bint checksum, Py_ssize_t cap, Py_ssize_t limit):
+        """``add(stamp_parts(frame, seq, publisher_id, checksum))`` in one call, when the encoded
+        frame is at most ``cap`` bytes, the container with it at most ``limit`` and the batch not
+        full; returns the new ``size``, or 0 with nothing added (the frame is stamped either way)."""
+        cdef uint64_t s = PyNumber_Index(seq), p = PyNumber_Index(publisher_id)
+        frame.seq = s
+        frame.publisher_id = p
+        frame.publish_ts_ns = _time_ns()
+        cdef Py_ssize_t hl
+        cdef bytes hdr = _header(frame, checksum, &hl)
+        cdef Py_ssize_t n = hl + frame._len, start = self.body
+        if (n > cap or self.count >= <Py_ssize_t>MAX_BATCH_COUNT
+                or ((BATCH_HEADER_LEN + 11 + 4 * self.count) & ~7) + start + ((n + 7) & ~7) > limit):
+            return 0
+        self._room(start + n + 8)
+        memcpy(self._buf + start, PyBytes_AS_STRING(hdr), hl)
+        if frame._len:
+            memcpy(self._buf + start + hl, frame._ptr, frame._len)
+        return self._append(n)
+
+    cdef Py_ssize_t _append(self, Py_ssize_t n) except -1:
+        """Take the ``n`` bytes just copied at ``body`` (a whole frame, ``_room`` made for its
+        padding) as the next frame; returns the new ``size``."""
+        cdef Py_ssize_t start = self.body, pad
+        cdef uint32_t* lens
         if n > 0xFFFFFFFF:
             raise ValueError(f"a frame of {n} bytes does not fit a batch's 32-bit length")
         cdef uint64_t t

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar, Deque, Dict, List, Literal, Optional, Sequence, Tuple
 
-from ..codec import fragment
+from ..codec import Frame, fragment
 
 __all__ = ["Capabilities", "Outgoing", "Transport", "Source", "BoundedQueue", "Token",
            "Delivery", "GroupKind", "Start"]
@@ -163,6 +163,13 @@ class Transport(abc.ABC):
         ``Outgoing`` (a backend that batches small frames spares itself one per frame). Still
         fragmented above ``max_message``, as what goes to ``send``."""
         self.send(self.outgoing(topic, parts, nbytes, publisher_id, frame_id), deadline)
+
+    def add_small(self, topic: str, frame: Frame, seq: int, publisher_id: int, checksum: bool,
+                  deadline: float) -> bool:
+        """Stamp and take a small ``frame`` in one call, where the backend can (a batch open for
+        ``topic``); False, with nothing taken or sent, and the Bus goes the usual way. Only called
+        where ``small_frame_bytes`` is set."""
+        return False
 
     def outgoing(self, topic: str, parts: Sequence[Any], nbytes: int, publisher_id: int, frame_id: int) -> Outgoing:
         """The ``Outgoing`` that ``send`` takes for a frame: in fragments above ``max_message``,

@@ -245,6 +245,70 @@ def test_the_count_bound(Writer: Any) -> None:  # noqa: N803
         batch_spans(reseal(forged))
 
 
+# -- stamp_add: stamp_parts and add in one call (the Kafka publisher's shortest path)
+# the writers whose stamp_add takes this codec's Frame (the compiled one takes the compiled Frame)
+STAMPERS = [w for w in WRITERS if w is codec._BatchWriter or (_wire is not None and Frame is _wire.Frame)]
+
+
+@pytest.fixture(params=STAMPERS, ids=lambda w: "compiled" if w is not codec._BatchWriter else "twin")
+def Stamper(request: Any) -> Any:  # noqa: N802 - it stands for a class
+    return request.param
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 700), st.booleans(), st.sampled_from(["s", "cam", "lidar/top"])),
+                min_size=1, max_size=30), st.booleans())
+def test_stamp_add_adds_what_add_of_stamp_parts_adds(items: List[Any], shared: bool) -> None:
+    """Each writer, fed by stamp_add, packs what a writer fed the same frames' encode_parts packs
+    (a frame is stamped by stamp_add, so its parts are taken after), in either layout."""
+    for fast, slow in [(w(), w()) for w in STAMPERS]:
+        fast.shared = slow.shared = shared
+        for i, (n, checksum, sensor) in enumerate(items):
+            f = Frame.from_bytes(bytes([n % 251]) * n, sensor_name=sensor, encoding="bytes")
+            size = fast.stamp_add(f, 10 + i, 99, checksum, 1 << 20, 1 << 30)
+            assert (f.seq, f.publisher_id) == (10 + i, 99) and f.publish_ts_ns > 0
+            assert size == slow.add(msight_fast.codec.encode_parts(f, checksum=checksum)) == fast.size
+            assert (fast.count, fast.body) == (slow.count, slow.body)
+        assert fast.pack() == slow.pack() and fast.frames() == slow.frames()
+
+
+def test_stamp_add_takes_a_frame_up_to_its_bounds_exactly(Stamper: Any) -> None:  # noqa: N803
+    """``cap`` bounds the encoded frame and ``limit`` the container with it, each inclusive;
+    past either nothing is added, though the frame is stamped."""
+    w = Stamper()
+    w.add([frame_of(300, 1)])
+    before = (w.pack(), w.count, w.size, w.body)
+    f = Frame.from_bytes(b"x" * 872, sensor_name="s", encoding="bytes")   # 1,000 bytes encoded
+    with_it = w.size_with(1000)
+    assert w.stamp_add(f, 7, 5, False, 999, 1 << 30) == 0               # one byte over cap
+    assert w.stamp_add(f, 8, 5, False, 1000, with_it - 1) == 0          # one byte over limit
+    assert (w.pack(), w.count, w.size, w.body) == before
+    assert (f.seq, f.publisher_id) == (8, 5)
+    assert w.stamp_add(f, 9, 5, False, 1000, with_it) == with_it == w.size
+    got = decode(w.frames()[1])
+    assert (got.seq, got.publisher_id, got.frame_id, bytes(got.data)) == (9, 5, f.frame_id, b"x" * 872)
+
+
+def test_stamp_add_refuses_a_frame_past_the_count_bound(Stamper: Any) -> None:  # noqa: N803
+    f = frame_of(128)
+    w = Stamper()
+    for _ in range(MAX_BATCH_COUNT):
+        w.add([f])
+    size = w.size
+    assert w.stamp_add(Frame.from_bytes(b"", sensor_name="s", encoding="bytes"), 1, 1, False, 1 << 20, 1 << 40) == 0
+    assert (w.count, w.size) == (MAX_BATCH_COUNT, size)
+
+
+def test_stamp_add_raises_what_stamp_parts_raises(Stamper: Any) -> None:  # noqa: N803
+    w = Stamper()
+    f = Frame.from_bytes(b"abc", sensor_name="s", encoding="bytes")
+    with pytest.raises(TypeError):
+        w.stamp_add(f, 1.5, 1, False, 1 << 20, 1 << 30)                  # a float seq, as stamp_parts
+    with pytest.raises(TypeError):
+        w.stamp_add(b"not a frame", 1, 1, False, 1 << 20, 1 << 30)
+    assert w.count == 0 and w.size == 24
+
+
 def test_only_whole_frames_go_into_a_batch() -> None:
     big = frame_of(1000)
     frag = fragment(big, 400)[0]

@@ -8,6 +8,7 @@ from msight_fast import BackendUnavailable, registry
 from msight_fast.backends.base import Outgoing
 from msight_fast.backends.memory import MemoryTransport
 from msight_fast.bus import Bus
+from msight_fast.codec import stamp_parts
 
 
 class _Recording(MemoryTransport):
@@ -106,5 +107,64 @@ def test_the_default_small_path_fragments_above_the_message_limit():
         assert all(len(m) <= 4096 for m in t.sends[0].fragments)
         got = sub.recv(5.0)
         assert got is not None and got.frame_id == sent.frame_id and bytes(got.data) == payload
+    finally:
+        bus.close()
+
+
+class _Lane(_Recording):
+    """A transport with a shortest path (``add_small``) that takes, passes on, or refuses."""
+
+    def __init__(self, cfg: Any, small: int) -> None:
+        super().__init__(cfg, small)
+        self.lane: List[tuple] = []
+        self.mode = "take"
+
+    def add_small(self, topic: str, frame: Any, seq: int, publisher_id: int, checksum: bool,
+                  deadline: float) -> bool:
+        self.lane.append((topic, seq, self.mode))
+        if self.mode == "refuse":
+            raise BackendUnavailable("refused by the test")
+        if self.mode == "pass":
+            return False
+        parts = stamp_parts(frame, seq, publisher_id, checksum)
+        n = len(parts[0]) + frame.nbytes
+        MemoryTransport.send(self, Outgoing(topic, publisher_id, frame.frame_id, n, parts), deadline)
+        return True
+
+
+def test_the_shortest_path_takes_passes_or_refuses_and_the_numbering_holds():
+    cfg = registry.load_config("memory", {"name": "small-frames-lane"})
+    bus = Bus(_Lane(cfg, 600), cfg)
+    t = bus._t
+    try:
+        sub = bus.subscribe("s")
+        a = bus.publish("s", b"a")                       # taken by the lane: no send_small, no send
+        assert (t.lane, t.smalls, t.sends) == ([("s", 1, "take")], [], [])
+        t.mode = "pass"
+        bus.publish("s", b"b")                           # passed on: the usual small path
+        assert t.lane[-1] == ("s", 2, "pass") and len(t.smalls) == 1 and len(t.sends) == 1
+        t.mode = "refuse"
+        with pytest.raises(BackendUnavailable):
+            bus.publish("s", b"c")
+        assert t.lane[-1] == ("s", 3, "refuse") and len(t.smalls) == 1
+        t.mode = "take"
+        bus.publish("s", b"d")                           # numbered 3: the refused frame left no gap
+        big = bus.publish("s", b"e" * 1000)              # over small_frame_bytes: not asked
+        assert t.lane[-1] == ("s", 3, "take") and len(t.lane) == 4 and t.sends[-1].frame_id == big.frame_id
+        got = [sub.recv(5.0) for _ in range(4)]
+        assert [(f.seq, bytes(f.data[:1])) for f in got] == [(1, b"a"), (2, b"b"), (3, b"d"), (4, b"e")]
+        assert got[0].frame_id == a.frame_id and got[3].frame_id == big.frame_id
+        assert (bus.published, bus.publish_errors) == (4, 1)
+        assert sub.stats()["gaps"] == 0
+    finally:
+        bus.close()
+
+
+def test_a_transport_without_small_frames_is_never_asked_on_the_shortest_path():
+    cfg = registry.load_config("memory", {"name": "small-frames-no-lane"})
+    bus = Bus(_Lane(cfg, 0), cfg)
+    try:
+        bus.publish("s", b"x")
+        assert bus._t.lane == [] and len(bus._t.sends) == 1
     finally:
         bus.close()
