@@ -22,7 +22,7 @@ from . import registry
 from .backends.base import Capabilities, Source, Start, Transport
 from .codec import BATCH_MAGIC, Frame, Reassembler, frame_for, frame_key, is_fragment, stamp_parts
 from .errors import BackendUnavailable, ConfigError, FrameError, FrameTooLarge, MsightFastError
-from .stats import BusStats, LatencyWindow, SeqTracker, SubscriptionStats
+from .stats import BusStats, LatencyWindow, SeqTracker, SubscriptionStats, Tally
 
 if TYPE_CHECKING:
     from ._ext._wire import BufferLike
@@ -67,11 +67,11 @@ class Subscription:
         self._abandoned_seen = 0               # frames the reassembler gave up on, as of the last check
         self._seq = SeqTracker()
         self._lat = LatencyWindow()
+        # counts each frame handed over (frames, bytes, latency, sequence) in one call
+        self._tally = Tally(self._seq, self._lat, time.time_ns)
         self._tokens: Dict[Tuple[int, int, int, int, int, int], List[Any]] = {}   # frame_key -> tokens held
         self._rlock = threading.Lock()
         self._passthrough = False              # compat: messages that are not frames come as bytes
-        self.received = 0
-        self.bytes = 0
         self.rejected = 0
         self._closed = False
 
@@ -106,14 +106,7 @@ class Subscription:
                 if type(buf) is Frame and not self._tokens:
                     # decoded by the backend with the rest of its batch, the common case for small
                     # frames: _recv's steps, without the ones a whole frame does not need
-                    self.received += 1
-                    self.bytes += buf.nbytes
-                    ts = buf.publish_ts_ns
-                    if ts:
-                        self._lat.add(time.time_ns() - ts)
-                    pid = buf.publisher_id
-                    if pid:
-                        self._seq.see(pid, buf.seq)
+                    self._tally.took(buf)
                     if token is not None:      # a batch's token comes with its last frame only
                         self._src.handed(buf, [token])
                     return buf
@@ -144,8 +137,7 @@ class Subscription:
                     buf = b""
                 if self._passthrough and not _framed(buf):
                     passed = Frame.from_bytes(bytes(buf), sensor_name=self.topic, encoding="bytes")
-                    self.received += 1
-                    self.bytes += passed.nbytes
+                    self._tally.took_bytes(passed.nbytes)
                     self._src.handed(passed, [] if token is None else [token])
                     return passed
                 r = self._reasm
@@ -175,12 +167,7 @@ class Subscription:
                     if self._tokens:
                         self._check_abandoned()
                     continue
-            self.received += 1
-            self.bytes += frame.nbytes
-            if frame.publish_ts_ns:          # any i64 from the wire: LatencyWindow drops the absurd
-                self._lat.add(time.time_ns() - frame.publish_ts_ns)
-            if frame.publisher_id:
-                self._seq.see(frame.publisher_id, frame.seq)
+            self._tally.took(frame)
             if frag:
                 tokens = self._tokens.pop(frame_key(buf), [])   # the key its fragments were held under
             else:
@@ -214,6 +201,16 @@ class Subscription:
             if f is not None:
                 yield f
 
+    @property
+    def received(self) -> int:
+        """Frames handed over so far."""
+        return int(self._tally.received)
+
+    @property
+    def bytes(self) -> int:
+        """Payload bytes of the frames handed over so far."""
+        return int(self._tally.nbytes)
+
     def ack(self) -> None:
         """Mark every frame received so far as processed (Kafka commits its offsets)."""
         self._src.ack()
@@ -224,6 +221,7 @@ class Subscription:
         ``gaps`` is None where this subscription does not see each publisher's whole stream (a
         member of a group): there a skipped number is another member's frame, not a loss.
         """
+        self._tally.sync()
         out: Dict[str, Any] = {"topic": self.topic, "received": self.received, "bytes": self.bytes,
                                "gaps": self._seq.gaps if self._whole_stream else None,
                                "duplicates": self._seq.duplicates + self._reasm.duplicates,

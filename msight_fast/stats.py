@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import array
 import collections
-from typing import Dict, List, Optional, TypedDict
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, TypedDict
 
 import numpy as np
 
-__all__ = ["SeqTracker", "LatencyWindow", "SubscriptionStats", "BusStats"]
+from ._impl import HAS_EXTENSIONS, impl
+
+__all__ = ["SeqTracker", "LatencyWindow", "Tally", "PyTally", "SubscriptionStats", "BusStats"]
 
 
 class SubscriptionStats(TypedDict, total=False):
@@ -169,3 +171,46 @@ class LatencyWindow:
         a = np.frombuffer(self._a, dtype=np.int64)[:n]
         p50, p99 = np.percentile(a, [50, 99])
         return {"latency_p50_ns": int(p50), "latency_p99_ns": int(p99), "latency_max_ns": int(a.max())}
+
+
+class PyTally:
+    """What a Subscription counts of each frame it hands over, in one call: ``received``,
+    ``nbytes``, the publish-to-receipt latency (into ``window``, by ``clock``) and the sequence
+    (into ``tracker``). The twin of the compiled ``Tally``, which keeps the common case (the same
+    publisher's next number) to itself and writes it back on ``sync``: call ``sync`` before
+    reading ``tracker`` or ``window``, and feed ``tracker`` only through ``took``."""
+
+    __slots__ = ("received", "nbytes", "tracker", "window", "_clock")
+
+    def __init__(self, tracker: SeqTracker, window: LatencyWindow, clock: Callable[[], int]) -> None:
+        self.received = 0
+        self.nbytes = 0
+        self.tracker = tracker
+        self.window = window
+        self._clock = clock
+
+    def took(self, frame: Any) -> None:
+        """Count ``frame``, a whole frame handed over now."""
+        self.received += 1
+        self.nbytes += frame.nbytes
+        ts = frame.publish_ts_ns
+        if ts:                                  # any i64 from the wire: the window drops the absurd
+            self.window.add(self._clock() - ts)
+        pid = frame.publisher_id
+        if pid:
+            self.tracker.see(pid, frame.seq)
+
+    def took_bytes(self, nbytes: int) -> None:
+        """Count a message handed over as it came (not a frame: no latency, no sequence)."""
+        self.received += 1
+        self.nbytes += nbytes
+
+    def sync(self) -> None:
+        """Bring ``tracker`` and ``window`` up to date (nothing to do here)."""
+
+
+if TYPE_CHECKING:
+    Tally = PyTally
+else:
+    # the compiled one where the core is built (a frame's accounting is most of a small frame's recv)
+    Tally = impl.Tally if HAS_EXTENSIONS else PyTally

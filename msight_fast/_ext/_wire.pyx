@@ -36,7 +36,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.number cimport PyNumber_Index
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 from time import time_ns as _time_ns
@@ -1243,3 +1243,103 @@ def parse_fragment_header(buf):
         raise FrameError("fragment CRC32C mismatch at offset 60")
     return (msf_ld64(b + 8), msf_ld64(b + 16), msf_ld32(b + 24), msf_ld32(b + 28), msf_ld64(b + 32),
             msf_ld64(b + 40), msf_ld32(b + 48), msf_ld32(b + 56), _view_of(owner, b + FRAG_HEADER_LEN, clen))
+
+
+# ---------------------------------------------------------------- per-frame accounting
+cdef class Tally:
+    """What a Subscription counts of each frame it hands over, in one call: the compiled twin of
+    ``stats.Tally``. The common case, the same publisher's next number, stays here (the
+    tracker's entry for that publisher is brought up to date by ``sync``), and the latency goes
+    straight into the window's ring (its count, too, by ``sync``). Anything else goes to the
+    tracker as it is: its rules live there only."""
+
+    cdef readonly uint64_t received
+    cdef readonly uint64_t nbytes
+    cdef readonly object tracker
+    cdef readonly object window
+    cdef object _clock
+    cdef object _ring              # the window's array, kept alive while _lat points into it
+    cdef Py_buffer _view
+    cdef int64_t* _lat
+    cdef Py_ssize_t _n
+    cdef Py_ssize_t _i             # the window's count, written back by sync
+    cdef object _hot               # the tracker's entry of the publisher seen last, or None
+    cdef uint64_t _hot_pid
+    cdef uint64_t _hot_high        # that entry's highest number, ahead of it until sync
+    cdef bint _dirty
+
+    def __cinit__(self):
+        self._lat = NULL
+
+    def __init__(self, tracker, window, clock):
+        ring = window._a
+        cdef Py_ssize_t n = window._n
+        if n <= 0:
+            raise ValueError(f"a latency window of {n} entries")
+        PyObject_GetBuffer(ring, &self._view, PyBUF_WRITABLE)
+        if self._view.len < 8 * n:
+            PyBuffer_Release(&self._view)
+            raise ValueError("the latency window's ring is shorter than its length")
+        self._ring = ring
+        self._lat = <int64_t*>self._view.buf
+        self._n = n
+        self._i = window._i
+        self.tracker, self.window, self._clock = tracker, window, clock
+        self.received = self.nbytes = 0
+        self._hot = None
+        self._dirty = False
+
+    def __dealloc__(self):
+        if self._lat != NULL:
+            PyBuffer_Release(&self._view)
+
+    def took(self, Frame frame not None):
+        """Count ``frame``, a whole frame handed over now."""
+        self.received += 1
+        self.nbytes += <uint64_t>frame._len
+        cdef int64_t ts = frame.publish_ts_ns, now
+        if ts:
+            now_o = self._clock()
+            try:
+                now = now_o
+            except OverflowError:              # a clock past i64: the window's own rule decides
+                self.window._i = self._i
+                self.window.add(now_o - ts)
+                self._i = self.window._i
+            else:
+                # the latency when it is an i64, as the window takes it (a forged time is dropped)
+                if not ((ts < 0 and now > INT64_MAX + ts) or (ts > 0 and now < INT64_MIN + ts)):
+                    self._lat[self._i % self._n] = now - ts
+                    self._i += 1
+        cdef uint64_t pid = frame.publisher_id, seq = frame.seq
+        if pid:
+            if (self._hot is not None and pid == self._hot_pid and self._hot_high != <uint64_t>0xFFFFFFFFFFFFFFFF
+                    and seq == self._hot_high + 1):
+                self._hot_high = seq
+                self._dirty = True
+                return
+            self._sync_seq()
+            self.tracker.see(pid, seq)
+            hot = self.tracker._hot
+            if hot is None:
+                self._hot = None
+            else:
+                self._hot_pid = self.tracker._hot_pub
+                self._hot_high = hot.high
+                self._hot = hot
+
+    def took_bytes(self, nbytes):
+        """Count a message handed over as it came (not a frame: no latency, no sequence)."""
+        self.received += 1
+        self.nbytes += <uint64_t>nbytes
+
+    cdef int _sync_seq(self) except -1:
+        if self._dirty:
+            self._dirty = False
+            self._hot.high = self._hot_high
+        return 0
+
+    def sync(self):
+        """Bring ``tracker`` and ``window`` up to date."""
+        self._sync_seq()
+        self.window._i = self._i

@@ -122,3 +122,79 @@ def test_the_publisher_seen_last_is_the_last_forgotten():
     assert sorted(t.publisher_ids()) == [1, 3] and t.forgotten == 1
     t.see(2, 2)                           # 2 starts over: not a gap, not a duplicate
     assert (t.gaps, t.duplicates) == (0, 0)
+
+
+# -- Tally: a Subscription's per-frame accounting, compiled and twin fed the same frames
+from msight_fast import codec  # noqa: E402
+from msight_fast.stats import LatencyWindow, PyTally  # noqa: E402
+
+try:
+    from msight_fast._ext import _wire
+except ImportError:
+    _wire = None
+# the compiled Tally takes the compiled Frame: compared where that is the codec's Frame
+TALLIES = [PyTally] + ([_wire.Tally] if _wire is not None and codec.Frame is _wire.Frame else [])
+
+_U64 = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2, 2**63, 2**64 - 2, 2**64 - 1]))
+_I64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, 1, -1, -(2**63), 2**63 - 1]))
+_NOW = st.one_of(st.integers(0, 2**63 - 1), st.sampled_from([0, 2**63 - 1, 2**63, 2**70, -(2**63), -(2**63) - 1]))
+_EVENT = st.one_of(
+    st.tuples(st.just("frame"), st.integers(0, 300), st.sampled_from([0, 1, 2, 3, 2**64 - 1]), _U64, _I64, _NOW),
+    st.tuples(st.just("run"), st.sampled_from([1, 2]), st.integers(0, 2**64 - 1), st.integers(1, 40)),
+    st.tuples(st.just("bytes"), st.integers(0, 5000)),
+    st.tuples(st.just("sync"),))
+
+
+def _state(t):
+    t.sync()
+    tr, w = t.tracker, t.window
+    pubs = [(k, p.high, p.low, list(p.holes)) for k, p in tr._pubs.items()]
+    return (t.received, t.nbytes, tr.gaps, tr.duplicates, tr.forgotten, pubs, w._i, list(w._a))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_EVENT, max_size=60), st.integers(1, 5), st.integers(0, 6))
+def test_the_compiled_tally_counts_what_the_twin_counts(events, window, holes):
+    """Any frames: in-order runs, repeats, jumps, forged seqs and times, clocks past i64, messages
+    taken as bytes; after any step both tallies leave tracker and window in the same state."""
+    clock = []
+    tallies = [T(SeqTracker(max_publishers=2, max_holes=holes), LatencyWindow(window), lambda: clock[-1])
+               for T in TALLIES]
+
+    def feed(n, pid, seq, ts, now):
+        clock.append(now)
+        for t in tallies:
+            f = codec.Frame.from_bytes(b"x" * n, sensor_name="s", encoding="bytes")
+            f.publisher_id, f.seq, f.publish_ts_ns = pid, seq, ts
+            try:
+                t.took(f)
+            except OverflowError:
+                pass          # (none expected: a clock past i64 goes the window's way)
+
+    for ev in events:
+        if ev[0] == "frame":
+            feed(*ev[1:])
+        elif ev[0] == "run":                      # the common case: one publisher's next numbers
+            _, pid, start, k = ev
+            for s in range(start, min(start + k, 2**64)):
+                feed(10, pid, s, 5, 1_000)
+        elif ev[0] == "bytes":
+            for t in tallies:
+                t.took_bytes(ev[1])
+        assert len({repr(_state(t)) for t in tallies}) == 1
+
+
+def test_a_tally_counts_frames_latency_and_sequence():
+    for T in TALLIES:
+        now = [10_000]
+        t = T(SeqTracker(), LatencyWindow(4), lambda: now[0])
+        for seq, ts in [(1, 9_000), (2, 9_500), (4, 0), (4, 9_990)]:
+            f = codec.Frame.from_bytes(b"abc", sensor_name="s", encoding="bytes")
+            f.publisher_id, f.seq, f.publish_ts_ns = 7, seq, ts
+            t.took(f)
+        t.took_bytes(100)
+        t.sync()
+        assert (t.received, t.nbytes) == (5, 4 * 3 + 100)
+        assert (t.tracker.gaps, t.tracker.duplicates) == (1, 1)            # 3 missing, 4 twice
+        assert t.window._i == 3 and sorted(t.window._a[:3]) == [10, 500, 1_000]   # no time: no latency
+        assert t.window.summary()["latency_max_ns"] == 1_000
