@@ -45,4 +45,5 @@ MSIGHT_FUZZ_CASES=100000 \
   tests/unit/test_golden.py tests/unit/test_codec.py tests/unit/test_hostile_regressions.py \
   tests/unit/test_differential.py tests/unit/test_mutation_corpus.py \
   tests/unit/test_subscription_hostile.py tests/unit/test_frame_release.py tests/unit/test_shm.py \
-  tests/unit/test_batch.py tests/unit/test_batch_shared.py -k "not frame_ids_unique" "$@"
+  tests/unit/test_batch.py tests/unit/test_batch_shared.py tests/unit/test_stats.py \
+  tests/unit/test_small_frames.py -k "not frame_ids_unique" "$@"
