@@ -732,15 +732,12 @@ class KafkaTransport(Transport):
         last = self._last_key
         if limit is None or last[0] != publisher_id or self._broken is not None:
             return False
-        slot = (topic, -1)
-        if slot not in self._batches:
-            return False
         blk = self._blk
         if not blk.acquire(False) and not blk.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise BackendUnavailable(f"Kafka at {self._where}: the batch of {topic!r} was busy going out for "
                                      f"publish_timeout_s={self.cfg.publish_timeout_s} s")
         try:
-            b = self._batches.get(slot)        # the linger thread may have sent it meanwhile
+            b = self._batches.get((topic, -1))
             if b is None or b.key != last[1]:
                 return False
             if self._batch_max < limit:
