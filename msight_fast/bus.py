@@ -203,7 +203,7 @@ class Subscription:
 
     @property
     def received(self) -> int:
-        """Frames handed over so far."""
+        """Frames (and, in the MSight drop-in's plain mode, messages) handed over so far."""
         return int(self._tally.received)
 
     @property
@@ -312,7 +312,8 @@ class Bus:
         self.publisher_id: int = S.new_publisher_id()
         self._t = transport
         # a backend's shortest path for small frames (Transport.add_small), None where it has none
-        self._lane = transport.add_small if transport.small_frame_bytes else None
+        self._lane = (transport.add_small if transport.small_frame_bytes
+                      and type(transport).add_small is not Transport.add_small else None)
         self._small = transport.small_frame_bytes
         self._seq: Dict[str, int] = {}
         self._subs: List[Subscription] = []

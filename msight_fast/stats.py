@@ -152,7 +152,8 @@ class SeqTracker:
 
 
 class LatencyWindow:
-    """The last ``n`` publish-to-receipt latencies, for percentiles."""
+    """The last ``n`` publish-to-receipt latencies, for percentiles. A compiled ``Tally`` writes
+    into ``_a`` directly: the ring is made once and never replaced."""
 
     def __init__(self, n: int = 8192) -> None:
         self._a = array.array("q", bytes(8 * n))    # cheaper per message than a numpy setitem
@@ -212,5 +213,6 @@ class PyTally:
 if TYPE_CHECKING:
     Tally = PyTally
 else:
-    # the compiled one where the core is built (a frame's accounting is most of a small frame's recv)
+    # the compiled one where the core is built (benchmarks/README.md, "Kafka small frames: stamped
+    # into the batch")
     Tally = impl.Tally if HAS_EXTENSIONS else PyTally

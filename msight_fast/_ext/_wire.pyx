@@ -1248,7 +1248,7 @@ def parse_fragment_header(buf):
 # ---------------------------------------------------------------- per-frame accounting
 cdef class Tally:
     """What a Subscription counts of each frame it hands over, in one call: the compiled twin of
-    ``stats.Tally``. The common case, the same publisher's next number, stays here (the
+    ``stats.PyTally``. The common case, the same publisher's next number, stays here (the
     tracker's entry for that publisher is brought up to date by ``sync``), and the latency goes
     straight into the window's ring (its count, too, by ``sync``). Anything else goes to the
     tracker as it is: its rules live there only."""
@@ -1272,6 +1272,8 @@ cdef class Tally:
         self._lat = NULL
 
     def __init__(self, tracker, window, clock):
+        if self._lat != NULL:
+            raise TypeError("a Tally is initialised once")
         ring = window._a
         cdef Py_ssize_t n = window._n
         if n <= 0:
@@ -1341,5 +1343,7 @@ cdef class Tally:
 
     def sync(self):
         """Bring ``tracker`` and ``window`` up to date."""
+        if self.window._a is not self._ring:       # its ring is what the latencies went into
+            raise RuntimeError("the latency window's ring was replaced under its Tally")
         self._sync_seq()
         self.window._i = self._i

@@ -125,8 +125,8 @@ class Source(abc.ABC):
 class Transport(abc.ABC):
     """A connection to one broker: sends messages and opens subscription sources.
 
-    ``send`` and ``send_small`` are called by one thread at a time (the Bus serialises
-    publishers); ``open``, ``flush``, ``stats`` and ``close`` may come from any thread.
+    ``send``, ``send_small`` and ``add_small`` are called by one thread at a time (the Bus
+    serialises publishers); ``open``, ``flush``, ``stats`` and ``close`` may come from any thread.
     """
 
     name: ClassVar[str] = "?"
@@ -167,8 +167,8 @@ class Transport(abc.ABC):
     def add_small(self, topic: str, frame: Frame, seq: int, publisher_id: int, checksum: bool,
                   deadline: float) -> bool:
         """Stamp and take a small ``frame`` in one call, where the backend can (a batch open for
-        ``topic``); False, with nothing taken or sent, and the Bus goes the usual way. Only called
-        where ``small_frame_bytes`` is set."""
+        ``topic``); False, with nothing taken or sent (the frame may be stamped), and the Bus goes
+        the usual way. Only called where a transport overrides it and ``small_frame_bytes`` is set."""
         return False
 
     def outgoing(self, topic: str, parts: Sequence[Any], nbytes: int, publisher_id: int, frame_id: int) -> Outgoing:

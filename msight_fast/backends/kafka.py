@@ -311,7 +311,8 @@ class KafkaTransport(Transport):
         self._by_publisher = cfg.partition_key == "publisher"
         # partition_key="frame" batches per partition, which send() picks: no shorter path there
         self.small_frame_bytes = self._batch_frame if self._by_publisher else 0
-        # what add_small takes: a frame the Bus would refuse as too large goes the usual way, to be
+        # the largest frame add_small takes: one the Bus must refuse as too large goes the usual
+        # way, where it is refused
         self._small_cap = min(self.small_frame_bytes, cfg.max_frame_bytes)
         self._last_key: Tuple[int, Optional[bytes]] = (0, None)
         self._linger_s = cfg.batch_linger_ms / 1000.0
@@ -724,10 +725,12 @@ class KafkaTransport(Transport):
     def add_small(self, topic: str, frame: Frame, seq: int, publisher_id: int, checksum: bool,
                   deadline: float) -> bool:
         """The Bus's shortest path for a small frame: stamped and encoded straight into the
-        topic's open batch, in one call (``BatchWriter.stamp_add``). False, with nothing sent: the
-        frame is not for it (too large, no open batch, a new key or topic, a producer to replace),
-        and goes the usual way. A small frame's whole publish is a few µs, of which the Python
-        between the Bus and the batch was the larger part."""
+        topic's open batch, in one call (``BatchWriter.stamp_add``). False, with nothing sent (the
+        frame may be stamped): the frame is not for it (too large, no open batch, a new key or
+        topic, a producer to replace), and goes the usual way, which starts the next batch. The
+        lock is taken before the frame's size is known: that costs the frame that overflows a
+        batch a second encode, once per batch, and spares every other frame a step
+        (benchmarks/README.md, "Kafka small frames: stamped into the batch")."""
         limit = self._limits.get(topic)
         last = self._last_key
         if limit is None or last[0] != publisher_id or self._broken is not None:

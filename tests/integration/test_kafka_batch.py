@@ -409,3 +409,40 @@ def test_a_time_start_inside_a_batch_is_exact(kafka: Any, topic: str) -> None:
         assert seqs(collect(sub, 5, timeout=60)) == list(range(6, 11))
         assert sub.recv(timeout=2) is None
         assert sub._src.start_skipped >= 4       # type: ignore[attr-defined]  # 2-5 by their publish time
+
+
+def test_the_shortest_path_takes_only_what_the_open_batch_holds(kafka: Any, topic: str) -> None:
+    """Bus.publish stamps a small frame straight into the topic's open batch (add_small). Every
+    other frame goes the usual way: one with no batch open, and one over max_frame_bytes (here
+    below batch_max_frame_bytes), refused as before, leaving no gap. On the wire and at the
+    subscriber, the frames are the same either way, payload CRCs included."""
+    pub = kafka(batch_max_frame_bytes=2048, batch_max_bytes=4136, batch_linger_ms=60_000, max_frame_bytes=1024,
+                checksum=True)
+    sub = kafka().subscribe(topic)
+    lane = pub._lane                                               # type: ignore[attr-defined]
+    taken: List[bool] = []
+
+    def watched(*args: Any) -> bool:
+        taken.append(lane(*args))
+        return taken[-1]
+    pub._lane = watched                                            # type: ignore[attr-defined]
+    at, small = payload_for(topic, 1024), payload_for(topic, 200)
+    pub.publish(topic, at)                       # an idle topic: out at once, alone
+    for _ in range(4):
+        pub.publish(topic, at)                   # the first opens a batch, the last fills it
+    assert pending(pub, topic) == 0
+    pub.publish(topic, small)                    # no batch open: the usual way opens one
+    with pytest.raises(msight_fast.FrameTooLarge):
+        pub.publish(topic, payload_for(topic, 1025))
+    pub.publish(topic, small)
+    assert taken == [False, False, True, True, True, False, False, True]
+    assert pending(pub, topic) == 2
+    pub.flush(30)
+    msgs = raw_messages(kafka.options["servers"], topic, 3)
+    assert counts(msgs) == [1, 4, 2]
+    wire = [f for m in msgs for f in frames_of(m)]
+    assert all(int.from_bytes(f[6:8], "little") & 1 for f in wire)      # flag bit 0: a payload CRC
+    assert [decode(f).seq for f in wire] == list(range(1, 8))
+    got = collect(sub, 7, timeout=60)
+    assert seqs(got) == list(range(1, 8)) and [bytes(f.data) for f in got] == [at] * 5 + [small] * 2
+    assert sub.stats()["gaps"] == 0 and pub.stats()["publish_errors"] == 0
