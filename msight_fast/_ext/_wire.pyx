@@ -69,6 +69,33 @@ cdef extern from *:
     """
     void msf_advise_huge(void* p, size_t n) nogil
 
+cdef extern from *:
+    """
+    #include <time.h>
+    /* The wall clock time.time_ns reads (CLOCK_REALTIME), without a Python call: 0 where there
+       is none, and the caller asks time.time_ns itself. */
+    static int msf_now_ns(int64_t *out) {
+    #if defined(CLOCK_REALTIME) && !defined(_WIN32)
+        struct timespec ts;
+        if (clock_gettime(CLOCK_REALTIME, &ts) == 0) {
+            *out = (int64_t)ts.tv_sec * 1000000000 + (int64_t)ts.tv_nsec;
+            return 1;
+        }
+    #endif
+        return 0;
+    }
+    """
+    int msf_now_ns(int64_t* out) nogil
+
+
+cdef inline int64_t _now_ns() except? -1:
+    """``time.time_ns()`` (the same clock), a small frame's publish without the Python call."""
+    cdef int64_t t
+    if msf_now_ns(&t):
+        return t
+    return _time_ns()
+
+
 cdef extern from "numpy/arrayobject.h":
     object PyArray_NewFromDescr(void* subtype, cnp.dtype descr, int nd, cnp.npy_intp* dims,
                                 cnp.npy_intp* strides, void* data, int flags, void* obj)
@@ -281,7 +308,13 @@ cdef class Frame:
     cdef public object meta
 
     def __init__(self):
-        now = S.now_ns()
+        self._blank()
+        self.meta = {}
+
+    cdef inline _blank(self):
+        """__init__'s state but meta (set by the caller); ``from_*`` call it on ``__new__``'s frame,
+        which spares them a Python-level ``__init__``."""
+        cdef int64_t now = _now_ns()
         self.array = None
         self._owner = b""
         self._ptr = <const uint8_t*>PyBytes_AS_STRING(b"")
@@ -289,7 +322,6 @@ cdef class Frame:
         self.encoding = self.sensor_name = self.device_name = EMPTY
         self.capture_ts_ns = self.creation_ts_ns = now
         self.publish_ts_ns = 0
-        self.meta = {}
 
     cdef _init_common(self, sensor_name, encoding, device_name, frame_id, capture_ts_ns, meta):
         _check_text(sensor_name, "sensor_name", MAX_NAME_BYTES)
@@ -319,7 +351,7 @@ cdef class Frame:
     def from_array(cls, arr, *, sensor_name, encoding=None, device_name=None, frame_id=None,
                    capture_ts_ns=None, meta=None):
         """A frame whose payload is ``arr`` (C-contiguous arrays are not copied)."""
-        if not isinstance(arr, np.ndarray):
+        if not isinstance(arr, cnp.ndarray):
             raise TypeError(f"from_array needs a numpy.ndarray, not {type(arr).__name__}")
         cdef cnp.ndarray a = arr
         entry = _blob_entry(a.dtype)
@@ -333,7 +365,8 @@ cdef class Frame:
             a = np.ascontiguousarray(a).reshape(arr.shape)   # the one copy a strided array needs
         if entry[2] is not None:          # what a receiver would reject is refused here
             S.check_ucs4(entry[2], a, 0)
-        cdef Frame f = Frame()
+        cdef Frame f = Frame.__new__(Frame)
+        f._blank()
         f._init_common(sensor_name, encoding if encoding is not None else S.default_encoding(a),
                        device_name, frame_id, capture_ts_ns, meta)
         f.array = a
@@ -347,7 +380,8 @@ cdef class Frame:
     def from_bytes(cls, data, *, sensor_name, encoding, device_name=None, frame_id=None,
                    capture_ts_ns=None, meta=None):
         """A frame whose payload is the bytes of ``data`` (any contiguous buffer, not copied)."""
-        cdef Frame f = Frame()
+        cdef Frame f = Frame.__new__(Frame)
+        f._blank()
         f._owner = _pin(data, &f._ptr, &f._len)
         f._init_common(sensor_name, encoding, device_name, frame_id, capture_ts_ns, meta)
         return f
@@ -403,20 +437,30 @@ cdef inline uint8_t* _record(uint8_t* p, uint16_t tag, const void* src, Py_ssize
     return p + 8 + n
 
 
-cdef bytes _header(Frame f, bint checksum, Py_ssize_t* out_len):
-    cdef Py_ssize_t ls = 0, ld = 0, le = 0, lm = 0, lt = 0, ls_shape = 0, i
-    cdef const char* s_sensor = NULL
-    cdef const char* s_device = NULL
-    cdef const char* s_enc = NULL
+cdef struct _Hdr:
+    # a frame's header, planned (``_plan``) before it is written (``_fill``)
+    Py_ssize_t header_len, offset, ls, ld, le, lm, lt, ls_shape
+    const char* s_sensor
+    const char* s_device
+    const char* s_enc
+    const char* s_blob
+    const char* s_meta
+    uint16_t flags
+    uint32_t pcrc
+
+
+cdef tuple _plan(Frame f, bint checksum, _Hdr* h):
+    """Check ``f``'s fields and size its header into ``h`` (the payload CRC too, when asked).
+    Returns what ``h`` points into: keep it until ``_fill`` has written the header. No Python runs
+    between the return and the caller's ``_fill`` (which must follow at once)."""
     cdef cnp.ndarray a = None
     cdef bytes meta_b = None
     cdef bytes blob = None
-    if f.sensor_name:
-        s_sensor = _utf8_of(f.sensor_name, "sensor_name", MAX_NAME_BYTES, &ls)
-    if f.device_name:
-        s_device = _utf8_of(f.device_name, "device_name", MAX_NAME_BYTES, &ld)
-    if f.encoding:
-        s_enc = _utf8_of(f.encoding, "encoding", MAX_ENCODING_BYTES, &le)
+    _check_text(f.sensor_name or None, "sensor_name", MAX_NAME_BYTES)
+    _check_text(f.device_name or None, "device_name", MAX_NAME_BYTES)
+    _check_text(f.encoding or None, "encoding", MAX_ENCODING_BYTES)
+    h.lm = h.lt = h.ls_shape = 0
+    h.s_blob = h.s_meta = NULL
     cdef uint16_t flags = 0
     if f.array is not None:
         a = f.array
@@ -424,58 +468,88 @@ cdef bytes _header(Frame f, bint checksum, Py_ssize_t* out_len):
         blob = f._dtype_blob
         if blob is None:
             blob = f._dtype_blob = _blob_entry(a.dtype)[0]
-        lt = len(blob)
-        ls_shape = 8 * a.ndim
+        h.lt = len(blob)
+        h.s_blob = PyBytes_AS_STRING(blob)
     if f.meta:
         meta_b = S.meta_to_wire(f.meta)
-        lm = len(meta_b)
-    cdef Py_ssize_t header_len = FIXED_LEN
-    if ls: header_len += 8 + ls
-    if ld: header_len += 8 + ld
-    if le: header_len += 8 + le
-    if a is not None: header_len += 16 + lt + ls_shape
-    if meta_b is not None: header_len += 8 + lm
-    if header_len > MAX_HEADER_LEN:
-        raise FrameError(f"header of {header_len} bytes exceeds {MAX_HEADER_LEN}")
-    cdef Py_ssize_t offset = (header_len + ALIGN - 1) & ~(ALIGN - 1)
-    cdef uint32_t pcrc = 0
+        h.lm = len(meta_b)
+        h.s_meta = PyBytes_AS_STRING(meta_b)
+    h.pcrc = 0
     if checksum:
         flags |= FLAG_PAYLOAD_CRC
-        pcrc = _crc(0, f._ptr, f._len)
-    out = PyBytes_FromStringAndSize(NULL, offset)
-    cdef uint8_t* h = <uint8_t*>PyBytes_AS_STRING(out)
-    memcpy(h, <const char*>MAGIC, 4)
-    h[4] = 1
-    h[5] = 0
-    msf_st16(h + 6, flags)
-    msf_st32(h + 8, <uint32_t>header_len)
-    msf_st16(h + 16, FIXED_LEN)
-    msf_st16(h + 18, 0)
-    msf_st32(h + 20, pcrc)
-    msf_st64(h + 24, <uint64_t>offset)
-    msf_st64(h + 32, <uint64_t>f._len)
-    msf_st64(h + 40, f.frame_id)
-    msf_st64(h + 48, f.seq)
-    msf_st64(h + 56, f.publisher_id)
-    msf_st64(h + 64, <uint64_t>f.capture_ts_ns)
-    msf_st64(h + 72, <uint64_t>f.creation_ts_ns)
-    msf_st64(h + 80, <uint64_t>f.publish_ts_ns)
-    cdef uint8_t* p = h + FIXED_LEN
-    if ls: p = _record(p, 1, s_sensor, ls)
-    if ld: p = _record(p, 2, s_device, ld)
-    if le: p = _record(p, 3, s_enc, le)
+        h.pcrc = _crc(0, f._ptr, f._len)
+    # Python may have run above (and a large CRC lets go of the GIL): the text is taken last, and
+    # held (returned) with what else the pointers point into, so a field another thread sets
+    # meanwhile is written as it is now, never from freed UTF-8
+    sensor, device, enc = f.sensor_name, f.device_name, f.encoding
+    h.ls = h.ld = h.le = 0
+    h.s_sensor = h.s_device = h.s_enc = NULL
+    if sensor:
+        h.s_sensor = _utf8_of(sensor, "sensor_name", MAX_NAME_BYTES, &h.ls)
+    if device:
+        h.s_device = _utf8_of(device, "device_name", MAX_NAME_BYTES, &h.ld)
+    if enc:
+        h.s_enc = _utf8_of(enc, "encoding", MAX_ENCODING_BYTES, &h.le)
     if a is not None:
-        p = _record(p, 4, PyBytes_AS_STRING(blob), lt)
+        h.ls_shape = 8 * a.ndim                # last: an array's shape can be set in place
+    cdef Py_ssize_t header_len = FIXED_LEN
+    if h.ls: header_len += 8 + h.ls
+    if h.ld: header_len += 8 + h.ld
+    if h.le: header_len += 8 + h.le
+    if a is not None: header_len += 16 + h.lt + h.ls_shape
+    if meta_b is not None: header_len += 8 + h.lm
+    if header_len > MAX_HEADER_LEN:
+        raise FrameError(f"header of {header_len} bytes exceeds {MAX_HEADER_LEN}")
+    h.header_len = header_len
+    h.offset = (header_len + ALIGN - 1) & ~(ALIGN - 1)
+    h.flags = flags
+    return (meta_b, blob, sensor, device, enc)
+
+
+cdef void _fill(Frame f, const _Hdr* h, uint8_t* out) noexcept:
+    """Write the header ``_plan`` sized into ``out`` (``h.offset`` bytes, padding included)."""
+    cdef Py_ssize_t i
+    memcpy(out, <const char*>MAGIC, 4)
+    out[4] = 1
+    out[5] = 0
+    msf_st16(out + 6, h.flags)
+    msf_st32(out + 8, <uint32_t>h.header_len)
+    msf_st16(out + 16, FIXED_LEN)
+    msf_st16(out + 18, 0)
+    msf_st32(out + 20, h.pcrc)
+    msf_st64(out + 24, <uint64_t>h.offset)
+    msf_st64(out + 32, <uint64_t>f._len)
+    msf_st64(out + 40, f.frame_id)
+    msf_st64(out + 48, f.seq)
+    msf_st64(out + 56, f.publisher_id)
+    msf_st64(out + 64, <uint64_t>f.capture_ts_ns)
+    msf_st64(out + 72, <uint64_t>f.creation_ts_ns)
+    msf_st64(out + 80, <uint64_t>f.publish_ts_ns)
+    cdef uint8_t* p = out + FIXED_LEN
+    if h.ls: p = _record(p, 1, h.s_sensor, h.ls)
+    if h.ld: p = _record(p, 2, h.s_device, h.ld)
+    if h.le: p = _record(p, 3, h.s_enc, h.le)
+    cdef cnp.ndarray a
+    if h.flags & FLAG_NDARRAY:
+        a = f.array
+        p = _record(p, 4, h.s_blob, h.lt)
         p = _record(p, 5, NULL, 0)
-        msf_st32(p - 4, <uint32_t>ls_shape)
-        for i in range(a.ndim):
+        msf_st32(p - 4, <uint32_t>h.ls_shape)
+        for i in range(h.ls_shape >> 3):
             msf_st64(p + 8 * i, <uint64_t>a.shape[i])
-        p += ls_shape
-    if meta_b is not None:
-        p = _record(p, 6, PyBytes_AS_STRING(meta_b), lm)
-    memset(p, 0, offset - header_len)
-    msf_st32(h + 12, msf_crc32c(msf_crc32c(0, h, 12), h + 16, header_len - 16))
-    out_len[0] = offset
+        p += h.ls_shape
+    if h.s_meta != NULL:
+        p = _record(p, 6, h.s_meta, h.lm)
+    memset(p, 0, h.offset - h.header_len)
+    msf_st32(out + 12, msf_crc32c(msf_crc32c(0, out, 12), out + 16, h.header_len - 16))
+
+
+cdef bytes _header(Frame f, bint checksum, Py_ssize_t* out_len):
+    cdef _Hdr h
+    keep = _plan(f, checksum, &h)
+    out = PyBytes_FromStringAndSize(NULL, h.offset)
+    _fill(f, &h, <uint8_t*>PyBytes_AS_STRING(out))
+    out_len[0] = h.offset
     return out
 
 
@@ -503,7 +577,11 @@ def frame_for(obj, default_name, dict fields not None):
     ``Frame.from_bytes``, with ``fields`` as their keywords; ``sensor_name`` defaults to
     ``default_name``, and a buffer's ``encoding`` to "bytes". ``fields`` (a dict, not a subclass)
     is not changed."""
-    if isinstance(obj, np.ndarray):
+    return _frame_for(obj, default_name, fields)
+
+
+cdef Frame _frame_for(obj, default_name, dict fields):
+    if isinstance(obj, cnp.ndarray):
         kw = dict(fields)
         kw.setdefault("sensor_name", default_name)
         return Frame.from_array(obj, **kw)
@@ -530,7 +608,8 @@ def frame_for(obj, default_name, dict fields not None):
                 kw.setdefault("sensor_name", default_name)
                 kw.setdefault("encoding", "bytes")
                 return Frame.from_bytes(obj, **kw)
-    cdef Frame f = Frame()
+    cdef Frame f = Frame.__new__(Frame)
+    f._blank()
     f._owner = _pin(obj, &f._ptr, &f._len)
     f._init_common(sensor_name, encoding, device_name, frame_id, capture_ts_ns, meta)
     return f
@@ -538,13 +617,13 @@ def frame_for(obj, default_name, dict fields not None):
 
 def stamp_parts(Frame frame not None, seq, publisher_id, bint checksum=False):
     """A publisher's step in one call: set ``seq``, ``publisher_id`` and ``publish_ts_ns`` (the wall
-    clock now: ``time.time_ns`` itself, the clock every other timestamp here is read from), then
-    return ``encode_parts(frame, checksum=checksum)``."""
+    clock now: the clock ``time.time_ns`` reads, which every other timestamp here is read from),
+    then return ``encode_parts(frame, checksum=checksum)``."""
     # integers only (a float is a TypeError, as in the twin), checked before anything is set
     cdef uint64_t s = PyNumber_Index(seq), p = PyNumber_Index(publisher_id)
     frame.seq = s
     frame.publisher_id = p
-    frame.publish_ts_ns = _time_ns()
+    frame.publish_ts_ns = _now_ns()
     cdef Py_ssize_t hl
     return [_header(frame, checksum, &hl), _view_of(frame._owner, frame._ptr, frame._len)]
 
@@ -1041,19 +1120,23 @@ cdef class BatchWriter:
         frame is at most ``cap`` bytes, the container with it at most ``limit`` and the batch not
         full; returns the new ``size``, or 0 with nothing added (the frame is stamped either way)."""
         cdef uint64_t s = PyNumber_Index(seq), p = PyNumber_Index(publisher_id)
+        return self._stamp_add(frame, s, p, checksum, cap, limit)
+
+    cdef Py_ssize_t _stamp_add(self, Frame frame, uint64_t s, uint64_t p, bint checksum, Py_ssize_t cap,
+                               Py_ssize_t limit) except -1:
         frame.seq = s
         frame.publisher_id = p
-        frame.publish_ts_ns = _time_ns()
-        cdef Py_ssize_t hl
-        cdef bytes hdr = _header(frame, checksum, &hl)
-        cdef Py_ssize_t n = hl + frame._len, start = self.body
+        frame.publish_ts_ns = _now_ns()
+        cdef _Hdr h
+        keep = _plan(frame, checksum, &h)
+        cdef Py_ssize_t n = h.offset + frame._len, start = self.body
         if (n > cap or self.count >= <Py_ssize_t>MAX_BATCH_COUNT
                 or ((BATCH_HEADER_LEN + 11 + 4 * self.count) & ~7) + start + ((n + 7) & ~7) > limit):
             return 0
         self._room(start + n + 8)
-        memcpy(self._buf + start, PyBytes_AS_STRING(hdr), hl)
+        _fill(frame, &h, self._buf + start)      # the header straight into the batch: no bytes between
         if frame._len:
-            memcpy(self._buf + start + hl, frame._ptr, frame._len)
+            memcpy(self._buf + start + h.offset, frame._ptr, frame._len)
         return self._append(n)
 
     cdef Py_ssize_t _append(self, Py_ssize_t n) except -1:
@@ -1258,6 +1341,7 @@ cdef class Tally:
     cdef readonly object tracker
     cdef readonly object window
     cdef object _clock
+    cdef bint _wall                # _clock is time.time_ns: read in C
     cdef object _ring              # the window's array, kept alive while _lat points into it
     cdef Py_buffer _view
     cdef int64_t* _lat
@@ -1287,6 +1371,7 @@ cdef class Tally:
         self._n = n
         self._i = window._i
         self.tracker, self.window, self._clock = tracker, window, clock
+        self._wall = clock is _time_ns
         self.received = self.nbytes = 0
         self._hot = None
         self._dirty = False
@@ -1297,18 +1382,26 @@ cdef class Tally:
 
     def took(self, Frame frame not None):
         """Count ``frame``, a whole frame handed over now."""
+        self._took(frame)
+
+    cdef int _took(self, Frame frame) except -1:
         self.received += 1
         self.nbytes += <uint64_t>frame._len
         cdef int64_t ts = frame.publish_ts_ns, now
+        cdef bint fits = True
         if ts:
-            now_o = self._clock()
-            try:
-                now = now_o
-            except OverflowError:              # a clock past i64: the window's own rule decides
-                self.window._i = self._i
-                self.window.add(now_o - ts)
-                self._i = self.window._i
+            if self._wall:
+                now = _now_ns()
             else:
+                now_o = self._clock()
+                try:
+                    now = now_o
+                except OverflowError:          # a clock past i64: the window's own rule decides
+                    fits = False
+                    self.window._i = self._i
+                    self.window.add(now_o - ts)
+                    self._i = self.window._i
+            if fits:
                 # the latency when it is an i64, as the window takes it (a forged time is dropped)
                 if not ((ts < 0 and now > INT64_MAX + ts) or (ts > 0 and now < INT64_MIN + ts)):
                     self._lat[self._i % self._n] = now - ts
@@ -1319,7 +1412,7 @@ cdef class Tally:
                     and seq == self._hot_high + 1):
                 self._hot_high = seq
                 self._dirty = True
-                return
+                return 0
             self._sync_seq()
             self.tracker.see(pid, seq)
             hot = self.tracker._hot
@@ -1329,6 +1422,7 @@ cdef class Tally:
                 self._hot_pid = self.tracker._hot_pub
                 self._hot_high = hot.high
                 self._hot = hot
+        return 0
 
     def took_bytes(self, nbytes):
         """Count a message handed over as it came (not a frame: no latency, no sequence)."""
