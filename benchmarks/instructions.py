@@ -8,7 +8,8 @@ callgrind: a count, unlike seconds, that another tenant of a shared machine does
   each batch and drops it: librdkafka's own work, in its threads, is not counted.
 - ``recv``: one ``Subscription.recv`` of a frame that a Kafka source decoded with the rest of its
   batch, as ``KafkaSource`` does (unpacked with ``batch_frames``, each frame ``decode``-d), from
-  a stub source that hands pre-packed batches of 225 frames.
+  a stub source that hands pre-packed batches of 225 frames, through KafkaSource's cursor and,
+  where the core is built, its compiled receive (``RecvLane``).
 
 Each runs in a child under ``valgrind --tool=callgrind`` twice, with two numbers of calls; the
 main thread's difference, over the difference in calls, is the count per call (start-up
@@ -65,7 +66,7 @@ def _recv_child(n: int, payload: str) -> None:
     from msight_fast import connect
     from msight_fast.backends.base import Source
     from msight_fast.bench import make_payload
-    from msight_fast.codec import Frame, batch_frames, decode, pack_batch, stamp_parts
+    from msight_fast.codec import BatchCursor, Frame, RecvLane, batch_frames, decode, pack_batch, stamp_parts
 
     obj, enc, _ = make_payload(payload)
     batches: List[bytes] = []
@@ -79,21 +80,27 @@ def _recv_child(n: int, payload: str) -> None:
 
     class _Batches(Source):
         def __init__(self) -> None:
-            self.frames: List[Any] = []
-            self.i = 0
+            self.cur = BatchCursor()              # as KafkaSource keeps its batch
+            self._gen = self._local_gen = 0
 
         def next(self, timeout: Optional[float]) -> Optional[Tuple[Any, Any]]:
-            if self.i < len(self.frames):
-                f = self.frames[self.i]
-                self.i += 1
-                return f, ("token" if self.i == len(self.frames) else None)
-            self.frames = [decode(x) for x in batch_frames(next(todo))]
-            self.i = 1
-            return self.frames[0], None
+            c = self.cur
+            if c.i < len(c.frames):
+                f = c.frames[c.i]
+                c.i += 1
+                return f, ("token" if c.i == len(c.frames) else None)
+            c.frames = [decode(x) for x in batch_frames(next(todo))]
+            c.i = 1
+            return c.frames[0], None
+
+        def recv_lane(self, sub: Any) -> Any:
+            return None if RecvLane is None else RecvLane(sub, self, self.cur)
 
     bus = connect("memory", name=f"instructions-{os.getpid()}")
     sub = bus.subscribe("instructions")
-    sub._src = _Batches()
+    src = _Batches()
+    sub._src = src
+    sub._fast = src.recv_lane(sub)               # Kafka's compiled receive, as KafkaSource gives it
     recv = sub.recv
     for _ in range(n):
         recv(1.0)

@@ -46,4 +46,4 @@ MSIGHT_FUZZ_CASES=100000 \
   tests/unit/test_differential.py tests/unit/test_mutation_corpus.py \
   tests/unit/test_subscription_hostile.py tests/unit/test_frame_release.py tests/unit/test_shm.py \
   tests/unit/test_batch.py tests/unit/test_batch_shared.py tests/unit/test_stats.py \
-  tests/unit/test_small_frames.py -k "not frame_ids_unique" "$@"
+  tests/unit/test_small_frames.py tests/unit/test_small_lane.py tests/unit/test_recv_lane.py -k "not frame_ids_unique" "$@"

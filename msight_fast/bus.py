@@ -74,6 +74,8 @@ class Subscription:
         self._passthrough = False              # compat: messages that are not frames come as bytes
         self.rejected = 0
         self._closed = False
+        # the compiled core's receive of a batch's next frame (Kafka), None where there is none
+        self._fast = source.recv_lane(self)
 
     def recv(self, timeout: Optional[float] = None) -> Optional[Frame]:
         """The next whole frame, or None when ``timeout`` seconds pass first (None: wait forever).
@@ -81,6 +83,11 @@ class Subscription:
         Never raises for what the network or the broker does: a lost connection is re-established
         inside, and frames lost meanwhile show up in ``stats()``.
         """
+        fast = self._fast
+        if fast is not None:
+            taken = fast()
+            if taken is not None:
+                return taken
         lock = self._rlock
         if not lock.acquire(False):
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -321,6 +328,9 @@ class Bus:
         self._closed = False
         self.published = 0
         self.publish_errors = 0
+        # the compiled core's whole publish of a small frame (Kafka), None where there is none; a
+        # frame it does not take goes the usual way below
+        self._fast = transport.small_lane(self)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -343,6 +353,13 @@ class Bus:
         encoding, …) build the frame when ``obj`` is not one already; sensor_name defaults to
         the topic.
         """
+        fast = self._fast
+        if fast is not None:
+            taken = fast(topic, obj, frame_fields)
+            if taken is not None:
+                if not isinstance(taken, tuple):
+                    return taken                       # published
+                obj, frame_fields = taken[0], {}       # built, not taken: the usual way takes it so
         if self._closed:
             raise ValueError("publish on a closed Bus")
         if not isinstance(topic, str) or not topic:

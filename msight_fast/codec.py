@@ -13,7 +13,21 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+    cast,
+    overload,
+)
 
 import numpy as np
 
@@ -42,8 +56,8 @@ _B = TypeVar("_B", bound="BufferLike")
 
 __all__ = ["Frame", "encode", "encode_parts", "stamp_parts", "frame_for", "decode", "crc32c", "fragment", "Reassembler",
            "is_fragment", "fragment_key", "frame_key", "HAS_EXTENSIONS", "FrameError",
-           "BATCH_MAGIC", "MAX_BATCH_COUNT", "BatchWriter", "batch_size", "batch_spans", "batch_frames", "is_batch",
-           "pack_batch", "unpack_batch"]
+           "BATCH_MAGIC", "MAX_BATCH_COUNT", "BatchWriter", "BatchCursor", "batch_size", "batch_spans", "batch_frames",
+           "is_batch", "pack_batch", "unpack_batch"]
 
 
 def _head(buf: Any, n: int) -> bytes:
@@ -479,11 +493,32 @@ class _BatchWriter:
         return _assemble(self.lengths, self.pieces, self.size)
 
 
+class _BatchCursor:
+    """A source's decoded batch, handed on frame by frame (the twin of the compiled
+    ``BatchCursor``): ``frames`` and the index ``i`` of the next."""
+
+    __slots__ = ("frames", "i")
+
+    def __init__(self) -> None:
+        self.frames: List[Any] = []
+        self.i = 0
+
+
 if TYPE_CHECKING:
-    from ._ext._wire import BatchWriter
+    from ._ext._wire import BatchCursor, BatchWriter
+    from ._ext._wire import RecvLane as _RecvLane
+    from ._ext._wire import SmallLane as _SmallLane
+    SmallLane: Optional[Type[_SmallLane]]
+    RecvLane: Optional[Type[_RecvLane]]
 else:
     # compiled: each frame copied into one growing buffer, no Python work per frame beyond the call
     BatchWriter = impl.BatchWriter if HAS_EXTENSIONS else _BatchWriter
+    # Bus.publish's common case on Kafka in one call: compiled only (the twin goes the usual way,
+    # which is what the lane is tested against)
+    SmallLane = impl.SmallLane if HAS_EXTENSIONS else None
+    # and Subscription.recv's: a batch's next frame (the twin's cursor is a plain object)
+    RecvLane = impl.RecvLane if HAS_EXTENSIONS else None
+    BatchCursor = impl.BatchCursor if HAS_EXTENSIONS else _BatchCursor
 
 
 def batch_spans(buf: BufferLike) -> List[Tuple[int, int]]:

@@ -39,12 +39,12 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-from time import time_ns as _time_ns
+from time import monotonic as _monotonic, time_ns as _time_ns
 
 import numpy as np
 
 from .. import _schema as S
-from ..errors import FrameError
+from ..errors import BackendUnavailable, FrameError, MsightFastError
 
 cnp.import_array()
 
@@ -1328,6 +1328,111 @@ def parse_fragment_header(buf):
             msf_ld64(b + 40), msf_ld32(b + 48), msf_ld32(b + 56), _view_of(owner, b + FRAG_HEADER_LEN, clen))
 
 
+@cython.final
+cdef class SmallLane:
+    """``Bus.publish``'s common case on a batching transport (Kafka), in one call: a small bytes or
+    ndarray payload made a frame, numbered, and stamped straight into its topic's open batch
+    (``BatchWriter.stamp_add``), with both locks taken only if they are free.
+
+    Returns the frame it published. Otherwise nothing is done (no number taken, nothing added), and
+    it returns None, or ``(frame,)`` when it had built the frame: a Frame given, a payload of
+    ``small`` bytes or more, a closed Bus, no open batch, a new key or topic, a broken producer, a
+    busy lock, a frame the batch has no room for, or any error. ``Bus.publish`` then goes its usual
+    way (with the frame built, if any), where the rules are, and raises what it always raised. A
+    batch this fills goes out here (``send``), as ``add_small`` sends it.
+
+    Per call it reads the Bus's ``_closed`` and ``config.checksum`` and the transport's
+    ``_last_key`` and ``_broken``, and adds to the Bus's ``published``."""
+    cdef object _bus, _t, _cfg, _pid_o, _send
+    cdef object _lock_acquire, _lock_release, _blk_acquire, _blk_release
+    cdef dict _seqs, _limits, _batches
+    cdef uint64_t _pid
+    cdef Py_ssize_t _small, _cap, _batch_max, _min_frame
+
+    def __init__(self, bus, transport, *, dict limits not None, dict batches not None, blk, send,
+                 Py_ssize_t cap, Py_ssize_t batch_max, Py_ssize_t min_frame):
+        if self._bus is not None:
+            raise TypeError("a SmallLane is initialised once")
+        self._bus, self._t, self._cfg = bus, transport, bus.config
+        self._lock_acquire, self._lock_release = bus._lock.acquire, bus._lock.release
+        self._seqs = bus._seq
+        self._pid_o = bus.publisher_id
+        self._pid = PyNumber_Index(bus.publisher_id)
+        self._small = bus._small
+        self._limits, self._batches, self._send = limits, batches, send
+        self._blk_acquire, self._blk_release = blk.acquire, blk.release
+        self._cap, self._batch_max, self._min_frame = cap, batch_max, min_frame
+
+    def __call__(self, topic, obj, dict fields not None):
+        cdef Py_ssize_t n
+        if type(topic) is not str or not topic:
+            return None
+        if type(obj) is bytes:
+            n = PyBytes_GET_SIZE(obj)
+        elif isinstance(obj, cnp.ndarray):
+            n = cnp.PyArray_NBYTES(<cnp.ndarray>obj)
+        else:
+            return None
+        if n >= self._small or self._bus._closed:
+            return None
+        # what _add will find, read ahead as hints (no lock): a frame for which no batch is open
+        # (the first of each) is not built here only to be built again the usual way
+        t = self._t
+        last = t._last_key
+        if (t._broken is not None or last[0] != self._pid_o or topic not in self._limits
+                or (topic, -1) not in self._batches):
+            return None
+        cdef Frame f = _frame_for(obj, topic, fields)      # raises as Bus.publish's own call would
+        if not self._lock_acquire(False):
+            return (f,)
+        cdef bint took
+        try:
+            took = self._add(<str>topic, f)
+            if took:
+                self._bus.published += 1
+        except MsightFastError as e:                        # a full batch's send, as the usual way
+            err = self._bus._failed(e)
+        else:
+            return f if took else (f,)
+        finally:
+            self._lock_release()
+        raise err from None
+
+    cdef bint _add(self, str topic, Frame f) except -1:
+        """Take ``f`` into the open batch, with the Bus's lock held; False: not taken."""
+        t = self._t
+        limit = self._limits.get(topic)
+        if limit is None or t._broken is not None:
+            return False
+        last = t._last_key
+        if last[0] != self._pid_o or not self._blk_acquire(False):
+            return False
+        cdef Py_ssize_t lim, size
+        cdef uint64_t seq
+        try:
+            b = self._batches.get((topic, -1))
+            if b is None or b.key != last[1]:
+                return False
+            lim = min(<Py_ssize_t>limit, self._batch_max)
+            seq_o = self._seqs.get(topic, 0) + 1
+            try:
+                seq = seq_o
+                size = (<BatchWriter?>b)._stamp_add(f, seq, self._pid, self._cfg.checksum, self._cap, lim)
+            except Exception:
+                return False                                # the usual way raises it again
+            if not size:
+                return False
+            if size + self._min_frame > lim or (<BatchWriter>b).count >= <Py_ssize_t>MAX_BATCH_COUNT:
+                try:                                        # full: out now
+                    self._send(b, _monotonic() + self._cfg.publish_timeout_s)
+                except BackendUnavailable:
+                    pass                                    # the frame is in; the batch goes once there is room
+            self._seqs[topic] = seq_o                       # a refused frame leaves no gap behind
+            return True
+        finally:
+            self._blk_release()
+
+
 # ---------------------------------------------------------------- per-frame accounting
 cdef class Tally:
     """What a Subscription counts of each frame it hands over, in one call: the compiled twin of
@@ -1441,3 +1546,58 @@ cdef class Tally:
             raise RuntimeError("the latency window's ring was replaced under its Tally")
         self._sync_seq()
         self.window._i = self._i
+
+
+@cython.final
+cdef class BatchCursor:
+    """A source's decoded batch, handed on frame by frame: ``frames`` and the index ``i`` of the
+    next. The twin is a plain object with the same two attributes."""
+    cdef public list frames
+    cdef public Py_ssize_t i
+
+    def __init__(self):
+        self.frames = []
+        self.i = 0
+
+
+@cython.final
+cdef class RecvLane:
+    """``Subscription.recv``'s common case on Kafka, in one call: the next frame of a batch the
+    source decoded, counted (``Tally``) and handed over, with the Subscription's lock taken only if
+    it is free. None, with nothing taken, otherwise: a busy lock, a closed Subscription, tokens
+    held, a rebalance to apply, no batch, or its last frame (which carries the batch's token, for
+    the usual way to hand). ``recv`` then goes its usual way.
+
+    Per call it reads the Subscription's ``_closed`` and ``_tokens`` and the source's ``_gen`` and
+    ``_local_gen``."""
+    cdef object _sub, _src, _acquire, _release
+    cdef Tally _tally
+    cdef BatchCursor _cur
+
+    def __init__(self, sub, source, BatchCursor cursor not None):
+        if self._sub is not None:
+            raise TypeError("a RecvLane is initialised once")
+        self._tally = <Tally?>sub._tally
+        self._sub, self._src, self._cur = sub, source, cursor
+        self._acquire, self._release = sub._rlock.acquire, sub._rlock.release
+
+    def __call__(self):
+        cdef BatchCursor c = self._cur
+        cdef Py_ssize_t i = c.i
+        if i + 1 >= len(c.frames) or not self._acquire(False):
+            return None
+        try:
+            sub, src = self._sub, self._src
+            if sub._closed or sub._tokens or src._local_gen != src._gen:
+                return None
+            i = c.i                                 # as it is now the lock is held
+            if i + 1 >= len(c.frames):
+                return None
+            f = c.frames[i]
+            if type(f) is not Frame:                # a frame left as bytes: the usual way rejects it
+                return None
+            c.i = i + 1
+            self._tally._took(<Frame>f)
+            return f
+        finally:
+            self._release()

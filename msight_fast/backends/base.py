@@ -10,7 +10,7 @@ import abc
 import collections
 import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar, Deque, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Deque, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from ..codec import Frame, fragment
 
@@ -112,6 +112,12 @@ class Source(abc.ABC):
         """A frame made of the messages with these tokens was handed to the application (or
         dropped, ``frame`` None): at-least-once backends may release them."""
 
+    def recv_lane(self, sub: Any) -> Optional[Callable[[], Optional[Frame]]]:
+        """``sub``'s receive of a ready frame in one compiled call (``codec.RecvLane``), where the
+        source has one: it returns the frame, counted and handed, or None with nothing taken, and
+        ``Subscription.recv`` goes the usual way. None here."""
+        return None
+
     def ack(self) -> None:
         """Everything handed so far is done with (Kafka commits it); after ``close`` a no-op."""
 
@@ -170,6 +176,13 @@ class Transport(abc.ABC):
         ``topic``); False, with nothing taken or sent (the frame may be stamped), and the Bus goes
         the usual way. Only called where a transport overrides it and ``small_frame_bytes`` is set."""
         return False
+
+    def small_lane(self, bus: Any) -> Optional[Callable[[str, Any, Dict[str, Any]], Union[Frame, Tuple[Frame], None]]]:
+        """``bus``'s whole publish of a small frame in one compiled call (``codec.SmallLane``), where
+        the backend has one: called as ``lane(topic, obj, frame_fields)``, it returns the frame it
+        published, or else, with nothing done, None or ``(frame,)`` (built, not published), and
+        ``Bus.publish`` goes the usual way. None here."""
+        return None
 
     def outgoing(self, topic: str, parts: Sequence[Any], nbytes: int, publisher_id: int, frame_id: int) -> Outgoing:
         """The ``Outgoing`` that ``send`` takes for a frame: in fragments above ``max_message``,

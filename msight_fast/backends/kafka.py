@@ -78,7 +78,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, NoReturn, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, NoReturn, Optional, Sequence, Set, Tuple, Union
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -93,7 +93,19 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from ..codec import BATCH_MAGIC, MAX_BATCH_COUNT, BatchWriter, Frame, batch_frames, batch_size, decode, fragment
+from ..codec import (
+    BATCH_MAGIC,
+    MAX_BATCH_COUNT,
+    BatchCursor,
+    BatchWriter,
+    Frame,
+    RecvLane,
+    SmallLane,
+    batch_frames,
+    batch_size,
+    decode,
+    fragment,
+)
 from ..errors import (
     AuthError,
     BackendUnavailable,
@@ -757,6 +769,15 @@ class KafkaTransport(Transport):
         finally:
             blk.release()
 
+    def small_lane(self, bus: Any) -> Optional[Callable[[str, Any, Dict[str, Any]], Union[Frame, Tuple[Frame], None]]]:
+        """``add_small``'s rules, and the Bus's steps before it, in one compiled call per frame
+        (``codec.SmallLane``), where the core is built and small frames are batched per publisher
+        (benchmarks/README.md, "Kafka small frames: publish and receive in one compiled call")."""
+        if SmallLane is None or not self.small_frame_bytes:
+            return None
+        return SmallLane(bus, self, limits=self._limits, batches=self._batches, blk=self._blk,
+                         send=self._send_batch, cap=self._small_cap, batch_max=self._batch_max, min_frame=MIN_FRAME)
+
     def send_bytes(self, topic: str, data: bytes, deadline: float, key: int = 0) -> None:
         """The caller's bytes as one message, never batched (a subscriber of the MSight drop-in
         reads them as they are)."""
@@ -1153,8 +1174,7 @@ class KafkaSource(Source):
         # the frames of the batch message being handed out (each copied out, so a frame kept does
         # not pin its whole batch; decoded, or bytes for the Subscription to reject) and the token
         # that goes with the last of them
-        self._bframes: List[Any] = []
-        self._bi = 0
+        self._cur = BatchCursor()                      # .frames and .i, the index of the next
         self._btok: Optional[Tuple[int, int, Deque[int]]] = None   # the batch's (partition, offset, run)
         self._bfloor: Dict[Tuple[int, int], int] = {}   # (partition, offset) of a time start's first batch -> ms
         self.batch_rejected = 0                         # malformed batch messages (also in the Subscription's rejected)
@@ -1595,15 +1615,16 @@ class KafkaSource(Source):
                     self._local = [m for m in self._local[self._li:] if m.partition() not in gone]
                     self._li = 0
                     if self._btok is not None and self._btok[0] in gone:
-                        self._bframes, self._bi = [], 0   # the partition's next owner reads the whole batch
-            if self._bi < len(self._bframes):
+                        self._cur.frames, self._cur.i = [], 0   # the partition's next owner reads the whole batch
+            cur = self._cur
+            if cur.i < len(cur.frames):
                 # no lock per frame: a frame handed just after its partition was revoked is one
                 # the next owner delivers again (its batch's offset was not stored): a repeat, not a loss
-                f = self._bframes[self._bi]
-                self._bi += 1
+                f = cur.frames[cur.i]
+                cur.i += 1
                 # the token goes with the batch's last frame only: the Subscription hands what it
                 # takes before it takes more (Source.next), so once that one is handed all are
-                return f, (self._btok if self._bi == len(self._bframes) else None)
+                return f, (self._btok if cur.i == len(cur.frames) else None)
             if self._li < len(self._local):
                 m = self._local[self._li]
                 self._li += 1
@@ -1679,10 +1700,17 @@ class KafkaSource(Source):
                 except Exception:  # noqa: BLE001 - FrameError, or a bug: left to the Subscription,
                     pass               # which rejects it (logging a bug as such) and releases its token
             out.append(fb)
-        self._bframes = frames = out
-        self._bi = 1
+        self._cur.frames = frames = out
+        self._cur.i = 1
         self._btok = tok = (p, o, seen)
         return frames[0], (tok if len(frames) == 1 else None)
+
+    def recv_lane(self, sub: Any) -> Optional[Callable[[], Optional[Frame]]]:
+        """``sub``'s receive of a batch's next decoded frame in one compiled call
+        (``codec.RecvLane``), where the core is built."""
+        if RecvLane is None:
+            return None
+        return RecvLane(sub, self, self._cur)
 
     def _count_repeats(self, p: int, o: int) -> None:
         """Called with the lock held, for each message taken, in order."""

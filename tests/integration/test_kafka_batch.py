@@ -27,6 +27,7 @@ from msight_fast.backends.base import Start
 from msight_fast.codec import (
     BATCH_MAGIC,
     Frame,
+    SmallLane,
     batch_frames,
     crc32c,
     decode,
@@ -411,21 +412,37 @@ def test_a_time_start_inside_a_batch_is_exact(kafka: Any, topic: str) -> None:
         assert sub._src.start_skipped >= 4       # type: ignore[attr-defined]  # 2-5 by their publish time
 
 
-def test_the_shortest_path_takes_only_what_the_open_batch_holds(kafka: Any, topic: str) -> None:
-    """Bus.publish stamps a small frame straight into the topic's open batch (add_small). Every
-    other frame goes the usual way: one with no batch open, and one over max_frame_bytes (here
-    below batch_max_frame_bytes), refused as before, leaving no gap. On the wire and at the
-    subscriber, the frames are the same either way, payload CRCs included."""
+@pytest.mark.parametrize("shortest", ["compiled", "add_small"])
+def test_the_shortest_path_takes_only_what_the_open_batch_holds(kafka: Any, topic: str, shortest: str) -> None:
+    """Bus.publish stamps a small frame straight into the topic's open batch: in one compiled call
+    (SmallLane) where the core is built, else through add_small. Every other frame goes the usual
+    way: one with no batch open, and one over max_frame_bytes (here below batch_max_frame_bytes),
+    refused as before, leaving no gap. On the wire and at the subscriber, the frames are the same
+    whichever path took them, payload CRCs included."""
+    if shortest == "compiled" and SmallLane is None:
+        pytest.skip("the compiled core is not built")
     pub = kafka(batch_max_frame_bytes=2048, batch_max_bytes=4136, batch_linger_ms=60_000, max_frame_bytes=1024,
                 checksum=True)
     sub = kafka().subscribe(topic)
-    lane = pub._lane                                               # type: ignore[attr-defined]
-    taken: List[bool] = []
+    if shortest == "add_small":
+        pub._fast = None                                           # type: ignore[attr-defined]
+    lane, fast = pub._lane, pub._fast                              # type: ignore[attr-defined]
+    assert (fast is not None) == (shortest == "compiled")
+    taken: List[str] = []                                          # who took each frame, in turn
 
     def watched(*args: Any) -> bool:
-        taken.append(lane(*args))
-        return taken[-1]
+        took: bool = lane(*args)
+        taken.append("add_small" if took else "no")
+        return took
+
+    def watched_fast(*args: Any) -> Any:
+        got = fast(*args)
+        if got is not None and not isinstance(got, tuple):        # (frame,): built, not taken
+            taken.append("compiled")
+        return got
     pub._lane = watched                                            # type: ignore[attr-defined]
+    if fast is not None:
+        pub._fast = watched_fast                                   # type: ignore[attr-defined]
     at, small = payload_for(topic, 1024), payload_for(topic, 200)
     pub.publish(topic, at)                       # an idle topic: out at once, alone
     for _ in range(4):
@@ -435,7 +452,8 @@ def test_the_shortest_path_takes_only_what_the_open_batch_holds(kafka: Any, topi
     with pytest.raises(msight_fast.FrameTooLarge):
         pub.publish(topic, payload_for(topic, 1025))
     pub.publish(topic, small)
-    assert taken == [False, False, True, True, True, False, False, True]
+    # what the compiled lane passes on, add_small is asked for (and refuses: the same rules)
+    assert taken == ["no", "no", shortest, shortest, shortest, "no", "no", shortest]
     assert pending(pub, topic) == 2
     pub.flush(30)
     msgs = raw_messages(kafka.options["servers"], topic, 3)
