@@ -449,10 +449,11 @@ cdef struct _Hdr:
     uint32_t pcrc
 
 
-cdef tuple _plan(Frame f, bint checksum, _Hdr* h):
+cdef object _plan(Frame f, bint checksum, _Hdr* h):
     """Check ``f``'s fields and size its header into ``h`` (the payload CRC too, when asked).
-    Returns what ``h`` points into: keep it until ``_fill`` has written the header. No Python runs
-    between the return and the caller's ``_fill`` (which must follow at once)."""
+    Returns what ``h`` points into (None where the frame alone holds it): keep it until ``_fill``
+    has written the header. No Python runs between the return and the caller's ``_fill`` (which
+    must follow at once)."""
     cdef cnp.ndarray a = None
     cdef bytes meta_b = None
     cdef bytes blob = None
@@ -503,6 +504,9 @@ cdef tuple _plan(Frame f, bint checksum, _Hdr* h):
     h.header_len = header_len
     h.offset = (header_len + ALIGN - 1) & ~(ALIGN - 1)
     h.flags = flags
+    if (meta_b is None and blob is None and type(sensor) is str and type(device) is str
+            and type(enc) is str):
+        return None             # nothing ran Python since the text was read, and the frame holds it
     return (meta_b, blob, sensor, device, enc)
 
 
@@ -1373,62 +1377,59 @@ cdef class SmallLane:
             n = cnp.PyArray_NBYTES(<cnp.ndarray>obj)
         else:
             return None
-        if n >= self._small or self._bus._closed:
+        if n >= self._small or self._bus._closed or not self._lock_acquire(False):
             return None
-        # what _add will find, read ahead as hints (no lock): a frame for which no batch is open
-        # (the first of each) is not built here only to be built again the usual way
-        t = self._t
-        last = t._last_key
-        if (t._broken is not None or last[0] != self._pid_o or topic not in self._limits
-                or (topic, -1) not in self._batches):
-            return None
-        cdef Frame f = _frame_for(obj, topic, fields)      # raises as Bus.publish's own call would
-        if not self._lock_acquire(False):
-            return (f,)
-        cdef bint took
         try:
-            took = self._add(<str>topic, f)
-            if took:
+            got = self._add(<str>topic, obj, fields)
+            if type(got) is Frame:
                 self._bus.published += 1
         except MsightFastError as e:                        # a full batch's send, as the usual way
             err = self._bus._failed(e)
         else:
-            return f if took else (f,)
+            return got
         finally:
             self._lock_release()
         raise err from None
 
-    cdef bint _add(self, str topic, Frame f) except -1:
-        """Take ``f`` into the open batch, with the Bus's lock held; False: not taken."""
+    cdef object _add(self, str topic, obj, dict fields):
+        """With the Bus's lock held: the frame, taken into the open batch; ``(frame,)``, built
+        and not taken; or None, with nothing built."""
         t = self._t
         limit = self._limits.get(topic)
         if limit is None or t._broken is not None:
-            return False
+            return None
         last = t._last_key
         if last[0] != self._pid_o or not self._blk_acquire(False):
-            return False
+            return None
         cdef Py_ssize_t lim, size
         cdef uint64_t seq
+        cdef Frame f
         try:
             b = self._batches.get((topic, -1))
             if b is None or b.key != last[1]:
-                return False
+                return None
+            # built once a batch is known to be open for it, so the first frame of a batch is not
+            # built here only to be built again; a field it refuses, the usual way refuses again
+            try:
+                f = _frame_for(obj, topic, fields)
+            except Exception:
+                return None
             lim = min(<Py_ssize_t>limit, self._batch_max)
             seq_o = self._seqs.get(topic, 0) + 1
             try:
                 seq = seq_o
                 size = (<BatchWriter?>b)._stamp_add(f, seq, self._pid, self._cfg.checksum, self._cap, lim)
             except Exception:
-                return False                                # the usual way raises it again
+                return (f,)                                 # the usual way raises it again
             if not size:
-                return False
+                return (f,)
             if size + self._min_frame > lim or (<BatchWriter>b).count >= <Py_ssize_t>MAX_BATCH_COUNT:
                 try:                                        # full: out now
                     self._send(b, _monotonic() + self._cfg.publish_timeout_s)
                 except BackendUnavailable:
                     pass                                    # the frame is in; the batch goes once there is room
             self._seqs[topic] = seq_o                       # a refused frame leaves no gap behind
-            return True
+            return f
         finally:
             self._blk_release()
 
