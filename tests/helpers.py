@@ -4,10 +4,11 @@ helpers the suites share."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Set, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -113,3 +114,32 @@ class ScriptedSource(Source):
 
     def released(self) -> List[Any]:
         return sorted(self.handed_tokens)
+
+
+def drain(sub: Any) -> List[Any]:
+    """Every frame ``sub`` has ready now: ``recv(0)`` until it gives None."""
+    out = []
+    while True:
+        f = sub.recv(0)
+        if f is None:
+            return out
+        out.append(f)
+
+
+@contextlib.contextmanager
+def held_by_another_thread(lock: Any) -> Iterator[None]:
+    """``lock`` held for the block by a thread of its own, so it is busy to this one (an RLock too)."""
+    taken, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            taken.set()
+            done.wait(30)
+    th = threading.Thread(target=hold, daemon=True)
+    th.start()
+    try:
+        assert taken.wait(30), "the other thread never took the lock"
+        yield
+    finally:
+        done.set()
+        th.join(30)

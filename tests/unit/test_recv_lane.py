@@ -4,7 +4,6 @@ source's ``next``, then ``recv``'s own steps) would, count it the same, and leav
 last frame, which carries the batch's token, and every other case to the usual way. The source
 here is a stub with KafkaSource's cursor; the lane on Kafka itself runs in every Kafka test of
 tests/integration."""
-import threading
 from typing import Any, Iterator, List, Optional, Tuple
 
 import pytest
@@ -12,6 +11,8 @@ import pytest
 from msight_fast import connect
 from msight_fast.backends.base import Source
 from msight_fast.codec import BatchCursor, Frame, RecvLane, decode, stamp_parts
+
+from ..helpers import drain, held_by_another_thread
 
 pytestmark = pytest.mark.skipif(RecvLane is None, reason="the compiled core is not built")
 
@@ -67,20 +68,11 @@ def _sub(name: str, batches: List[List[Any]], lane: bool = True) -> Tuple[Any, _
     return sub, src
 
 
-def _drain(sub: Any) -> List[Any]:
-    out = []
-    while True:
-        f = sub.recv(0)
-        if f is None:
-            return out
-        out.append(f)
-
-
 def test_the_lane_hands_and_counts_what_the_usual_way_does() -> None:
     batches = [_frames(1, 5), _frames(6, 1), _frames(7, 3)]
     fast, fsrc = _sub("recv-lane-on", [list(b) for b in batches])
     slow, ssrc = _sub("recv-lane-off", [list(b) for b in batches], lane=False)
-    got_fast, got_slow = _drain(fast), _drain(slow)
+    got_fast, got_slow = drain(fast), drain(slow)
     assert [f.seq for f in got_fast] == [f.seq for f in got_slow] == list(range(1, 10))
     assert all(a is b for a, b in zip(got_fast, [f for b in batches for f in b]))   # the very frames
     # each batch's token was handed once, with its last frame, either way
@@ -122,26 +114,14 @@ def test_the_lane_takes_nothing_where_the_usual_way_decides(case: str) -> None:
 def test_a_busy_subscription_is_never_waited_for() -> None:
     sub, src = _sub("recv-lane-busy", [_frames(1, 4)])
     assert sub.recv(0).seq == 1
-    taken, done = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with sub._rlock:
-            taken.set()
-            done.wait(30)
-    th = threading.Thread(target=hold)
-    th.start()
-    try:
-        assert taken.wait(30)
+    with held_by_another_thread(sub._rlock):
         assert sub._fast() is None and src.cur.i == 1
-    finally:
-        done.set()
-        th.join(30)
     assert sub.recv(0).seq == 2 and sub.received == 2
 
 
 def test_a_frame_left_as_bytes_is_rejected_by_the_usual_way() -> None:
     sub, src = _lane_case("a frame left as bytes")
-    got = _drain(sub)
+    got = drain(sub)
     assert [f.seq for f in got] == [3, 4] and sub.rejected == 1 and src.handed_tokens == ["batch 1"]
 
 

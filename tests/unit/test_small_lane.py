@@ -16,6 +16,8 @@ from msight_fast.backends.memory import MemoryTransport
 from msight_fast.bus import Bus
 from msight_fast.codec import BatchWriter, Frame, SmallLane, encode
 
+from ..helpers import held_by_another_thread
+
 pytestmark = pytest.mark.skipif(SmallLane is None, reason="the compiled core is not built")
 
 KEY = b"k" * 8
@@ -167,23 +169,11 @@ def test_a_frame_over_max_frame_bytes_is_still_refused_and_leaves_no_gap() -> No
 def test_a_busy_lock_is_never_waited_for(held: str) -> None:
     bus, t = _bus(f"lane-busy-{held}")
     b = t.open_batch(bus, "cam")
-    lock: Any = bus._lock if held == "the Bus's lock" else t._blk   # (an RLock: held by another thread)
-    taken, done = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with lock:
-            taken.set()
-            done.wait(30)
-    th = threading.Thread(target=hold)
-    th.start()
-    try:
-        assert taken.wait(30)
+    lock: Any = bus._lock if held == "the Bus's lock" else t._blk
+    with held_by_another_thread(lock):
         ids = len(S._id_pool)
         assert bus._fast("cam", b"x" * 10, {}) is None    # type: ignore[attr-defined]
         assert len(S._id_pool) == ids                     # not even built
-    finally:
-        done.set()
-        th.join(30)
     assert b.count == 0 and "cam" not in bus._seq and bus.published == 0
     _free(bus, t)
 

@@ -12,21 +12,12 @@ from msight_fast.bus import Subscription
 from msight_fast.config import RedisConfig
 from msight_fast.stats import LatencyWindow
 
-from ..helpers import ScriptedSource
+from ..helpers import ScriptedSource, drain
 
 
 def _sub(messages):
     src = ScriptedSource(messages)
     return Subscription(None, "t", src, RedisConfig(), None, whole_stream=True), src
-
-
-def _drain(sub):
-    out = []
-    while True:
-        f = sub.recv(0)
-        if f is None:
-            return out
-        out.append(f)
 
 
 def _frags(name, n, max_size, pub=7, frame_id=None):
@@ -45,7 +36,7 @@ def test_a_forged_publish_timestamp_does_not_end_the_stream():
     f = Frame.from_bytes(b"x", sensor_name="forged", encoding="x")
     f.publish_ts_ns = -(1 << 63)             # now - this does not fit in an int64
     sub, src = _sub([(encode(f), 1), (_good(1), 2)])
-    assert [g.sensor_name for g in _drain(sub)] == ["forged", "good"]
+    assert [g.sensor_name for g in drain(sub)] == ["forged", "good"]
     assert src.released() == [1, 2]
     w = LatencyWindow()
     w.add(1 << 63)
@@ -56,7 +47,7 @@ def test_a_forged_publish_timestamp_does_not_end_the_stream():
 def test_a_record_with_no_value_is_rejected_and_its_token_released():
     # confluent-kafka gives None for a record whose value is null (a tombstone)
     sub, src = _sub([(None, 1), (_good(1), 2)])
-    assert [g.sensor_name for g in _drain(sub)] == ["good"]
+    assert [g.sensor_name for g in drain(sub)] == ["good"]
     assert sub.stats()["rejected"] == 1 and src.released() == [1, 2]
 
 
@@ -64,7 +55,7 @@ def test_the_tokens_of_a_frame_that_fails_to_decode_are_released():
     junk = bytes(range(256)) * 4             # not a frame: its fragments reassemble into garbage
     frags = fragment(junk, 600)
     sub, src = _sub([(m, i) for i, m in enumerate(frags)] + [(_good(1), 100)])
-    assert [g.sensor_name for g in _drain(sub)] == ["good"]
+    assert [g.sensor_name for g in drain(sub)] == ["good"]
     assert sub.stats()["rejected"] == 1
     assert src.released() == list(range(len(frags))) + [100] and not sub._tokens
 
@@ -76,7 +67,7 @@ def test_the_tokens_of_a_frame_dropped_for_two_different_copies_of_a_fragment_ar
     forged = codec.impl.pack_fragment_header(fid, pub, index, count, total, offset, chunk_size, bad, sending) + bad
     msgs = [(frags[0], 0), (forged, 1)] + [(m, 2 + i) for i, m in enumerate(frags[1:])] + [(_good(1), 100)]
     sub, src = _sub(msgs)
-    assert [g.sensor_name for g in _drain(sub)] == ["good"]
+    assert [g.sensor_name for g in drain(sub)] == ["good"]
     assert src.released() == [0, 1] + [2 + i for i in range(len(frags) - 1)] + [100]
     assert not sub._tokens
 
@@ -87,7 +78,7 @@ def test_a_forged_frame_sharing_the_ids_of_a_pending_one_does_not_release_its_to
     msgs = [(gfr[0], "g0")] + [(m, f"f{i}") for i, m in enumerate(ffr)] \
         + [(m, f"g{i + 1}") for i, m in enumerate(gfr[1:])]
     sub, src = _sub(msgs)
-    got = _drain(sub)
+    got = drain(sub)
     assert [x.sensor_name for x in got] == ["forged", "genuine"]
     assert src.log[0] == ("forged", [f"f{i}" for i in range(len(ffr))])     # not g0 with it
     assert src.log[1] == ("genuine", [f"g{i}" for i in range(len(gfr))])
@@ -97,7 +88,7 @@ def test_a_forged_frame_sharing_the_ids_of_a_pending_one_does_not_release_its_to
 def test_a_duplicate_fragment_gives_its_token_back_at_once():
     f, frags = _frags("genuine", 3000, 1000)
     sub, src = _sub([(frags[0], 0), (frags[0], 1), (frags[1], 2)])
-    assert _drain(sub) == []
+    assert drain(sub) == []
     assert src.log == [(None, [1])]                            # the copy's; the original is held
     assert sub._tokens == {codec.frame_key(frags[0]): [0, 2]}
 
@@ -140,7 +131,7 @@ def test_a_frame_the_backend_decoded_is_counted_and_its_token_released_like_byte
     msgs = [stamped(1), stamped(3), stamped(3)]
     sub_b, src_b = _sub([(m, i + 1) for i, m in enumerate(msgs)])
     sub_f, src_f = _sub([(codec.decode(m), i + 1) for i, m in enumerate(msgs)])
-    got_b, got_f = _drain(sub_b), _drain(sub_f)
+    got_b, got_f = drain(sub_b), drain(sub_f)
     assert [(g.seq, g.sensor_name) for g in got_f] == [(g.seq, g.sensor_name) for g in got_b] == \
         [(1, "good"), (3, "good"), (3, "good")]
     assert src_f.released() == src_b.released() == [1, 2, 3]
@@ -169,7 +160,7 @@ def test_a_decoded_frame_among_held_fragments_is_handed_and_the_fragments_kept()
     decoded = codec.decode(_good(1))
     msgs = [(frags[0], "f0"), (decoded, "d"), (frags[1], "f1")] + [(x, f"f{i}") for i, x in enumerate(frags[2:], 2)]
     sub, src = _sub(msgs)
-    got = _drain(sub)
+    got = drain(sub)
     assert [g.sensor_name for g in got] == ["good", "big"]
     assert src.log == [("good", ["d"]), ("big", [f"f{i}" for i in range(len(frags))])]
 
