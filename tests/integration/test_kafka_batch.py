@@ -452,8 +452,12 @@ def test_the_shortest_path_takes_only_what_the_open_batch_holds(kafka: Any, topi
     with pytest.raises(msight_fast.FrameTooLarge):
         pub.publish(topic, payload_for(topic, 1025))
     pub.publish(topic, small)
-    # what the compiled lane passes on, add_small is asked for (and refuses: the same rules)
-    assert taken == ["no", "no", shortest, shortest, shortest, "no", "no", shortest]
+    # what the compiled lane passes on, add_small is asked for (and refuses: the same rules). The
+    # lane never waits for a lock: a frame that finds the batch lock busy (the linger or delivery
+    # thread holding it a moment) is add_small's instead, so either shortcut may take a frame here
+    took = ["shortcut" if x in ("compiled", "add_small") else x for x in taken]
+    assert took == ["no", "no", "shortcut", "shortcut", "shortcut", "no", "no", "shortcut"]
+    assert shortest in taken
     assert pending(pub, topic) == 2
     pub.flush(30)
     msgs = raw_messages(kafka.options["servers"], topic, 3)
