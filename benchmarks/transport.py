@@ -115,26 +115,28 @@ def profile_table(profile: str, seconds: float, results) -> str:
              "skipped = its slot was over before its thread could send it (a sensor that falls behind sends its "
              "newest frame, it does not catch up in a burst); errors = publishes refused (broker away); "
              "lost = sent but not received; delivered = received / expected; latency = publish to receipt; "
-             "start lag = how late each publish began against its deadline.", "",
+             "start lag = how late each publish began against its deadline; publish max = the longest "
+             "publish call.", "",
              "| backend | topic | rate Hz | expected | sent | late | skipped | errors | received | lost | gaps "
-             "| delivered | MB/s | p50 ms | p99 ms | start lag p99 ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| delivered | MB/s | p50 ms | p99 ms | start lag p99 ms | publish max ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     cpu = []
     for r in results:
         b = r["backend"]
         if r.get("error"):
-            lines.append(f"| {b} | failed: {r['error']} |" + " |" * 14)
+            lines.append(f"| {b} | failed: {r['error']} |" + " |" * 15)
             continue
         for t in r["topics"]:
             lines.append(f"| {b} | {t['topic']} ({t['payload']}) | {t['hz']:g} | {_n(t['expected'])} | "
                          f"{_n(t['sent'])} | {_n(t['late'])} | {_n(t['skipped'])} | {_n(t['errors'])} | "
                          f"{_n(t['received'])} | {_n(t['lost'])} | {_n(t['gaps'])} | {_pct(t['delivered'])} | "
-                         f"{t['MBps']:,.1f} | {_ms(t['p50_ms'])} | {_ms(t['p99_ms'])} | {_ms(t['lag_p99_ms'])} |")
+                         f"{t['MBps']:,.1f} | {_ms(t['p50_ms'])} | {_ms(t['p99_ms'])} | {_ms(t['lag_p99_ms'])} | "
+                         f"{_ms(t.get('publish_max_ms'))} |")
         tt = r["total"]
         lines.append(f"| **{b}** | **total** | | {_n(tt['expected'])} | {_n(tt['sent'])} | {_n(tt['late'])} | "
                      f"{_n(tt['skipped'])} | {_n(tt['errors'])} | {_n(tt['received'])} | {_n(tt['lost'])} | "
                      f"{_n(tt['gaps'])} | **{_pct(tt['delivered'])}** | {tt['MBps']:,.1f} | {_ms(tt['p50_ms'])} | "
-                     f"{_ms(tt['p99_ms'])} | |")
+                     f"{_ms(tt['p99_ms'])} | | |")
         c = r["cpu_s"]
         cpu.append(f"{b} " + " / ".join("-" if c[k] is None else f"{c[k]:.1f}"
                                         for k in ("publisher", "subscriber", "broker")))

@@ -468,6 +468,7 @@ def _pace(bus: Any, topic: str, obj: Any, enc: str, hz: float, t0: float, out: D
     n: int = out["expected"]
     period = 1.0 / hz
     lags: List[float] = []
+    holds: List[float] = []                   # how long each publish call took
     sent = late = skipped = errors = 0
     k = 0
     try:
@@ -490,7 +491,9 @@ def _pace(bus: Any, topic: str, obj: Any, enc: str, hz: float, t0: float, out: D
                 errors += 1
             else:
                 sent += 1
-                if time.monotonic() > due + period:   # handed over after the next frame was due
+                done = time.monotonic()
+                holds.append(done - now)
+                if done > due + period:       # handed over after the next frame was due
                     late += 1
             k += 1
     except Exception as e:  # noqa: BLE001 - reported with the counts, not lost in a thread
@@ -498,19 +501,25 @@ def _pace(bus: Any, topic: str, obj: Any, enc: str, hz: float, t0: float, out: D
     finally:
         skipped += n - k if stop.is_set() and "failed" not in out else 0
         lag = np.array(lags or [np.nan]) * 1e3
+        hold = np.array(holds or [np.nan]) * 1e3
         out.update(sent=sent, late=late, skipped=skipped, errors=errors,
-                   lag_p50_ms=float(np.percentile(lag, 50)), lag_p99_ms=float(np.percentile(lag, 99)))
+                   lag_p50_ms=float(np.percentile(lag, 50)), lag_p99_ms=float(np.percentile(lag, 99)),
+                   lag_max_ms=float(lag.max()), publish_p50_ms=float(np.percentile(hold, 50)),
+                   publish_p99_ms=float(np.percentile(hold, 99)), publish_max_ms=float(hold.max()))
 
 
 def publish_paced(bus: Any, streams: Sequence[Tuple[str, Any, str, float]], seconds: float) -> List[Dict[str, Any]]:
     """Publish every stream (topic, object, encoding, Hz) from its own thread on ``bus`` for
     ``seconds``; per stream: expected (rate x seconds), sent, late, skipped, errors and how late
-    each publish began (lag p50/p99 ms). sent + skipped + errors == expected unless ``failed``."""
+    each publish began (lag p50/p99/max ms), and how long each publish call took (publish
+    p50/p99/max ms). sent + skipped + errors == expected unless ``failed``."""
     t0 = time.monotonic()
     stop = threading.Event()
     outs: List[Dict[str, Any]] = [{"topic": t, "hz": hz, "expected": int(round(hz * seconds)), "sent": 0, "late": 0,
-                                   "skipped": 0, "errors": 0, "lag_p50_ms": float("nan"),
-                                   "lag_p99_ms": float("nan")} for t, _, _, hz in streams]
+                                   "skipped": 0, "errors": 0, "lag_p50_ms": float("nan"), "lag_p99_ms": float("nan"),
+                                   "lag_max_ms": float("nan"), "publish_p50_ms": float("nan"),
+                                   "publish_p99_ms": float("nan"), "publish_max_ms": float("nan")}
+                                  for t, _, _, hz in streams]
     threads = [threading.Thread(target=_pace, args=(bus, t, obj, enc, hz, t0, o, stop), name=f"pace {t}", daemon=True)
                for (t, obj, enc, hz), o in zip(streams, outs)]
     for th in threads:
@@ -626,9 +635,9 @@ def run_profile(backend: str, seconds: float = 20.0, profile: str = "roadside",
 
     Returns backend, profile, seconds, broker_args, payloads (what each payload is), topics (per
     topic: expected, sent, late, skipped, errors, received, lost, gaps, dropped, delivered =
-    received / expected, MB/s, p50/p99 ms publish to receipt, lag_p50/p99_ms how late publishes
-    began; late/skipped/errors/lag are None for ``roadside``, whose publisher does not count
-    them), total, and cpu_s (publisher, subscriber, broker).
+    received / expected, MB/s, p50/p99 ms publish to receipt, lag_p50/p99/max_ms how late publishes
+    began, publish_p50/p99/max_ms how long a publish call took; late/skipped/errors/lag/publish
+    are None for ``roadside``, whose publisher does not count them), total, and cpu_s (publisher, subscriber, broker).
     """
     from . import connect
     if profile not in PROFILES:
@@ -746,6 +755,8 @@ def _run_profile(bus: Any, b: Optional[brokers.Broker], backend: str, opts: Dict
                      "delivered": got / expected if expected else float("nan"),
                      "MBps": r.nbytes / seconds / 1e6, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
                      "lag_p50_ms": pr.get("lag_p50_ms"), "lag_p99_ms": pr.get("lag_p99_ms"),
+                     "lag_max_ms": pr.get("lag_max_ms"), "publish_p50_ms": pr.get("publish_p50_ms"),
+                     "publish_p99_ms": pr.get("publish_p99_ms"), "publish_max_ms": pr.get("publish_max_ms"),
                      "failed": pr.get("failed")})
 
     def total(key: str) -> Optional[int]:
