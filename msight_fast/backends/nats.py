@@ -95,6 +95,7 @@ HELLO_PREFIX = "_MSF.hello."          # + topic: a queue member that joins or re
 REST_CACHE = 4                        # fragmented frames a publisher keeps for pulls (a member pulls within
                                       # a round trip); their buffers are then reused, warm
 GROUP_PROBE_S = 1.0                   # how long the server's answer to "does a queue group listen?" holds
+GROUP_STALE_S = 0.5                   # and how long past that it still holds while the server is asked again
 PROBE_WAIT_S = 0.25                   # members take a probe and say nothing; with none, the server answers at once
 SPARE_BUFFERS = 2                     # fragment buffers kept for reuse beyond those in the pull cache
 READ_CHUNK = 4 << 20                  # socket read size of our nats-py connections, see below
@@ -893,11 +894,12 @@ class NatsTransport(Transport):
 
     def _groups_listen(self, topic: str) -> bool:
         """Whether a queue group may listen on ``topic``: the server's last answer while it is
-        under ``GROUP_PROBE_S`` old; else True (a copy and an announcement made for nothing cost
-        less than a frame a member misses), and the server is asked again in the background. A
-        member's hello (``_on_hello``) makes the answer "yes" at once."""
+        under ``GROUP_PROBE_S`` old, and ``GROUP_STALE_S`` more while the server is asked again
+        in the background; else True (a copy and an announcement made for nothing cost less than
+        a frame a member misses). A member's hello (``_on_hello``) makes the answer "yes" at once."""
         got = self._groups.get(topic)
-        if got is not None and time.monotonic() < got[0]:
+        now = time.monotonic()
+        if got is not None and now < got[0]:
             return got[1]
         with self._lock:
             ask = topic not in self._probing
@@ -908,7 +910,11 @@ class NatsTransport(Transport):
             except RuntimeError:                  # the loop is closed: the transport is closing
                 with self._lock:
                     self._probing.discard(topic)
-        return True
+                return True
+        # the answer just expired holds while the server is asked again (a round trip): else every
+        # topic's frame after each expiry is copied and announced for nothing, all in one burst on
+        # a Bus whose sensors share a rate (benchmarks/README.md, the intersection load)
+        return got[1] if got is not None and now < got[0] + GROUP_STALE_S else True
 
     def _ask_groups(self, topic: str) -> None:
         task = self._L.loop.create_task(self._probe_groups(topic))

@@ -395,3 +395,25 @@ def test_a_slow_publishers_next_frame_after_the_answer_expired_reaches_a_new_mem
             pub.publish(topic, a)
             got = member.recv(30)
         assert got is not None and np.array_equal(got.array, a)
+
+
+def test_an_answer_just_expired_holds_while_the_server_is_asked_again(nats_opts: Any, monkeypatch: Any) -> None:
+    """Once an answer of "no group" expires, the frames published while the server is asked again
+    are neither copied nor announced, for GROUP_STALE_S at most: sensors that share a rate would
+    otherwise each copy a frame for nothing in one burst, once a second. Past that, with no answer,
+    a group is assumed."""
+    from msight_fast.backends import nats as nats_backend
+    topic = f"interop/{uuid.uuid4().hex[:8]}"
+    a = np.random.default_rng(13).integers(0, 256, (700, 800, 3), dtype=np.uint8)
+    with msight_fast.connect("nats", **nats_opts) as pub:
+        t = _told_no_group(pub, topic, a)
+        asked: List[str] = []
+        monkeypatch.setattr(t, "_ask_groups", asked.append)     # the question goes out, and no answer comes
+        with t._lock:
+            t._groups[topic] = (time.monotonic() - 0.01, False)
+        assert t._groups_listen(topic) is False
+        wait_for(lambda: asked == [topic], "the server to be asked again")
+        with t._lock:
+            t._groups[topic] = (time.monotonic() - nats_backend.GROUP_STALE_S - 0.01, False)
+        assert t._groups_listen(topic) is True
+        assert asked == [topic]                                  # one question out at a time
