@@ -324,7 +324,10 @@ class Bus:
         self._small = transport.small_frame_bytes
         self._seq: Dict[str, int] = {}
         self._subs: List[Subscription] = []
-        self._lock = threading.Lock()          # one frame on the wire at a time, in seq order
+        self._lock = threading.Lock()          # one frame handed to the backend at a time, in seq order
+        # the turn of long frames (Transport.long_frame_bytes): they go one at a time, each taking
+        # the Bus's turn only once the one before is written, so others pass them meanwhile
+        self._long = threading.Lock()
         self._closed = False
         self.published = 0
         self.publish_errors = 0
@@ -371,33 +374,55 @@ class Bus:
         else:
             frame = frame_for(obj, topic, frame_fields)
         cfg = self.config
-        # the turn is usually free: take it without _take_turn's call (a small frame's publish is a
-        # few µs, and a Python call is a tenth of a µs)
-        deadline = time.monotonic() + cfg.publish_timeout_s if self._lock.acquire(False) else self._take_turn(topic)
+        long = None
+        lb = self._t.long_frame_bytes
+        if lb and frame.nbytes >= lb:
+            long, deadline = self._long, self._take_turn(topic, self._long)
         try:
-            seq = self._seq.get(topic, 0) + 1
-            msg = None
-            lane = self._lane
-            # (a payload of small_frame_bytes or more is never small, whatever its header)
-            if (lane is None or frame.nbytes >= self._small
-                    or not lane(topic, frame, seq, self.publisher_id, cfg.checksum, deadline)):
-                parts = stamp_parts(frame, seq, self.publisher_id, cfg.checksum)
-                nbytes = len(parts[0]) + frame.nbytes
-                if nbytes > cfg.max_frame_bytes:
-                    raise FrameTooLarge(f"frame of {nbytes} bytes on {topic!r} exceeds max_frame_bytes "
-                                        f"{cfg.max_frame_bytes} (raise it with connect(max_frame_bytes=...))")
-                t = self._t
-                if nbytes <= t.small_frame_bytes:
-                    t.send_small(topic, parts, nbytes, self.publisher_id, frame.frame_id, deadline)
-                else:
-                    msg = t.outgoing(topic, parts, nbytes, self.publisher_id, frame.frame_id)
-                    t.send(msg, deadline)
-            self._seq[topic] = seq                         # a refused frame leaves no gap behind
-            self.published += 1
-        except MsightFastError as e:
-            raise self._failed(e) from None
+            if long is not None:
+                self._take_turn(topic, self._lock, deadline)
+            else:
+                # the turn is usually free: take it without _take_turn's call (a small frame's publish
+                # is a few µs, and a Python call is a tenth of a µs)
+                deadline = (time.monotonic() + cfg.publish_timeout_s if self._lock.acquire(False)
+                            else self._take_turn(topic))
+            rest = None
+            try:
+                seq = self._seq.get(topic, 0) + 1
+                msg = None
+                lane = self._lane
+                # (a payload of small_frame_bytes or more is never small, whatever its header)
+                if (lane is None or frame.nbytes >= self._small
+                        or not lane(topic, frame, seq, self.publisher_id, cfg.checksum, deadline)):
+                    parts = stamp_parts(frame, seq, self.publisher_id, cfg.checksum)
+                    nbytes = len(parts[0]) + frame.nbytes
+                    if nbytes > cfg.max_frame_bytes:
+                        raise FrameTooLarge(f"frame of {nbytes} bytes on {topic!r} exceeds max_frame_bytes "
+                                            f"{cfg.max_frame_bytes} (raise it with connect(max_frame_bytes=...))")
+                    t = self._t
+                    if nbytes <= t.small_frame_bytes:
+                        t.send_small(topic, parts, nbytes, self.publisher_id, frame.frame_id, deadline)
+                    else:
+                        msg = t.outgoing(topic, parts, nbytes, self.publisher_id, frame.frame_id)
+                        rest = t.send(msg, deadline)
+                self._seq[topic] = seq                         # a refused frame leaves no gap behind
+                self.published += 1
+            except MsightFastError as e:
+                raise self._failed(e) from None
+            finally:
+                self._lock.release()
+            if rest is not None:
+                # the wait for the frame to leave the caller's memory, out of turn: the next thread's
+                # frame is handed over meanwhile (a 30 Hz JPEG need not wait behind four cameras'
+                # writes). A frame that fails here had its turn: its number is gone, and the
+                # backend counts it lost
+                try:
+                    rest()
+                except MsightFastError as e:
+                    raise self._failed_after_turn(e) from None
         finally:
-            self._lock.release()
+            if long is not None:
+                long.release()
         if msg is not None and getattr(msg, "zero_copy", False):
             # readers may be reading the slot the loan lies in: it is written no more, through the
             # array given or the one a ready Frame wraps
@@ -463,16 +488,31 @@ class Bus:
 
     # The turn of a send, as plain calls around a try block: a context manager per frame cost more
     # than a small frame's whole encode.
-    def _take_turn(self, topic: str) -> float:
-        """Wait at most publish_timeout_s for this thread's turn to put a message on the wire (the
-        lock is then held: the caller releases it); returns the send's deadline."""
+    def _take_turn(self, topic: str, lock: Optional[threading.Lock] = None, deadline: float = 0.0) -> float:
+        """Wait at most publish_timeout_s (or until ``deadline``, when given) for this thread's
+        turn to put a message on the wire: ``lock``, the Bus's by default (it is then held: the
+        caller releases it); returns the send's deadline."""
+        lock = self._lock if lock is None else lock
         timeout = self.config.publish_timeout_s
-        deadline = time.monotonic() + timeout
-        if not self._lock.acquire(False) and not self._lock.acquire(timeout=timeout):
+        if not deadline:
+            deadline = time.monotonic() + timeout
+        if not lock.acquire(False) and not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             self.publish_errors += 1
             raise BackendUnavailable(f"{self.backend}: publish on {topic!r} waited {timeout} s for the "
                                      "publishes ahead of it (is the broker away?)")
         return deadline
+
+    def _failed_after_turn(self, e: MsightFastError) -> MsightFastError:
+        """``_failed`` for a frame counted published whose send then failed: counted again as
+        a failure and not as published, under the lock (a wait for it is bounded by the turns
+        ahead, each bounded by ``publish_timeout_s``)."""
+        got = self._lock.acquire(timeout=self.config.publish_timeout_s)
+        try:
+            self.published -= 1
+            return self._failed(e)
+        finally:
+            if got:
+                self._lock.release()
 
     def _failed(self, e: MsightFastError) -> MsightFastError:
         """A send's error as the caller sees it: counted (a frame too large is the caller's, not a

@@ -128,6 +128,12 @@ class Source(abc.ABC):
         """Stop; a ``next`` blocked in another thread returns None soon after."""
 
 
+def _finish(rest: Optional[Callable[[], None]]) -> None:
+    """The rest of a send (``Transport.send``), where there is one."""
+    if rest is not None:
+        rest()
+
+
 class Transport(abc.ABC):
     """A connection to one broker: sends messages and opens subscription sources.
 
@@ -154,10 +160,20 @@ class Transport(abc.ABC):
         return self.capabilities.max_message
 
     @abc.abstractmethod
-    def send(self, msg: Outgoing, deadline: float) -> None:
+    def send(self, msg: Outgoing, deadline: float) -> Optional[Callable[[], None]]:
         """Hand one frame to the broker (or the client library's queue), by ``deadline``
         (``time.monotonic()``): past it raise ``BackendUnavailable``; never block without bound.
-        A lost connection is re-established here, within the deadline."""
+        A lost connection is re-established here, within the deadline.
+
+        Returns None, or the rest of the send: a call that waits, by ``deadline`` too, until the
+        frame needs the caller's memory no more, and raises as ``send`` does. The Bus makes that
+        call after the next frame's ``send`` may begin, so that one thread's large frame does not
+        hold back another's; the frames go in the order of their ``send`` calls."""
+
+    # payloads from this many bytes are long: sent in many writes that the caller waits for (the
+    # rest of ``send``). A Bus sends them one at a time, each taking its turn once the one before
+    # is written, and lets other frames pass them meanwhile; 0: none are
+    long_frame_bytes: int = 0
 
     # frames of at most this many bytes (header included) go through ``send_small``; 0: none do.
     # A backend that lends its buffers (``Outgoing.zero_copy``) keeps it 0: send_small reports no loan
@@ -168,7 +184,7 @@ class Transport(abc.ABC):
         """``send`` of a frame of at most ``small_frame_bytes``, given by its fields instead of an
         ``Outgoing`` (a backend that batches small frames spares itself one per frame). Still
         fragmented above ``max_message``, as what goes to ``send``."""
-        self.send(self.outgoing(topic, parts, nbytes, publisher_id, frame_id), deadline)
+        _finish(self.send(self.outgoing(topic, parts, nbytes, publisher_id, frame_id), deadline))
 
     def add_small(self, topic: str, frame: Frame, seq: int, publisher_id: int, checksum: bool,
                   deadline: float) -> bool:
@@ -202,7 +218,7 @@ class Transport(abc.ABC):
             from ..errors import FrameTooLarge
             raise FrameTooLarge(f"{len(data)} bytes on {topic!r} exceed the broker's message limit {limit}; "
                                 "use framed mode to have them fragmented")
-        self.send(Outgoing(topic, key, 0, len(data), parts=[data]), deadline)
+        _finish(self.send(Outgoing(topic, key, 0, len(data), parts=[data]), deadline))
 
     @abc.abstractmethod
     def open(self, topic: str, group_id: Optional[str], from_beginning: bool, start: Optional[Start] = None) -> Source:

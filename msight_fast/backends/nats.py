@@ -67,13 +67,14 @@ import asyncio
 import asyncio.selector_events
 import collections
 import concurrent.futures
+import functools
 import logging
 import os
 import select
 import sys
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import nats.aio.client as _nats_client
 import nats.aio.transport as _nats_transport
@@ -580,6 +581,39 @@ class _Sent:
                 self.done.set()
 
 
+def _long_from(max_payload: int) -> int:
+    """``Transport.long_frame_bytes`` under ``max_payload``: payloads that go as fragments (a frame
+    header is at most a few KB unless its meta is large; a frame near the line either way is
+    written as quickly)."""
+    return max(1, max_payload - 4096)
+
+
+_Item = Tuple[str, Any, Optional[str], _Sent]   # a message in the hand-off: subject, data, reply, its frame
+
+
+def _whole_first(q: Iterable[_Item], ahead: List[_Item]) -> List[_Item]:
+    """The hand-off's next batch: ``q``'s frames of one message first, then ``ahead`` (the rest
+    of the batch being written), then the rest of ``q``; each part in its own order.
+
+    A frame of one message waits for no fragmented frame of another subject, only for the
+    fragment being written: a 30 Hz JPEG handed over while a raw camera's 6 MB frame goes out in 7
+    fragments is written next (benchmarks/README.md, "NATS: other frames pass a long frame"). A
+    Bus hands over one fragmented frame at a time (``Transport.long_frame_bytes``). On a subject, nothing passes what
+    was handed over before it, so each topic's frames keep their order; frames of different
+    subjects have none between them but their ``send`` order, and a Bus waits for a fragmented
+    frame's last write before the same thread publishes again."""
+    held = {it[0] for it in ahead}
+    first: List[_Item] = []
+    last: List[_Item] = []
+    for it in q:
+        if type(it[1]) is _Pieces or it[0] in held:
+            held.add(it[0])
+            last.append(it)
+        else:
+            first.append(it)
+    return first + ahead + last if first else ahead + last
+
+
 class _Pieces:
     """A fragmented frame in the hand-off: its fragments, made one at a time by the loop thread as
     it comes to each (a frame's ``count`` items all hold this one object, in order)."""
@@ -683,11 +717,11 @@ class NatsTransport(Transport):
         self._server_url: Any = None
         self._sources: Dict[int, NatsSource] = {}   # sid -> source, for nats-py's own drops
         # publish hand-off; every field the callbacks touch exists before the first connect
-        self._q: Deque[Tuple[str, Any, Optional[str], _Sent]] = collections.deque()
+        self._q: Deque[_Item] = collections.deque()
         self._q_bytes = 0
         self._cv = threading.Condition()
         self._scheduled = False
-        self._inflight: List[Tuple[str, Any, Optional[str], _Sent]] = []   # the batch _drain is on
+        self._inflight: List[_Item] = []   # the batch _drain is on
         self._inflight_i = -1
         self._inflight_bytes = 0        # of the batch's messages not yet handed on: counted by the away check
         self._buffered: Deque[_Sent] = collections.deque()   # frames put in the reconnect buffer
@@ -721,6 +755,7 @@ class NatsTransport(Transport):
         self._note_server()
         server_max = self.nc.max_payload
         self.max_payload = min(server_max, cfg.max_payload) if cfg.max_payload else server_max
+        self.long_frame_bytes = _long_from(self.max_payload)
         self.capabilities = Capabilities(delivery="best_effort", groups="queue", persistence=False,
                                          max_message=self.max_payload)
 
@@ -812,6 +847,7 @@ class NatsTransport(Transport):
         if mp != self.max_payload:
             log.warning("msight_fast: NATS max_payload is now %d bytes (was %d)", mp, self.max_payload)
             self.max_payload = mp
+            self.long_frame_bytes = _long_from(mp)
             self.capabilities = Capabilities(delivery="best_effort", groups="queue", persistence=False,
                                              max_message=mp)
 
@@ -827,40 +863,45 @@ class NatsTransport(Transport):
         return f"{_where(self._server_url)} takes no data (stalled or overloaded?)"
 
     # -- publish
-    def send(self, msg: Outgoing, deadline: float) -> None:
+    def send(self, msg: Outgoing, deadline: float) -> Optional[Callable[[], None]]:
         topic, nbytes = msg.topic, msg.nbytes
         if msg.fragments is not None:       # fragmented by the caller already: bytes, written as they are
-            self._send_fragments(msg, len(msg.fragments), iter([[f] for f in msg.fragments]), deadline)
-            return
+            return self._send_fragments(msg, len(msg.fragments), iter([[f] for f in msg.fragments]), deadline)
         if nbytes > self.max_payload:
-            self._send_fragments(msg, *self._fragment(msg), deadline)
-            return
+            return self._send_fragments(msg, *self._fragment(msg), deadline)
         if nbytes < ZERO_COPY_MIN:         # copied now: the hand-off batches small frames
             self._enqueue([(topic, msg.joined(), None, _Sent())], nbytes, nbytes, deadline)
-            return
+            return None
         # a large frame goes as views of the caller's parts, written by the loop thread without
         # joining them; the caller waits for that (the array may change once publish returns)
         rec = _Sent(wait=True)
         self._enqueue([(topic, list(msg.parts), None, rec)], nbytes, nbytes, deadline)
-        self._await_written(rec, topic, nbytes, deadline)
+        return functools.partial(self._await_written, rec, topic, nbytes, deadline)
 
-    def _send_fragments(self, msg: Outgoing, count: int, frags: Iterator[List[Any]], deadline: float) -> None:
+    def _send_fragments(self, msg: Outgoing, count: int, frags: Iterator[List[Any]],
+                        deadline: float) -> Callable[[], None]:
         """Broadcast the fragments, made by the loop thread one at a time as it writes them (views
         of the caller's parts: nothing is gathered first, and the first fragment is on the wire
-        once its own CRC is computed); the caller waits until all are written. Then keep a copy
-        of them for queue members' pulls, and announce the frame to queue groups: the first
-        fragment's header alone, so nothing is sent twice when no group listens.
+        once its own CRC is computed); the rest of the send (``_fragments_written``) waits until
+        all are written.
 
         The loop thread makes them, not this one: two threads taking turns at work that releases
         the GIL hand it over late (an ad-hoc trace, not a benchmark of this repository: fragments
         made here, each handed over as soon as it was made, still went out only once the last was
         made, 0.8-1.9 ms after publish; benchmarks/README.md has the figures of this design)."""
-        topic, nbytes = msg.topic, msg.nbytes
         if self._pull_subject is None:
             self._start_pull_service(msg.publisher_id, deadline)
         rec = _Sent(wait=True, items=count)
         pieces = _Pieces(frags)
-        self._enqueue([(topic, pieces, None, rec)] * count, nbytes + S.FRAG_HEADER_LEN * count, nbytes, deadline)
+        self._enqueue([(msg.topic, pieces, None, rec)] * count, msg.nbytes + S.FRAG_HEADER_LEN * count,
+                      msg.nbytes, deadline)
+        return functools.partial(self._fragments_written, msg, rec, pieces, deadline)
+
+    def _fragments_written(self, msg: Outgoing, rec: _Sent, pieces: _Pieces, deadline: float) -> None:
+        """The rest of ``_send_fragments``: wait until every fragment is written. Then keep a copy
+        of them for queue members' pulls, and announce the frame to queue groups: the first
+        fragment's header alone, so nothing is sent twice when no group listens."""
+        topic, nbytes = msg.topic, msg.nbytes
         try:
             self._await_written(rec, topic, nbytes, deadline)
             if rec.lost:                   # counted, and reported by flush(); a pull could not complete it either
@@ -1006,7 +1047,7 @@ class NatsTransport(Transport):
         except (FrameError, ValueError) as e:     # more fragments than allowed, or no room for one
             raise FrameTooLarge(f"NATS max_payload {self.max_payload}: {e}") from None
 
-    def _enqueue(self, items: List[Tuple[str, Any, Optional[str], _Sent]], nbytes: int, frame_bytes: int,
+    def _enqueue(self, items: List[_Item], nbytes: int, frame_bytes: int,
                  deadline: float) -> None:
         with self._cv:
             while True:
@@ -1078,12 +1119,22 @@ class NatsTransport(Transport):
                         self._inflight_bytes = 0
                         self._cv.notify_all()
                         return None
-                    self._inflight = list(self._q)
+                    self._inflight = _whole_first(self._q, [])
                     self._inflight_i = -1
                     self._inflight_bytes = self._q_bytes
                     self._q.clear()
                     self._q_bytes = 0
                     self._cv.notify_all()
+            elif self._q and type(self._inflight[self._inflight_i + 1][1]) is _Pieces:
+                # between two fragments: what was handed over meanwhile joins the batch
+                with self._cv:
+                    if self._q:
+                        self._inflight = _whole_first(self._q, self._inflight[self._inflight_i + 1:])
+                        self._inflight_i = -1
+                        self._inflight_bytes += self._q_bytes
+                        self._q.clear()
+                        self._q_bytes = 0
+                        self._cv.notify_all()
             self._inflight_i += 1
             subject, data, reply, rec = self._inflight[self._inflight_i]
             self._inflight_bytes -= rec.share      # only this thread writes it outside the take above

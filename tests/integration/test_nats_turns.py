@@ -1,0 +1,143 @@
+"""Threads that share one NATS Bus: a long frame (sent as fragments, which its publisher waits to
+see written) holds back no other thread's frame, long frames go one at a time, and a long frame
+that cannot be written in time fails alone, counted. The socket is held up by a fault-injecting
+proxy in front of a real nats-server."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+
+import msight_fast
+from msight_fast import encode, fragment
+from msight_fast.errors import BackendUnavailable
+
+from ..faultproxy import UP, FaultProxy
+from ..helpers import wait_for
+
+nats = pytest.importorskip("nats")
+
+pytestmark = [pytest.mark.integration]
+
+# 24 MB: more than the kernel's socket buffers and the 8 MB asyncio may hold for the socket, so
+# its publisher is still waiting for its writes while the proxy holds them up
+LONG = (2048, 4096, 3)
+
+
+def _upstream(broker_pool: Any) -> Any:
+    host, port = broker_pool("nats").options["servers"][0].rsplit("/", 1)[1].split(":")
+    return host, int(port)
+
+
+def _publish_in_thread(bus: Any, topic: str, a: np.ndarray, out: Dict[str, Any]) -> threading.Thread:
+    def run() -> None:
+        try:
+            out["frame"] = bus.publish(topic, a)
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            out["error"] = e
+        out["done"] = time.monotonic()
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
+def test_a_frame_of_one_message_passes_a_long_frame_held_up_and_long_frames_go_one_at_a_time(
+        broker_pool: Any) -> None:
+    long_topic, other = f"turns/long/{uuid.uuid4().hex[:8]}", f"turns/other/{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(21)
+    first, second = rng.integers(0, 256, LONG, dtype=np.uint8), rng.integers(0, 256, LONG, dtype=np.uint8)
+    small = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)      # 120 KB: one message
+    arrivals: List[str] = []
+
+    async def listen(nc: Any) -> Any:
+        async def note(msg: Any) -> None:
+            arrivals.append(msg.subject)
+        await nc.subscribe(long_topic, cb=note)
+        await nc.subscribe(other, cb=note)
+        await nc.flush()
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    nc = asyncio.run_coroutine_threadsafe(nats.connect(servers=broker_pool("nats").options["servers"]), loop).result(30)
+    try:
+        asyncio.run_coroutine_threadsafe(listen(nc), loop).result(30)
+        with FaultProxy(_upstream(broker_pool)) as proxy, \
+                msight_fast.connect("nats", servers=[f"nats://{proxy.host}:{proxy.port}"],
+                                    publish_timeout_s=60) as bus, \
+                msight_fast.connect("nats", **broker_pool("nats").options) as sub_bus, \
+                sub_bus.subscribe(long_topic) as longs, sub_bus.subscribe(other) as others:
+            assert 0 < bus._t.long_frame_bytes <= first.nbytes
+            proxy.stall(direction=UP)
+            a: Dict[str, Any] = {}
+            ta = _publish_in_thread(bus, long_topic, first, a)
+            # the first long frame is handed over, and its publisher waits for its writes out of turn
+            wait_for(lambda: bus.published == 1 and bus._t._scheduled, "the first long frame to be handed over")
+            c: Dict[str, Any] = {}
+            tc = _publish_in_thread(bus, long_topic, second, c)
+            bus.publish(other, small)                     # returns while the long frame is held up
+            assert "done" not in a and "done" not in c
+            assert bus.published == 2                     # the first long frame and this one
+            resumed = time.time_ns()
+            proxy.resume(direction=UP)
+            ta.join(60)
+            tc.join(60)
+            assert "error" not in a and "error" not in c
+            assert c["done"] >= a["done"]
+            # the second long frame took its turn, and its publish time, only once the first was written
+            assert c["frame"].publish_ts_ns > resumed > a["frame"].publish_ts_ns
+            got_small = others.recv(30)
+            got = [longs.recv(60), longs.recv(60)]
+        assert got_small is not None and np.array_equal(got_small.array, small)
+        assert [f.seq for f in got if f is not None] == [1, 2]
+        assert np.array_equal(got[0].array, first) and np.array_equal(got[1].array, second)
+        per_frame = len(fragment([encode(got[0])], bus._t.max_payload))
+        assert per_frame > 8
+        wait_for(lambda: arrivals.count(long_topic) == 2 * per_frame, "every fragment at the plain subscriber")
+        # on the wire, the small frame went before the rest of the first long frame's fragments
+        assert arrivals.index(other) < per_frame
+        assert arrivals.count(other) == 1
+    finally:
+        asyncio.run_coroutine_threadsafe(nc.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
+
+
+def test_a_long_frame_not_written_in_time_fails_alone_counted_and_the_next_one_goes(broker_pool: Any) -> None:
+    topic = f"turns/late/{uuid.uuid4().hex[:8]}"
+    a = np.random.default_rng(22).integers(0, 256, LONG, dtype=np.uint8)
+    with FaultProxy(_upstream(broker_pool)) as proxy, \
+            msight_fast.connect("nats", servers=[f"nats://{proxy.host}:{proxy.port}"],
+                                publish_timeout_s=1.0) as bus, \
+            msight_fast.connect("nats", **broker_pool("nats").options) as sub_bus, \
+            sub_bus.subscribe(topic) as sub:
+        proxy.stall(direction=UP)
+        with pytest.raises(BackendUnavailable):
+            bus.publish(topic, a)
+        s = bus.stats()
+        assert s["published"] == 0 and s["publish_errors"] == 1 and s["lost"] == 1
+        assert not bus._long.locked() and not bus._lock.locked()
+        proxy.resume(direction=UP)
+        # the connection may have been dropped mid-frame (what was written of it cannot be
+        # followed by anything else): the next publish goes once it is back
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                sent = bus.publish(topic, a)
+                break
+            except BackendUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+        got = None
+        while got is None or got.seq != sent.seq:
+            got = sub.recv(60)
+            assert got is not None
+        assert np.array_equal(got.array, a)
+        # the failed frame's number was used: its loss shows as a gap, as the publisher counted it
+        assert sent.seq >= 2
