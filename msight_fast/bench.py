@@ -489,6 +489,7 @@ def _pace(bus: Any, topic: str, obj: Any, enc: str, hz: float, t0: float, out: D
                 bus.publish(topic, obj, encoding=enc)
             except MsightFastError:           # a broker away past publish_timeout_s: counted, go on
                 errors += 1
+                holds.append(time.monotonic() - now)
             else:
                 sent += 1
                 done = time.monotonic()

@@ -328,6 +328,8 @@ class Bus:
         # the turn of long frames (Transport.long_frame_bytes): they go one at a time, each taking
         # the Bus's turn only once the one before is written, so others pass them meanwhile
         self._long = threading.Lock()
+        self._resting = 0                      # publishes waiting for their send's rest, out of turn
+        self._rested = threading.Condition()
         self._closed = False
         self.published = 0
         self.publish_errors = 0
@@ -407,6 +409,9 @@ class Bus:
                         rest = t.send(msg, deadline)
                 self._seq[topic] = seq                         # a refused frame leaves no gap behind
                 self.published += 1
+                if rest is not None:
+                    with self._rested:                     # close() waits for it
+                        self._resting += 1
             except MsightFastError as e:
                 raise self._failed(e) from None
             finally:
@@ -419,7 +424,11 @@ class Bus:
                 try:
                     rest()
                 except MsightFastError as e:
-                    raise self._failed_after_turn(e) from None
+                    raise self._failed_after_turn(e, deadline) from None
+                finally:
+                    with self._rested:
+                        self._resting -= 1
+                        self._rested.notify_all()
         finally:
             if long is not None:
                 long.release()
@@ -502,11 +511,11 @@ class Bus:
                                      "publishes ahead of it (is the broker away?)")
         return deadline
 
-    def _failed_after_turn(self, e: MsightFastError) -> MsightFastError:
-        """``_failed`` for a frame counted published whose send then failed: counted again as
-        a failure and not as published, under the lock (a wait for it is bounded by the turns
-        ahead, each bounded by ``publish_timeout_s``)."""
-        got = self._lock.acquire(timeout=self.config.publish_timeout_s)
+    def _failed_after_turn(self, e: MsightFastError, deadline: float) -> MsightFastError:
+        """``_failed`` for a frame counted published whose send then failed: counted as a
+        failure and not as published, under the lock if it comes by the frame's ``deadline``
+        (publish keeps its bound; a count then made without it may race another thread's)."""
+        got = self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
         try:
             self.published -= 1
             return self._failed(e)
@@ -592,6 +601,10 @@ class Bus:
                 return
             self._closed = True
             subs, self._subs = self._subs, []
+        with self._rested:
+            # publishes handed over before, and still waiting for their writes: the backend's
+            # close would drop what they have not written (each waits publish_timeout_s at most)
+            self._rested.wait_for(lambda: not self._resting, self.config.publish_timeout_s)
         for s in subs:
             s.close()
         self._t.close()

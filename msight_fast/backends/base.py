@@ -168,7 +168,8 @@ class Transport(abc.ABC):
         Returns None, or the rest of the send: a call that waits, by ``deadline`` too, until the
         frame needs the caller's memory no more, and raises as ``send`` does. The Bus makes that
         call after the next frame's ``send`` may begin, so that one thread's large frame does not
-        hold back another's; the frames go in the order of their ``send`` calls."""
+        hold back another's. Each topic's frames, and each thread's, go in the order of their
+        ``send`` calls; frames of other topics and threads may pass a long one."""
 
     # payloads from this many bytes are long: sent in many writes that the caller waits for (the
     # rest of ``send``). A Bus sends them one at a time, each taking its turn once the one before

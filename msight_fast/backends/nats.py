@@ -21,14 +21,16 @@ fragments) and one round trip between member and publisher before the fragments 
 publisher keeps a copy of its last ``REST_CACHE`` fragmented frames to answer, made once their
 broadcast fragments are written and before the announcement goes. Whether any group listens it
 asks the server at most once a second per topic (``_probe_groups``: a request on the group
-subject, which the server refuses at once when no one subscribes), in the background. An answer
-holds for ``GROUP_PROBE_S``; without a fresh one the publisher assumes a group listens. A member
+subject, which the server refuses at once when no one subscribes), in the background, first as
+a topic's first fragmented frame is handed over. An answer holds for ``GROUP_PROBE_S``, and for
+``GROUP_STALE_S`` more while the server is asked again; without one the publisher assumes a
+group listens. A member
 that joins, or reconnects, says hello on ``_MSF.hello.<topic>`` (after its subscriptions; the
 server has passed it on when ``subscribe`` returns), and a publisher that hears it takes "a group
 listens" at once, whatever its last answer, or a probe then in flight, said. So a member misses
 only frames published before its hello reaches the publisher. Where a hello cannot be sent or
 heard (permissions), or names no topic a publisher sends on (a wildcard), the answer's life,
-about a second, is the bound. A "no" drops the topic's cached frames: a member whose connection
+a second and a half at most, is the bound. A "no" drops the topic's cached frames: a member whose connection
 broke between an announcement and its pull then finds nothing to pull. Any subscriber on the group
 subject counts as a group (a monitor on ``>`` too), and the probe's reply inbox needs the
 publisher's permission to subscribe to ``_INBOX.>``: without it, groups are assumed to listen.
@@ -562,10 +564,11 @@ class _Sent:
     once the loop thread has written the frame or given up on it, so ``send`` returns only when
     the caller may change the array again; the loop thread holds ``lock`` while it writes one of
     its messages, so a caller that gives up cannot return in the middle of one."""
-    __slots__ = ("lost", "done", "lock", "written", "left", "share")
+    __slots__ = ("lost", "done", "lock", "written", "left", "share", "thread")
 
     def __init__(self, wait: bool = False, items: int = 1) -> None:
         self.lost = False
+        self.thread = threading.get_ident()     # the publishing thread's: its frames keep their order
         self.written = False            # every message of it written or copied (or given up on)
         self.left = items
         self.share = 0                  # bytes each of its queued messages holds, for the hand-off's count
@@ -582,35 +585,43 @@ class _Sent:
 
 
 def _long_from(max_payload: int) -> int:
-    """``Transport.long_frame_bytes`` under ``max_payload``: payloads that go as fragments (a frame
-    header is at most a few KB unless its meta is large; a frame near the line either way is
-    written as quickly)."""
-    return max(1, max_payload - 4096)
+    """``Transport.long_frame_bytes`` under ``max_payload``: every payload that can go as fragments
+    (no frame header is longer than ``MAX_HEADER_LEN``); a frame just under the line that goes
+    whole takes the long frames' turn for nothing, and is written as quickly."""
+    return max(1, max_payload - S.MAX_HEADER_LEN)
 
 
 _Item = Tuple[str, Any, Optional[str], _Sent]   # a message in the hand-off: subject, data, reply, its frame
 
 
-def _whole_first(q: Iterable[_Item], ahead: List[_Item]) -> List[_Item]:
-    """The hand-off's next batch: ``q``'s frames of one message first, then ``ahead`` (the rest
-    of the batch being written), then the rest of ``q``; each part in its own order.
-
-    A frame of one message waits for no fragmented frame of another subject, only for the
-    fragment being written: a 30 Hz JPEG handed over while a raw camera's 6 MB frame goes out in 7
-    fragments is written next (benchmarks/README.md, "NATS: other frames pass a long frame"). A
-    Bus hands over one fragmented frame at a time (``Transport.long_frame_bytes``). On a subject, nothing passes what
-    was handed over before it, so each topic's frames keep their order; frames of different
-    subjects have none between them but their ``send`` order, and a Bus waits for a fragmented
-    frame's last write before the same thread publishes again."""
-    held = {it[0] for it in ahead}
+def _split(q: Iterable[_Item], ahead: List[_Item]) -> Tuple[List[_Item], List[_Item]]:
+    """``q``'s messages that may go before ``ahead`` (the rest of the batch being written), and
+    those that may not, each in its order: a frame of one message passes fragmented frames, but
+    nothing passes what was handed over before it on its subject or by its thread."""
+    subjects = {it[0] for it in ahead}
+    threads = {it[3].thread for it in ahead}
     first: List[_Item] = []
     last: List[_Item] = []
     for it in q:
-        if type(it[1]) is _Pieces or it[0] in held:
-            held.add(it[0])
+        if type(it[1]) is _Pieces or it[0] in subjects or it[3].thread in threads:
+            subjects.add(it[0])
+            threads.add(it[3].thread)
             last.append(it)
         else:
             first.append(it)
+    return first, last
+
+
+def _whole_first(q: Iterable[_Item], ahead: List[_Item]) -> List[_Item]:
+    """The hand-off's next batch: what of ``q`` may pass ``ahead`` (``_split``), then ``ahead``,
+    then the rest of ``q``.
+
+    A frame of one message waits for no fragmented frame of another subject and thread, only for
+    the fragment being written: a 30 Hz JPEG handed over while a raw camera's 6 MB frame goes out
+    in 7 fragments is written next (benchmarks/README.md, "NATS: other frames pass a long frame").
+    A Bus hands over one fragmented frame at a time (``Transport.long_frame_bytes``), and its
+    thread waits until it is written. Each topic's frames, and each thread's, keep their order."""
+    first, last = _split(q, ahead)
     return first + ahead + last if first else ahead + last
 
 
@@ -891,6 +902,10 @@ class NatsTransport(Transport):
         made, 0.8-1.9 ms after publish; benchmarks/README.md has the figures of this design)."""
         if self._pull_subject is None:
             self._start_pull_service(msg.publisher_id, deadline)
+        if msg.topic not in self._groups:
+            # ask now: the answer is likely in before the fragments are written, and the first
+            # frame need not be copied and announced on the assumption that a group listens
+            self._groups_listen(msg.topic)
         rec = _Sent(wait=True, items=count)
         pieces = _Pieces(frags)
         self._enqueue([(msg.topic, pieces, None, rec)] * count, msg.nbytes + S.FRAG_HEADER_LEN * count,
@@ -1126,14 +1141,19 @@ class NatsTransport(Transport):
                     self._q_bytes = 0
                     self._cv.notify_all()
             elif self._q and type(self._inflight[self._inflight_i + 1][1]) is _Pieces:
-                # between two fragments: what was handed over meanwhile joins the batch
+                # between two fragments: what may pass them goes first; the rest stays handed over,
+                # and counted, so that the hand-off's bound still holds
                 with self._cv:
-                    if self._q:
-                        self._inflight = _whole_first(self._q, self._inflight[self._inflight_i + 1:])
+                    ahead = self._inflight[self._inflight_i + 1:]
+                    first, last = _split(self._q, ahead)
+                    if first:
+                        moved = sum(it[3].share for it in first)
+                        self._inflight = first + ahead
                         self._inflight_i = -1
-                        self._inflight_bytes += self._q_bytes
+                        self._inflight_bytes += moved
                         self._q.clear()
-                        self._q_bytes = 0
+                        self._q.extend(last)
+                        self._q_bytes -= moved
                         self._cv.notify_all()
             self._inflight_i += 1
             subject, data, reply, rec = self._inflight[self._inflight_i]
@@ -1171,8 +1191,13 @@ class NatsTransport(Transport):
         """Wait until the loop thread wrote every message of ``rec`` (or gave up on it). Past the
         deadline the rest of the frame is dropped (see ``_give_up``) and BackendUnavailable raised."""
         assert rec.done is not None
-        if rec.done.wait(max(0.0, deadline - time.monotonic())):
-            return
+        try:
+            if rec.done.wait(max(0.0, deadline - time.monotonic())):
+                return
+        except BaseException:
+            # an interrupt: the caller's memory is no longer waited for, so nothing more of it is written
+            self._give_up(rec)
+            raise
         if self._give_up(rec):
             return
         raise BackendUnavailable(f"NATS: a frame of {nbytes} bytes on {topic!r} was not written within "
