@@ -11,7 +11,6 @@ import pytest
 pytest.importorskip("nats")
 from msight_fast.backends import nats as N  # noqa: E402
 
-
 _threads = itertools.count(1000)      # each frame from a thread of its own unless a test says otherwise
 
 
