@@ -622,7 +622,7 @@ def _whole_first(q: Iterable[_Item], ahead: List[_Item]) -> List[_Item]:
     A Bus hands over one fragmented frame at a time (``Transport.long_frame_bytes``), and its
     thread waits until it is written. Each topic's frames, and each thread's, keep their order."""
     first, last = _split(q, ahead)
-    return first + ahead + last if first else ahead + last
+    return first + ahead + last
 
 
 class _Pieces:
