@@ -239,8 +239,13 @@ def test_with_no_queue_group_a_fragmented_frame_is_neither_kept_nor_announced(
     with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus, \
             sub_bus.subscribe(topic) as everyone:
         t = pub._t
+        held: List[str] = []
+        monkeypatch.setattr(t, "_ask_groups", held.append)     # the first question waits here
         pub.publish(topic, a)
+        assert held == [topic]                     # asked once, and no answer has come
         assert copies == [1]                       # before any answer, a group is assumed to listen
+        monkeypatch.delattr(t, "_ask_groups")
+        t._L.loop.call_soon_threadsafe(t._ask_groups, topic)    # now the question goes out
         n = 1 + _publish_until(pub, topic, a, lambda: t._groups.get(topic, (0, True))[1] is False,
                                "the server to answer that no queue group listens")
         assert _cached(t, topic) == []             # let go: nobody is there to pull them
@@ -382,16 +387,25 @@ def test_hellos_refused_by_permissions_leave_the_answers_life_as_the_bound(own_b
         assert pub.stats()["publish_errors"] == 0 and pub.stats()["lost"] == 0
 
 
-def test_a_slow_publishers_next_frame_after_the_answer_expired_reaches_a_new_member(nats_opts: Any) -> None:
+def test_a_slow_publishers_next_frame_after_the_answer_expired_reaches_a_new_member(
+        nats_opts: Any, monkeypatch: Any) -> None:
     """A publisher that sends a frame now and then: an answer of "no group" older than its life
-    counts for nothing, so the first frame after a member joined is announced, not only the one
-    after the publisher asked again."""
+    and its grace counts for nothing, so the first frame after a member joined is announced, not
+    only the one after the publisher asked again. No hello is heard here, as where permissions
+    keep it out."""
+    from msight_fast.backends import nats as nats_backend
+
+    async def deaf(self: Any, msg: Any) -> None:
+        return None
+    monkeypatch.setattr(nats_backend.NatsTransport, "_on_hello", deaf)
     topic = f"interop/{uuid.uuid4().hex[:8]}"
     a = np.random.default_rng(8).integers(0, 256, (700, 800, 3), dtype=np.uint8)
     with msight_fast.connect("nats", **nats_opts) as pub, msight_fast.connect("nats", **nats_opts) as sub_bus:
         t = _told_no_group(pub, topic, a)
         with sub_bus.subscribe(topic, group_id="late") as member:
-            wait_for(lambda: time.monotonic() >= t._groups[topic][0], "the answer to expire")
+            wait_for(lambda: time.monotonic() >= t._groups[topic][0] + nats_backend.GROUP_STALE_S,
+                     "the answer and its grace to expire")
+            assert t._groups[topic][1] is False and not t._hello    # no hello was heard
             pub.publish(topic, a)
             got = member.recv(30)
         assert got is not None and np.array_equal(got.array, a)
