@@ -1,7 +1,8 @@
 """Threads that share one NATS Bus: a long frame (sent as fragments, which its publisher waits to
 see written) holds back no other thread's frame, long frames go one at a time, and a long frame
-that cannot be written in time fails alone, counted. The socket is held up by a fault-injecting
-proxy in front of a real nats-server."""
+that cannot be written in time fails alone, counted; and a batch taken whole puts frames of one
+message first. The socket is held up by a fault-injecting proxy in front of a real nats-server,
+the loop thread by a callback that waits."""
 from __future__ import annotations
 
 import asyncio
@@ -155,3 +156,61 @@ def test_a_long_frame_not_written_in_time_fails_alone_counted_and_the_next_one_g
         assert np.array_equal(got.array, a)
         # the failed frame's number was used: its loss shows as a gap, as the publisher counted it
         assert sent.seq >= 2
+
+
+def test_a_batch_taken_whole_puts_a_frame_of_one_message_before_a_fragmented_one(broker_pool: Any) -> None:
+    """A fragmented frame and then another thread's frame of one message, both handed over while
+    the loop thread is busy, are taken as one batch: the frame of one message is written first."""
+    long_topic, other = f"turns/batch/{uuid.uuid4().hex[:8]}", f"turns/one/{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(23)
+    big = rng.integers(0, 256, (800, 1000, 3), dtype=np.uint8)     # 2.4 MB: fragments under 1 MB
+    small = b"x" * 1000
+    arrivals: List[str] = []
+
+    async def listen(nc: Any) -> Any:
+        async def note(msg: Any) -> None:
+            arrivals.append(msg.subject)
+        await nc.subscribe(long_topic, cb=note)
+        await nc.subscribe(other, cb=note)
+        await nc.flush()
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    nc = asyncio.run_coroutine_threadsafe(nats.connect(servers=broker_pool("nats").options["servers"]), loop).result(30)
+    try:
+        asyncio.run_coroutine_threadsafe(listen(nc), loop).result(30)
+        with msight_fast.connect("nats", **broker_pool("nats").options) as bus:
+            t = bus._t
+            assert big.nbytes > t.max_payload
+            sent = bus.publish(long_topic, big)           # starts the pull service, which needs the loop
+            per_frame = len(fragment([encode(sent)], t.max_payload))
+            assert per_frame > 1
+            wait_for(lambda: arrivals.count(long_topic) == per_frame, "every fragment of the first frame")
+            arrivals.clear()
+            entered, gate = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                entered.set()
+                gate.wait(30)
+            t._L.loop.call_soon_threadsafe(hold)
+            assert entered.wait(30)
+            try:
+                a: Dict[str, Any] = {}
+                ta = _publish_in_thread(bus, long_topic, big, a)
+                wait_for(lambda: len(t._q) == per_frame, "the fragmented frame to be handed over")
+                c: Dict[str, Any] = {}
+                tc = _publish_in_thread(bus, other, small, c)
+                wait_for(lambda: len(t._q) == per_frame + 1, "the frame of one message to be handed over")
+            finally:
+                gate.set()
+            ta.join(60)
+            tc.join(60)
+            assert "error" not in a and "error" not in c
+            wait_for(lambda: len(arrivals) == per_frame + 1, "every message at the plain subscriber")
+        assert arrivals == [other] + [long_topic] * per_frame
+    finally:
+        asyncio.run_coroutine_threadsafe(nc.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
