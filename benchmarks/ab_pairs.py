@@ -9,12 +9,13 @@ is that tree's own ``benchmarks/transport.py`` for the one cell, in a fresh proc
 broker, with the tree first on ``PYTHONPATH``. The runs go in ABBA order, so a drift of the
 machine over the runs weighs on both sides alike; the two runs of a pair are the b/a ratio.
 
-Besides the delivered rate, it prints each side's CPU per delivered frame: the publishing
-process's, the subscribing process's and the broker's, and how busy the broker was. Where the
+Besides the delivered rate, it prints each side's CPU per frame, as the transport table does
+(the publishing process's per frame published; the subscribing process's and the broker's per
+frame received), and the broker's CPU seconds per second of delivery ("broker cores"). Where the
 broker is the bottleneck (a single-threaded redis-server near a whole core), the rate follows
-the broker's CPU per frame, which no client code changes; a client change shows instead as its
-own CPU per frame, taken here against the broker's of the same run so that a slower machine
-moves both alike.
+the broker's CPU per frame; a client change shows as its own CPU per frame too, taken here
+against the broker's of the same run so that a slower machine moves both alike. An even
+``--pairs`` keeps the order balanced.
 """
 from __future__ import annotations
 
@@ -37,11 +38,20 @@ def _run(tree: str, a: argparse.Namespace) -> Dict[str, Any]:
         with open(os.path.join(out, "transport.json")) as f:
             rows = json.load(f)["results"]
     row = next(r for r in rows if (r["backend"], r["payload"], r["path"]) == (a.backend, a.payload, a.path))
-    n = max(row["received"], 1)
-    per = {k: (row.get(k + "_cpu_s") or 0.0) / n * 1e6 for k in ("pub", "sub", "broker")}
+    # as transport.py's table: the publisher's CPU per frame published, the others' per frame received
+    n = {"pub": max(row["published"], 1), "sub": max(row["received"], 1), "broker": max(row["received"], 1)}
+    per = {k: (row.get(k + "_cpu_s") or 0.0) / n[k] * 1e6 for k in ("pub", "sub", "broker")}
+    # the broker's CPU seconds per second of delivery (first to last receipt): near 1 for a
+    # single-threaded broker that is the bottleneck; a multi-threaded one can pass 1
     wall = row["received"] / row["fps"] if row.get("fps") else 0.0
     return {"fps": row["fps"], "lost": row["lost"], "pub_us": per["pub"], "sub_us": per["sub"],
             "broker_us": per["broker"], "broker_busy": (row.get("broker_cpu_s") or 0.0) / wall if wall else 0.0}
+
+
+def _save(path: str, a: argparse.Namespace, runs: Dict[str, List[Dict[str, Any]]]) -> None:
+    ratios = [rb["fps"] / ra["fps"] for ra, rb in zip(runs["a"], runs["b"]) if ra["fps"]]
+    with open(path, "w") as f:
+        json.dump({"args": vars(a), "runs": runs, "ratios": ratios}, f, indent=1)
 
 
 def _med(runs: List[Dict[str, Any]], key: str) -> float:
@@ -66,15 +76,20 @@ def main() -> int:
             r = _run(trees[side], a)
             runs[side].append(r)
             print(f"pair {k + 1:2d} {side}: {r['fps']:10.1f} frames/s  lost {r['lost']}  CPU µs/frame pub / sub / "
-                  f"broker {r['pub_us']:,.0f} / {r['sub_us']:,.0f} / {r['broker_us']:,.0f}  broker busy "
-                  f"{r['broker_busy']:.0%}", flush=True)
+                  f"broker {r['pub_us']:,.0f} / {r['sub_us']:,.0f} / {r['broker_us']:,.0f}  broker cores "
+                  f"{r['broker_busy']:.2f}", flush=True)
+            if a.json:                     # kept run by run: a run that fails loses none before it
+                _save(a.json, a, runs)
     ratios = [rb["fps"] / ra["fps"] for ra, rb in zip(runs["a"], runs["b"]) if ra["fps"]]
+    if not ratios:
+        print("no run delivered a frame")
+        return 1
     print(f"\n{a.backend} {a.payload} {a.path}, {a.pairs} pairs of {a.seconds:g} s")
     for side in "ab":
         rs = runs[side]
         print(f"  {side}: {_med(rs, 'fps'):,.1f} frames/s ({min(r['fps'] for r in rs):,.1f}–"
               f"{max(r['fps'] for r in rs):,.1f}); CPU µs/frame pub / sub / broker {_med(rs, 'pub_us'):,.0f} / "
-              f"{_med(rs, 'sub_us'):,.0f} / {_med(rs, 'broker_us'):,.0f}; broker busy {_med(rs, 'broker_busy'):.0%}")
+              f"{_med(rs, 'sub_us'):,.0f} / {_med(rs, 'broker_us'):,.0f}; broker cores {_med(rs, 'broker_busy'):.2f}")
     print(f"  b/a delivered rate: median {statistics.median(ratios):.3f}x ({min(ratios):.2f}–{max(ratios):.2f}), "
           f"b higher in {sum(x > 1 for x in ratios)} of {len(ratios)} pairs")
     for who in ("pub", "sub", "broker"):
@@ -87,9 +102,6 @@ def main() -> int:
                 line += (f"; against the broker's of the same run: median {statistics.median(rel):.3f}x "
                          f"({min(rel):.2f}–{max(rel):.2f})")
             print(line)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "runs": runs, "ratios": ratios}, f, indent=1)
     return 0
 
 

@@ -731,7 +731,7 @@ class NatsTransport(Transport):
         self._q: Deque[_Item] = collections.deque()
         self._q_bytes = 0
         # whether _q may hold a fragmented frame's messages: with none, a batch needs no reordering
-        # (_whole_first costs a Python step per message, a copy of the deque a tenth of that)
+        # (_whole_first takes a Python step per message; a copy of the deque is one C loop)
         self._q_pieces = False
         self._cv = threading.Condition()
         self._scheduled = False
@@ -1368,6 +1368,7 @@ class NatsTransport(Transport):
         with self._cv:
             left = self._inflight[self._inflight_i + 1:] + list(self._q)
             self._q.clear()
+            self._q_pieces = False
             self._inflight = []
             self._inflight_bytes = 0
         for subject, _, _, rec in left:

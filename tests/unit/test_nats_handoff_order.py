@@ -66,3 +66,11 @@ def test_nothing_to_pass_keeps_the_order_as_it_was() -> None:
     ahead = _frag("cam1", 3)
     q = [*_frag("cam2", 2), _whole("cam1", "x")]
     assert N._whole_first(q, ahead) == ahead + q
+
+
+def test_with_no_fragmented_frame_a_batch_keeps_its_order() -> None:
+    """What lets the hand-off copy a batch with no fragmented frame as it is."""
+    q = [_whole("cam1", "1"), _whole("jpeg", "1"), _whole("cam1", "2"), _whole("imu", "1")]
+    assert N._whole_first(q, []) == q
+    first, last = N._split(q, [])
+    assert first == q and last == []
