@@ -6,10 +6,11 @@ the loop thread by a callback that waits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import numpy as np
 import pytest
@@ -61,27 +62,42 @@ def _publish_in_thread(bus: Any, topic: str, a: np.ndarray, out: Dict[str, Any])
     return th
 
 
+@contextlib.contextmanager
+def _plain_listener(servers: List[str], *subjects: str) -> Iterator[List[str]]:
+    """A plain nats-py client on a loop thread of its own: the subject of each message on
+    ``subjects``, in the order they arrive."""
+    arrivals: List[str] = []
+
+    async def listen(nc: Any) -> None:
+        async def note(msg: Any) -> None:
+            arrivals.append(msg.subject)
+        for subject in subjects:
+            await nc.subscribe(subject, cb=note)
+        await nc.flush()
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    nc = None
+    try:
+        nc = asyncio.run_coroutine_threadsafe(nats.connect(servers=servers), loop).result(30)
+        asyncio.run_coroutine_threadsafe(listen(nc), loop).result(30)
+        yield arrivals
+    finally:
+        if nc is not None:
+            asyncio.run_coroutine_threadsafe(nc.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
+
+
 def test_a_frame_of_one_message_passes_a_long_frame_held_up_and_long_frames_go_one_at_a_time(
         broker_pool: Any) -> None:
     long_topic, other = f"turns/long/{uuid.uuid4().hex[:8]}", f"turns/other/{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(21)
     first, second = rng.integers(0, 256, LONG, dtype=np.uint8), rng.integers(0, 256, LONG, dtype=np.uint8)
     small = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)      # 120 KB: one message
-    arrivals: List[str] = []
-
-    async def listen(nc: Any) -> Any:
-        async def note(msg: Any) -> None:
-            arrivals.append(msg.subject)
-        await nc.subscribe(long_topic, cb=note)
-        await nc.subscribe(other, cb=note)
-        await nc.flush()
-
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-    nc = asyncio.run_coroutine_threadsafe(nats.connect(servers=broker_pool("nats").options["servers"]), loop).result(30)
-    try:
-        asyncio.run_coroutine_threadsafe(listen(nc), loop).result(30)
+    with _plain_listener(broker_pool("nats").options["servers"], long_topic, other) as arrivals:
         with FaultProxy(_upstream(broker_pool)) as proxy, \
                 msight_fast.connect("nats", servers=[f"nats://{proxy.host}:{proxy.port}"],
                                     publish_timeout_s=60) as bus, \
@@ -117,11 +133,6 @@ def test_a_frame_of_one_message_passes_a_long_frame_held_up_and_long_frames_go_o
         # on the wire, the small frame went before the rest of the first long frame's fragments
         assert arrivals.index(other) < per_frame
         assert arrivals.count(other) == 1
-    finally:
-        asyncio.run_coroutine_threadsafe(nc.close(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(10)
-        loop.close()
 
 
 def test_a_long_frame_not_written_in_time_fails_alone_counted_and_the_next_one_goes(broker_pool: Any) -> None:
@@ -165,21 +176,7 @@ def test_a_batch_taken_whole_puts_a_frame_of_one_message_before_a_fragmented_one
     rng = np.random.default_rng(23)
     big = rng.integers(0, 256, (800, 1000, 3), dtype=np.uint8)     # 2.4 MB: fragments under 1 MB
     small = b"x" * 1000
-    arrivals: List[str] = []
-
-    async def listen(nc: Any) -> Any:
-        async def note(msg: Any) -> None:
-            arrivals.append(msg.subject)
-        await nc.subscribe(long_topic, cb=note)
-        await nc.subscribe(other, cb=note)
-        await nc.flush()
-
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-    nc = asyncio.run_coroutine_threadsafe(nats.connect(servers=broker_pool("nats").options["servers"]), loop).result(30)
-    try:
-        asyncio.run_coroutine_threadsafe(listen(nc), loop).result(30)
+    with _plain_listener(broker_pool("nats").options["servers"], long_topic, other) as arrivals:
         with msight_fast.connect("nats", **broker_pool("nats").options) as bus:
             t = bus._t
             assert big.nbytes > t.max_payload
@@ -213,8 +210,3 @@ def test_a_batch_taken_whole_puts_a_frame_of_one_message_before_a_fragmented_one
             assert "frame" in a and "frame" in c, (a, c)
             wait_for(lambda: len(arrivals) == per_frame + 1, "every message at the plain subscriber")
         assert arrivals == [other] + [long_topic] * per_frame
-    finally:
-        asyncio.run_coroutine_threadsafe(nc.close(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(10)
-        loop.close()
