@@ -48,10 +48,14 @@ def _run(tree: str, a: argparse.Namespace) -> Dict[str, Any]:
             "broker_us": per["broker"], "broker_busy": (row.get("broker_cpu_s") or 0.0) / wall if wall else 0.0}
 
 
+def _ratios(runs: Dict[str, List[Dict[str, Any]]]) -> List[float]:
+    """Each pair's b/a delivered rate."""
+    return [rb["fps"] / ra["fps"] for ra, rb in zip(runs["a"], runs["b"]) if ra["fps"]]
+
+
 def _save(path: str, a: argparse.Namespace, runs: Dict[str, List[Dict[str, Any]]]) -> None:
-    ratios = [rb["fps"] / ra["fps"] for ra, rb in zip(runs["a"], runs["b"]) if ra["fps"]]
     with open(path, "w") as f:
-        json.dump({"args": vars(a), "runs": runs, "ratios": ratios}, f, indent=1)
+        json.dump({"args": vars(a), "runs": runs, "ratios": _ratios(runs)}, f, indent=1)
 
 
 def _med(runs: List[Dict[str, Any]], key: str) -> float:
@@ -80,7 +84,7 @@ def main() -> int:
                   f"{r['broker_busy']:.2f}", flush=True)
             if a.json:                     # kept run by run: a run that fails loses none before it
                 _save(a.json, a, runs)
-    ratios = [rb["fps"] / ra["fps"] for ra, rb in zip(runs["a"], runs["b"]) if ra["fps"]]
+    ratios = _ratios(runs)
     if not ratios:
         print("no run delivered a frame")
         return 1

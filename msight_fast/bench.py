@@ -509,6 +509,19 @@ def _pace(bus: Any, topic: str, obj: Any, enc: str, hz: float, t0: float, out: D
                    publish_p99_ms=float(np.percentile(hold, 99)), publish_max_ms=float(hold.max()))
 
 
+def paced_streams(load: Load) -> List[Tuple[str, Any, str, float]]:
+    """``publish_paced``'s streams for ``load``: (topic, object, encoding, rate); the sensors of
+    one payload kind share one object, made once."""
+    made: Dict[str, Tuple[Any, str, int]] = {}
+    streams = []
+    for topic, payload, hz in load:
+        if payload not in made:
+            made[payload] = make_payload(payload)
+        obj, enc, _ = made[payload]
+        streams.append((topic, obj, enc, hz))
+    return streams
+
+
 def publish_paced(bus: Any, streams: Sequence[Tuple[str, Any, str, float]], seconds: float) -> List[Dict[str, Any]]:
     """Publish every stream (topic, object, encoding, Hz) from its own thread on ``bus`` for
     ``seconds``; per stream: expected (rate x seconds), sent, late, skipped, errors and how late
@@ -583,13 +596,7 @@ def _pub_threads(backend: str, opts: Dict[str, Any], seconds: float, ready: Any,
         ready.set()
         return
     try:
-        made: Dict[str, Tuple[Any, str, int]] = {}
-        streams = []
-        for topic, payload, hz in load:
-            if payload not in made:                 # cameras of one kind share one image
-                made[payload] = make_payload(payload)
-            obj, enc, _ = made[payload]
-            streams.append((topic, obj, enc, hz))
+        streams = paced_streams(load)
         ready.set()
         if not go.wait(300):
             result["failed"] = "never told to start"
